@@ -1,0 +1,56 @@
+"""Export the Qwen3 decoder of Fun-ASR-Nano to GGUF files for llama.cpp.
+
+    python 02_export_gguf.py [--model-dir DIR] [--out-dir model-gguf] [--types f16,q8_0] [--quiet]
+
+Writes qwen3-0.6b-asr.gguf (f16) and qwen3-0.6b-asr.<type>.gguf for other types.
+All logic lives in common/export_gguf.py; this file only parses arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from common.export_gguf import DEFAULT_TYPE, SUPPORTED_TYPES, ExportError, export_gguf, parse_types
+from common.release import DEFAULT_RELEASE_DIR, ReleaseError, ensure_release
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=DEFAULT_RELEASE_DIR,
+        help=f"Fun-ASR-Nano release folder, downloaded if absent (default: {DEFAULT_RELEASE_DIR})",
+    )
+    parser.add_argument(
+        "--out-dir", type=Path, default=Path("model-gguf"), help="output folder (default: model-gguf)"
+    )
+    parser.add_argument(
+        "--types",
+        default=DEFAULT_TYPE,
+        help=f"comma-separated output types (default: {DEFAULT_TYPE}); any of {','.join(SUPPORTED_TYPES)}",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    progress = not args.quiet and sys.stderr.isatty()
+    try:
+        types = parse_types(args.types)
+        model_dir = ensure_release(args.model_dir)
+        paths = export_gguf(model_dir, args.out_dir, types, progress=progress)
+    except (ReleaseError, ExportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        for path in paths:
+            print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

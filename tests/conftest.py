@@ -1,0 +1,52 @@
+"""Shared fixtures: release-shaped tiny checkpoints (built once per session) and their funasr oracles."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests.checkpoint import build_checkpoint  # noqa: E402
+
+SHARED_AUDIO = ROOT.parent / "shared" / "audio"
+ZH_MP3 = SHARED_AUDIO / "zh_news_10s.mp3"
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def zh_mp3() -> Path:
+    if not ZH_MP3.is_file():
+        pytest.fail(f"{ZH_MP3}: the shared test clip is missing")
+    return ZH_MP3
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shape `tiny` with the CTC head: the main parity checkpoint."""
+    return build_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny", seed=0, ctc=True)
+
+
+@pytest.fixture(scope="session")
+def tiny2_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shape `tiny2` without CTC (like the Hugging Face copy of the release), large adaptor outputs."""
+    return build_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny2", "tiny2", seed=1, ctc=False, adaptor_std=28.0)
+
+
+@pytest.fixture(scope="session", params=["tiny", "tiny2"])
+def any_ckpt(request: pytest.FixtureRequest) -> Path:
+    """Each tiny shape in turn, for tests that must hold on more than one shape."""
+    return request.getfixturevalue(f"{request.param}_ckpt")
+
+
+@pytest.fixture(scope="session")
+def oracle_factory():
+    from tests.oracle import oracle_for
+
+    return lambda path: oracle_for(str(path))
