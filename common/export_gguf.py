@@ -97,8 +97,6 @@ class Qwen3Params:
     rms_eps: float
     vocab_size: int
     tie_word_embeddings: bool
-    bos_token_id: int | None
-    eos_token_id: int | None
 
 
 def read_qwen3_params(llm_path: Path) -> Qwen3Params:
@@ -131,18 +129,9 @@ def read_qwen3_params(llm_path: Path) -> Qwen3Params:
             rms_eps=float(hp["rms_norm_eps"]),
             vocab_size=int(hp["vocab_size"]),
             tie_word_embeddings=bool(hp.get("tie_word_embeddings", False)),
-            bos_token_id=_single_id(hp.get("bos_token_id")),
-            eos_token_id=_single_id(hp.get("eos_token_id")),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ExportError(f"{path}: missing or bad hyper-parameter ({type(exc).__name__}: {exc})") from exc
-
-
-def _single_id(value: Any) -> int | None:
-    """config.json may hold one id or a list of ids; GGUF has room for one."""
-    if isinstance(value, list):
-        value = value[0] if value else None
-    return int(value) if value is not None else None
 
 
 # --------------------------------------------------------------------------- vocabulary
@@ -295,16 +284,53 @@ def _np_storage(out_type: str) -> tuple[Any, Any]:
     return np.uint16, gguf.GGMLQuantizationType.BF16
 
 
+_CHUNK_ELEMENTS = 1 << 22  # rows converted per step: keeps f32 temporaries at ~16 MB
+
+
 def convert_tensor(tensor: torch.Tensor, out_type: str) -> np.ndarray:
-    """bf16 -> f32 through torch (exact), then to the stored type; bf16 output keeps the original bits."""
+    """bf16 -> f32 through torch (exact), then to the stored type; bf16 output keeps the original bits.
+
+    The conversion runs over row chunks into one preallocated output, so the
+    151,936-row embedding never exists as a whole f32 copy next to its f16 copy.
+    """
+    import numpy as np
     import torch
 
     if out_type == "bf16":
-        return tensor.detach().to(torch.bfloat16).contiguous().view(torch.int16).numpy().view("uint16")
-    t32 = tensor.detach().to(torch.float32).contiguous()
-    if out_type == "f16":
-        return t32.to(torch.float16).numpy()
-    return t32.numpy()
+        return tensor.detach().to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
+    dtype = torch.float16 if out_type == "f16" else torch.float32
+    src = tensor.detach().reshape(tensor.shape[0] if tensor.dim() > 1 else 1, -1)
+    out = torch.empty(src.shape, dtype=dtype)
+    step = max(1, _CHUNK_ELEMENTS // max(1, src.shape[1]))
+    for start in range(0, src.shape[0], step):
+        chunk = src[start : start + step].to(torch.float32).to(dtype)
+        if out_type == "f16" and not bool(torch.isfinite(chunk).all()):
+            raise ExportError("a weight overflows float16; export as bf16 or f32 instead")
+        out[start : start + step] = chunk
+    return out.reshape(tensor.shape).numpy()
+
+
+def release_pages(tensor: torch.Tensor) -> None:
+    """Ask Linux to page out a memory-mapped source tensor once it has been written.
+
+    Without this every touched page of the 2 GB model.pt stays in the process's
+    RSS until the export ends. MADV_PAGEOUT never changes contents (anonymous
+    pages would be swapped, not zeroed), so it is safe whatever backs the tensor;
+    where it is unsupported the call simply fails and is ignored.
+    """
+    if not sys.platform.startswith("linux") or tensor.numel() == 0:
+        return
+    import ctypes
+    import mmap
+
+    page = mmap.PAGESIZE
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    first, last = (start + page - 1) // page * page, end // page * page
+    if last <= first:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 21)  # 21 = MADV_PAGEOUT
 
 
 # --------------------------------------------------------------------------- writing
@@ -371,7 +397,9 @@ def write_base_gguf(
         writer.write_ti_data_to_file()
         bar = tqdm(plans, desc=f"gguf {out_type}", unit="tensor", file=sys.stderr, disable=not progress)
         for plan in bar:
-            writer.write_tensor_data(convert_tensor(state[plan.hf_name], plan.out_type))
+            source = state[plan.hf_name]
+            writer.write_tensor_data(convert_tensor(source, plan.out_type))
+            release_pages(source)
         writer.close()
         os.replace(tmp_path, out_path)
     except BaseException:
@@ -464,10 +492,11 @@ def export_gguf(
     llm_path = llm_dir(model_dir, read_config(model_dir))
     params = read_qwen3_params(llm_path)
     state = sub_state_dict(load_state_dict(model_dir, mmap=True), "llm")
-    if not state:
-        raise ExportError(f"{model_dir / 'model.pt'}: no llm.* tensors")
-    n_rows = int(state["model.embed_tokens.weight"].shape[0]) if "model.embed_tokens.weight" in state else 0
-    vocab = build_vocab(llm_path, n_rows or params.vocab_size)
+    if "model.embed_tokens.weight" not in state:
+        raise ExportError(
+            f"{model_dir / 'model.pt'}: no llm.model.embed_tokens.weight (not a Fun-ASR-Nano checkpoint?)"
+        )
+    vocab = build_vocab(llm_path, int(state["model.embed_tokens.weight"].shape[0]))
     out_dir.mkdir(parents=True, exist_ok=True)
 
     written: dict[str, Path] = {}

@@ -48,6 +48,8 @@ def _download(path: Path) -> None:
         f"get it with `modelscope download --model {MODEL_ID} --local_dir {path}` "
         "on a machine with network access, then pass --model-dir"
     )
+    if not _modelscope_reachable():
+        raise ReleaseError(f"{path}: release folder not found and modelscope.cn is unreachable; {hint}")
     try:
         from modelscope import snapshot_download
     except ImportError as exc:
@@ -59,6 +61,17 @@ def _download(path: Path) -> None:
         raise ReleaseError(f"{path}: could not download {MODEL_ID} ({type(exc).__name__}); {hint}") from exc
     if not (path / "model.pt").is_file():
         raise ReleaseError(f"{path}: download of {MODEL_ID} is incomplete (no model.pt); {hint}")
+
+
+def _modelscope_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check, so an offline machine gets its one-line error in seconds, not after retries."""
+    import socket
+
+    try:
+        with socket.create_connection(("www.modelscope.cn", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def read_config(model_dir: Path | str) -> dict[str, Any]:

@@ -31,7 +31,7 @@ import yaml
 QWEN_VOCAB_ROWS = 151936  # rows of the embedding table (the tokenizer has 151669 tokens)
 QWEN_REAL_TOKENS = 151669
 QWEN_FIRST_SPECIAL = 151643  # <|endoftext|>
-QWEN_EOS_IDS = (151643, 151645)  # <|endoftext|>, <|im_end|>
+QWEN_IM_END = 151645
 LLM_SUBDIR = "Qwen3-0.6B"
 CTC_VOCAB_FILE = "multilingual.tiktoken"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json")
@@ -365,11 +365,12 @@ def _init_tensor(name: str, shp: tuple[int, ...], rng: np.random.Generator, shap
         return (rng.standard_normal(shp) / math.sqrt(shp[-1])).astype(np.float32)
     if name == "llm.model.embed_tokens.weight":
         emb = (0.5 * rng.standard_normal(shp)).astype(np.float32)
-        # Rows past the real vocabulary and the special tokens other than the two EOS ids
-        # would decode to nothing useful; keep their logits at zero so argmax avoids them.
+        # Rows past the real vocabulary and the special tokens would decode to nothing useful;
+        # keep their logits at zero so argmax avoids them. <|im_end|> stays: it is the one stop
+        # token of funasr's generate (config.json's eos_token_id), so random models can stop.
         keep = np.zeros(shp[0], dtype=bool)
         keep[:QWEN_FIRST_SPECIAL] = True
-        keep[list(QWEN_EOS_IDS)] = True
+        keep[QWEN_IM_END] = True
         emb[~keep] = 0.0
         return emb
     fan_in = shp[1] if len(shp) > 1 else shp[0]

@@ -49,4 +49,25 @@ def any_ckpt(request: pytest.FixtureRequest) -> Path:
 def oracle_factory():
     from tests.oracle import oracle_for
 
-    return lambda path: oracle_for(str(path))
+    return lambda path, rope="fp32": oracle_for(str(path), rope)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """model-gguf/ exported from the tiny checkpoint: fp32 + int8 ONNX (with CTC), f32/f16/q8_0 GGUF."""
+    from tests.exported import export_model_dir
+
+    return export_model_dir(tiny_ckpt, tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny2_models(tiny2_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.exported import export_model_dir
+
+    return export_model_dir(tiny2_ckpt, tmp_path_factory.mktemp("models") / "tiny2")
+
+
+@pytest.fixture(scope="session", params=["tiny", "tiny2"])
+def any_models(request: pytest.FixtureRequest) -> tuple[Path, Path]:
+    """(checkpoint, exported folder) for each tiny shape."""
+    return request.getfixturevalue(f"{request.param}_ckpt"), request.getfixturevalue(f"{request.param}_models")

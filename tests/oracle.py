@@ -50,11 +50,10 @@ class OracleResult:
 class FunASROracle:
     """A loaded funasr model; call `run` per input. Loading takes seconds, so tests share one per folder."""
 
-    def __init__(self, model_dir: Path | str, *, ncpu: int = 2) -> None:
+    def __init__(self, model_dir: Path | str, *, ncpu: int = 2, rope: str = "fp32") -> None:
+        import funasr.models.fun_asr_nano.model as nano_module
         import torch
         from funasr import AutoModel
-
-        import funasr.models.fun_asr_nano.model as nano_module
 
         # CTC timestamps need torchaudio's forced_align, which is absent here; the CTC text does not.
         nano_module.forced_align = lambda *args, **kwargs: []
@@ -76,6 +75,11 @@ class FunASROracle:
         # rows were already written into bf16 embeddings. The first call would then differ from
         # every later one; settle the LLM in fp32 now so every call is the steady state.
         self.model.llm.to(torch.float32)
+        if rope == "fp32":
+            _exact_rope(self.model.llm)
+        elif rope != "as_loaded":
+            raise ValueError(f"rope must be 'fp32' or 'as_loaded', not {rope!r}")
+        self.rope = rope
         self.model_dir = Path(model_dir)
         self.tokenizer = self.auto.kwargs["tokenizer"]
 
@@ -106,7 +110,6 @@ class FunASROracle:
             out = original_prepare(*args, **kwargs)
             inputs_embeds, _contents, batch, source_ids, meta = out
             record["embeds"] = inputs_embeds.detach().float().clone()
-            record["features"] = batch["speech"].detach().float().clone()
             record["source_ids"] = source_ids.detach().clone()
             record["fbank_beg"] = int(batch["fbank_beg"][0, 0])
             record["fake_token_len"] = int(batch["fake_token_len"][0, 0])
@@ -116,6 +119,14 @@ class FunASROracle:
 
         def logits_hook(_module: Any, _inputs: Any, output: Any) -> None:
             record["logits"].append(output.logits[0, -1].detach().float().clone())
+
+        original_encode = model.encode
+
+        @functools.wraps(original_encode)
+        def encode(speech: Any, speech_lengths: Any) -> Any:
+            # the SenseVoice encoder scales its input in place: keep the frontend output first
+            record["features"] = speech.detach().float().clone()
+            return original_encode(speech, speech_lengths)
 
         original_generate = model.llm.generate
 
@@ -132,6 +143,7 @@ class FunASROracle:
         source: Any = str(audio) if isinstance(audio, (str, Path)) else torch.from_numpy(np.asarray(audio, np.float32))
 
         model.inference_prepare = prepare
+        model.encode = encode
         model.llm.generate = generate
         handle = model.llm.register_forward_hook(logits_hook)
         try:
@@ -140,6 +152,7 @@ class FunASROracle:
         finally:
             handle.remove()
             del model.inference_prepare
+            del model.encode
             del model.llm.generate
         res = results[0]
         n_audio = record["fake_token_len"]
@@ -177,6 +190,28 @@ class FunASROracle:
         return out.logits[0, n - 1 :].float().numpy()
 
 
+def _exact_rope(llm: Any) -> None:
+    """Recompute the RoPE inverse frequencies in fp32.
+
+    The release's config.yaml says `llm_conf.llm_dtype: bf16`, so funasr builds the
+    LLM in bf16 and `.to(bf16)` rounds the rotary `inv_freq` buffer to bf16; moving
+    the model back to fp32 keeps the rounded values (e.g. 0.4217 -> 0.4219). Qwen3
+    itself, transformers' fresh model and llama.cpp all use the exact frequencies,
+    and llama.cpp's qwen3 graph has no way to load custom ones. The parity tests
+    therefore compare against funasr with exact frequencies (`rope="fp32"`), and a
+    separate test measures what the as-shipped rounding changes (`rope="as_loaded"`).
+    """
+    import torch
+
+    rotary = llm.model.rotary_emb
+    cfg = llm.config
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    theta = float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    rotary.inv_freq.copy_(inv_freq)
+
+
 @contextlib.contextmanager
 def _quiet():
     """funasr prints progress and warnings to stdout/stderr; keep test logs readable."""
@@ -190,6 +225,6 @@ def _quiet():
 
 
 @functools.lru_cache(maxsize=8)
-def oracle_for(model_dir: str) -> FunASROracle:
-    """One loaded oracle per checkpoint folder for the whole test session."""
-    return FunASROracle(model_dir)
+def oracle_for(model_dir: str, rope: str = "fp32") -> FunASROracle:
+    """One loaded oracle per checkpoint folder (and RoPE mode) for the whole test session."""
+    return FunASROracle(model_dir, rope=rope)

@@ -61,12 +61,11 @@ def test_full_shape_table_matches_funasr_module_tree(tmp_path: Path):
 
     The model is built on the meta device, so nothing of its 1 B parameters is allocated.
     """
-    from omegaconf import OmegaConf
-
     import funasr.models.fun_asr_nano.model  # noqa: F401  registers FunASRNano
     import funasr.models.llm_asr.adaptor  # noqa: F401
     import funasr.models.sense_voice.model  # noqa: F401
     from funasr.register import tables
+    from omegaconf import OmegaConf
 
     ctc_vocab = write_release_files(tmp_path, FULL, ctc=True)
     assert ctc_vocab == 60515

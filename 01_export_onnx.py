@@ -1,0 +1,57 @@
+"""Export Fun-ASR-Nano's audio encoder + adaptor (and CTC head) to ONNX for onnxruntime.
+
+    python 01_export_onnx.py [--model-dir DIR] [--out-dir model-gguf] [--quiet]
+
+Writes FunASR_Nano_Encoder.onnx and .int8.onnx (plus FunASR_Nano_CTC[.int8].onnx and
+ctc_vocab.tiktoken when the release has the CTC head), tokenizer/ and funasr_nano.json.
+All logic lives in common/export_onnx.py; this file only parses arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from common.release import DEFAULT_RELEASE_DIR, ReleaseError, ensure_release
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=DEFAULT_RELEASE_DIR,
+        help=f"Fun-ASR-Nano release folder, downloaded if absent (default: {DEFAULT_RELEASE_DIR})",
+    )
+    parser.add_argument(
+        "--out-dir", type=Path, default=Path("model-gguf"), help="output folder (default: model-gguf)"
+    )
+    parser.add_argument("--no-int8", action="store_true", help="skip the int8 variants")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Resolve the release before importing torch/funasr: a missing folder fails in well under a second.
+    try:
+        model_dir = ensure_release(args.model_dir)
+    except ReleaseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from common.export_onnx import ExportError, export_onnx, stderr_log
+
+    try:
+        paths = export_onnx(model_dir, args.out_dir, int8=not args.no_int8, log=None if args.quiet else stderr_log)
+    except (ReleaseError, ExportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        for path in paths:
+            print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

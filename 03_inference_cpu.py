@@ -1,0 +1,12 @@
+#!/usr/bin/env python3
+"""Transcribe audio files with Fun-ASR-Nano: fp32 ONNX encoder + f16 GGUF decoder, on the CPU.
+
+Run `python 03_inference_cpu.py --help` for the options; see README.md for the set-up.
+"""
+
+import sys
+
+from common.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main("cpu"))

@@ -1,0 +1,12 @@
+#!/usr/bin/env python3
+"""Transcribe audio files with Fun-ASR-Nano: int8 ONNX encoder + q8_0 GGUF decoder, on the CPU (fastest on CPU).
+
+Run `python 03_inference_cpu_int8.py --help` for the options; see README.md for the set-up.
+"""
+
+import sys
+
+from common.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main("cpu-int8"))

@@ -1,0 +1,12 @@
+#!/usr/bin/env python3
+"""Transcribe audio files with Fun-ASR-Nano: every GGUF layer offloaded to the GPU (CUDA/Vulkan build of llama.cpp), GPU ONNX provider when installed; falls back to the CPU and says so.
+
+Run `python 03_inference_gpu.py --help` for the options; see README.md for the set-up.
+"""
+
+import sys
+
+from common.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main("gpu"))

@@ -1,0 +1,236 @@
+"""The command line shared by the three 03_inference_*.py scripts; they differ only in their preset.
+
+Errors a user can cause (a bad file, a missing model) become one line on stderr
+and an exit code, never a traceback; in a multi-file run the other files are
+still transcribed and a summary lists what failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_DIR = Path("model-gguf")
+DEFAULT_RELEASE_DIR = Path("Fun-ASR-Nano-2512")
+GGUF_F16 = "qwen3-0.6b-asr.gguf"
+GGUF_Q8_0 = "qwen3-0.6b-asr.q8_0.gguf"
+
+EXIT_OK, EXIT_FAILED_INPUTS, EXIT_SETUP = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Preset:
+    """What distinguishes one 03 script from another."""
+
+    script: str
+    description: str
+    encoder_file: str
+    gguf_file: str
+    gpu: bool = False
+
+
+PRESETS: dict[str, Preset] = {
+    "cpu": Preset("03_inference_cpu.py", "CPU: fp32 ONNX encoder + f16 GGUF decoder",
+                  "FunASR_Nano_Encoder.onnx", GGUF_F16),
+    "cpu-int8": Preset("03_inference_cpu_int8.py", "CPU: int8 ONNX encoder + q8_0 GGUF decoder",
+                       "FunASR_Nano_Encoder.int8.onnx", GGUF_Q8_0),
+    "gpu": Preset("03_inference_gpu.py", "GPU: every GGUF layer offloaded, GPU ONNX provider when installed",
+                  "FunASR_Nano_Encoder.onnx", GGUF_F16, gpu=True),
+}
+
+
+class SetupError(RuntimeError):
+    """Something about the models or the options, not about one input file."""
+
+
+def build_parser(preset: Preset) -> argparse.ArgumentParser:
+    examples = textwrap.dedent(f"""\
+        examples:
+          python {preset.script} talk.mp3
+          python {preset.script} a.wav b.flac --format json --output-dir out/
+          python {preset.script} meeting.m4a --language 中文 --hotwords "通义,魔搭"
+          python {preset.script} clip.mp3 --gguf model-gguf/qwen3-0.6b-asr.f32.gguf
+        """)
+    p = argparse.ArgumentParser(
+        prog=preset.script, description=f"Transcribe audio with Fun-ASR-Nano. {preset.description}.",
+        epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("audio", nargs="+", help="audio files (mp3, wav, flac, ogg, m4a, ...; any rate and channels)")
+    p.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR, help="exported models (default: model-gguf)")
+    p.add_argument("--release-dir", type=Path, default=DEFAULT_RELEASE_DIR,
+                   help="official release folder, used to export when --model-dir is empty (default: Fun-ASR-Nano-2512)")
+    p.add_argument("--language", default=None, help="ask for this output language, e.g. 中文, 英文, 日文")
+    p.add_argument("--no-itn", action="store_true", help="no inverse text normalization (numbers stay spelled out)")
+    p.add_argument("--hotwords", default=None, help='comma-separated words to favour, e.g. "通义,魔搭"')
+    p.add_argument("--format", choices=("txt", "json"), default="txt", help="output format (default: txt)")
+    p.add_argument("--output-dir", type=Path, default=None, help="write one file per input here instead of stdout")
+    p.add_argument("--overwrite", action="store_true", help="re-transcribe inputs whose output file exists")
+    p.add_argument("--threads", type=int, default=max(1, min(os.cpu_count() or 2, 8)), help="CPU threads")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="cap on generated tokens per segment (default: 512)")
+    p.add_argument("--max-segment", type=float, default=30.0, help="longest segment in seconds (default: 30)")
+    p.add_argument("--encoder", type=Path, default=None, help="ONNX encoder to use instead of the preset's")
+    p.add_argument("--gguf", type=Path, default=None, help="GGUF decoder to use instead of the preset's")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    # Benchmarks on random weights force a length; not for users.
+    p.add_argument("--force-tokens", type=int, default=0, help=argparse.SUPPRESS)
+    return p
+
+
+def main(preset_name: str, argv: list[str] | None = None) -> int:
+    preset = PRESETS[preset_name]
+    args = build_parser(preset).parse_args(argv)
+    try:
+        return _run(preset, args)
+    except SetupError as exc:
+        _error(str(exc))
+        return EXIT_SETUP
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+
+
+def _run(preset: Preset, args: argparse.Namespace) -> int:
+    from common.llm import DecoderError, DecoderOptions, gpu_offload_supported
+    from common.prompt import PromptOptions, parse_hotwords
+    from common.transcriber import TranscribeOptions, Transcriber
+    from common.writers import output_path, render, write_atomic
+
+    if args.max_new_tokens < 1 or args.threads < 1 or args.max_segment <= 0:
+        raise SetupError("--max-new-tokens, --threads and --max-segment must be positive")
+    encoder_path, gguf_path = _model_files(preset, args)
+
+    n_gpu_layers, providers = 0, None
+    if preset.gpu:
+        n_gpu_layers, providers = _gpu_setup(gpu_offload_supported())
+    decoder_options = DecoderOptions(threads=args.threads, n_gpu_layers=n_gpu_layers)
+    try:
+        engine = Transcriber(args.model_dir, encoder_path=encoder_path, gguf_path=gguf_path, threads=args.threads,
+                             providers=providers, decoder_options=decoder_options)
+    except (DecoderError, ValueError, RuntimeError, OSError) as exc:
+        raise SetupError(_one_line(exc)) from exc
+
+    options = TranscribeOptions(
+        prompt=PromptOptions(language=args.language, itn=not args.no_itn, hotwords=parse_hotwords(args.hotwords)),
+        max_new_tokens=max(args.max_new_tokens, args.force_tokens),
+        max_segment_seconds=args.max_segment,
+        min_new_tokens=args.force_tokens,
+    )
+    show_progress = not args.quiet and sys.stderr.isatty()
+    failures: list[str] = []
+    bar = _progress_bar(len(args.audio), show_progress)
+    for source in args.audio:
+        try:
+            if args.output_dir is not None:
+                target = output_path(source, args.output_dir, args.format)
+                if target.exists() and not args.overwrite:
+                    _note(f"{source}: skipped, {target} exists (use --overwrite)", args.quiet)
+                    continue
+            transcript = engine.transcribe(source, options)
+            if args.output_dir is not None:
+                write_atomic(target, render(transcript, args.format))
+            elif args.format == "json":
+                print(render(transcript, "json"), end="", flush=True)
+            else:
+                print(transcript.text, flush=True)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # one bad input must not stop the batch
+            message = _one_line(exc)
+            if not message.startswith(str(source)):
+                message = f"{source}: {message}"
+            _error(message)
+            failures.append(str(source))
+        finally:
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    engine.close()
+    if failures:
+        _error(f"{len(failures)} of {len(args.audio)} inputs failed: {', '.join(failures)}")
+        return EXIT_FAILED_INPUTS
+    return EXIT_OK
+
+
+def _model_files(preset: Preset, args: argparse.Namespace) -> tuple[Path, Path]:
+    """The encoder and GGUF to load; exports them first when the model folder is empty."""
+    from common.settings import SETTINGS_FILE
+
+    model_dir: Path = args.model_dir
+    encoder = args.encoder or model_dir / preset.encoder_file
+    gguf = args.gguf or model_dir / preset.gguf_file
+    empty = not model_dir.exists() or not any(p for p in model_dir.iterdir() if p.name != "README.md")
+    if empty:
+        _export(model_dir, args.release_dir, args.quiet)
+    missing = [p for p in (model_dir / SETTINGS_FILE, encoder, gguf) if not p.is_file()]
+    if missing:
+        names = ", ".join(str(p) for p in missing)
+        raise SetupError(
+            f"missing {names}; export with: python 01_export_onnx.py --out-dir {model_dir} && "
+            f"python 02_export_gguf.py --out-dir {model_dir} --types f16,q8_0"
+        )
+    return encoder, gguf
+
+
+def _export(model_dir: Path, release_dir: Path, quiet: bool) -> None:
+    """First use: fetch the release if needed and run 01 and 02, in child processes (torch stays out of here)."""
+    _note(f"{model_dir} is empty: exporting the model from {release_dir} (first use only)", quiet)
+    steps = [
+        [sys.executable, str(ROOT / "01_export_onnx.py"), "--model-dir", str(release_dir), "--out-dir", str(model_dir)],
+        [sys.executable, str(ROOT / "02_export_gguf.py"), "--model-dir", str(release_dir), "--out-dir", str(model_dir),
+         "--types", "f16,q8_0"],
+    ]
+    for cmd in steps:
+        if quiet:
+            cmd.append("--quiet")
+        if subprocess.run(cmd).returncode != 0:
+            raise SetupError(
+                f"{model_dir}: export failed; get the release with `modelscope download --model "
+                f"FunAudioLLM/Fun-ASR-Nano-2512 --local_dir {release_dir}`, then run 01_export_onnx.py "
+                f"and 02_export_gguf.py"
+            )
+
+
+def _gpu_setup(llama_gpu: bool) -> tuple[int, list[str] | None]:
+    """Offload everything that has a GPU backend; say in one line what runs on the CPU instead."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    gpu_providers = [p for p in ("CUDAExecutionProvider", "ROCMExecutionProvider", "DmlExecutionProvider",
+                                 "CoreMLExecutionProvider") if p in available]
+    if not llama_gpu and not gpu_providers:
+        _error("warning: no GPU found (llama.cpp has no GPU backend, onnxruntime no GPU provider): running on the CPU")
+    elif not llama_gpu:
+        _error("warning: this llama.cpp build has no GPU backend: the decoder runs on the CPU")
+    elif not gpu_providers:
+        _error("warning: onnxruntime has no GPU execution provider: the encoder runs on the CPU")
+    providers = gpu_providers + ["CPUExecutionProvider"] if gpu_providers else None
+    return (-1 if llama_gpu else 0), providers
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled or total < 2:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="file", file=sys.stderr)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _error(message: str) -> None:
+    print(message if message.startswith(("warning:", "error:")) else f"error: {message}", file=sys.stderr, flush=True)
+
+
+def _note(message: str, quiet: bool) -> None:
+    if not quiet:
+        print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,71 @@
+"""The prompt exactly as the official `FunASRNano` builds it, split around the audio slot.
+
+funasr writes one ChatML string with a `<|startofspeech|>!!<|endofspeech|>`
+marker, splits it at the marker, tokenizes each text part on its own and puts
+the audio embeddings where the marker was. We keep the same two text parts:
+`before` (system turn, user turn opening and the task prompt) and `after`
+(closing the user turn and opening the assistant's, which must end in
+`assistant\\n`). `before` depends only on the options, so its KV cache can be
+shared by every segment of a file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SYSTEM_PROMPT = "You are a helpful assistant."
+HOTWORD_PREAMBLE = (
+    "请结合上下文信息，更加准确地完成语音转写任务。如果没有相关信息，我们会留空。\n\n\n**上下文信息：**\n\n\n"
+)
+THINK_BLOCK = "<think>\n\n</think>\n\n"
+
+
+@dataclass(frozen=True)
+class PromptOptions:
+    """What the user can ask for; the same switches as funasr's `generate(language=, itn=, hotwords=)`."""
+
+    language: str | None = None
+    itn: bool = True
+    hotwords: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PromptParts:
+    """The text on each side of the audio embeddings."""
+
+    before: str
+    after: str
+
+
+def task_prompt(options: PromptOptions) -> str:
+    """funasr's `get_prompt`: hotword preamble, `语音转写` (+ `成{language}`), `，不进行文本规整` without ITN, a colon."""
+    text = ""
+    if options.hotwords:
+        text = HOTWORD_PREAMBLE + f"热词列表：[{', '.join(options.hotwords)}]\n"
+    text += "语音转写" if options.language is None else f"语音转写成{options.language}"
+    if not options.itn:
+        text += "，不进行文本规整"
+    return text + "："
+
+
+def build_prompt(options: PromptOptions, *, sys_prompt: bool = True, do_think: bool = True) -> PromptParts:
+    """The ChatML around the audio, following `data_load_speech` (first turn, no assistant input).
+
+    `sys_prompt` and `do_think` come from config.yaml's dataset_conf; both default to
+    true in funasr. `do_think: false` appends an empty think block after `assistant\\n`.
+    """
+    user = task_prompt(options)
+    before = f"<|im_start|>user\n{user}"
+    if sys_prompt:
+        before = f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n" + before
+    after = "<|im_end|>\n<|im_start|>assistant\n"
+    if not do_think:
+        after += THINK_BLOCK
+    return PromptParts(before=before, after=after)
+
+
+def parse_hotwords(text: str | None) -> tuple[str, ...]:
+    """`--hotwords "w1,w2"` -> ("w1", "w2"); full-width commas too, blanks dropped."""
+    if not text:
+        return ()
+    return tuple(w.strip() for w in text.replace("，", ",").split(",") if w.strip())

@@ -1,0 +1,57 @@
+"""Transcript files: txt and json, written atomically.
+
+A file is written to a temporary name in the target folder and renamed over the
+final name, so an interrupted run never leaves a half-written transcript and a
+re-run can trust that an existing output file is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from common.transcriber import Transcript
+
+FORMATS = ("txt", "json")
+
+
+def render_txt(transcript: Transcript) -> str:
+    return transcript.text + "\n"
+
+
+def render_json(transcript: Transcript) -> str:
+    return json.dumps(transcript.to_dict(), ensure_ascii=False, indent=2) + "\n"
+
+
+RENDERERS: dict[str, Callable[[Transcript], str]] = {"txt": render_txt, "json": render_json}
+
+
+def output_path(source: Path | str, output_dir: Path, fmt: str) -> Path:
+    return output_dir / f"{Path(source).stem}.{fmt}"
+
+
+def render(transcript: Transcript, fmt: str) -> str:
+    if fmt not in RENDERERS:
+        raise ValueError(f"unknown output format {fmt!r}; choose from {', '.join(RENDERERS)}")
+    return RENDERERS[fmt](transcript)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same folder and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
