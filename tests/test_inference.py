@@ -201,3 +201,20 @@ def test_no_torch_transformers_or_funasr_at_inference(tiny_models, zh_mp3):
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "HEAVY []" in proc.stdout, proc.stdout
+
+
+def test_tokens_equal_funasr_as_shipped_with_bf16_rounded_rope(engines, tiny_ckpt, tiny2_ckpt, zh_mp3, en_wav,
+                                                               oracle_factory):
+    """funasr as shipped rounds the RoPE frequencies to bf16 (see README): the tokens must still agree;
+    the logit drift it causes is reported, and bounded well below what would flip a clear argmax."""
+    for name, ckpt in (("tiny", tiny_ckpt), ("tiny2", tiny2_ckpt)):
+        oracle = oracle_factory(ckpt, rope="as_loaded")
+        for audio in (zh_mp3, en_wav):
+            ref = oracle.run(audio, max_new_tokens=STEPS)
+            got = engines[name].transcribe(audio, TranscribeOptions(max_new_tokens=STEPS))
+            assert got.segments[0].token_ids == ref.token_ids
+            ours = engines[name].teacher_forced_logits(load_audio(audio), PromptOptions(), ref.token_ids)
+            want = oracle.teacher_forced_logits(ref.prompt_embeds, ref.token_ids)
+            drift = float(np.abs(ours - want).max() / want.std())
+            print(f"{name} {audio.name}: as-shipped RoPE drift {drift:.2e} of the logits' std")
+            assert drift < 0.05
