@@ -15,9 +15,17 @@ from pathlib import Path
 
 from common.release import DEFAULT_RELEASE_DIR, ReleaseError, ensure_release
 
+EXAMPLES = """\
+examples:
+  python 01_export_onnx.py                                  # ./Fun-ASR-Nano-2512 -> model-gguf/ (downloads if absent)
+  python 01_export_onnx.py --model-dir ~/models/Fun-ASR-Nano-2512 --out-dir model-gguf
+  python 01_export_onnx.py --no-int8 --quiet
+"""
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--model-dir",
         type=Path,

@@ -15,9 +15,17 @@ from pathlib import Path
 from common.export_gguf import DEFAULT_TYPE, SUPPORTED_TYPES, ExportError, export_gguf, parse_types
 from common.release import DEFAULT_RELEASE_DIR, ReleaseError, ensure_release
 
+EXAMPLES = """\
+examples:
+  python 02_export_gguf.py                                  # f16: model-gguf/qwen3-0.6b-asr.gguf
+  python 02_export_gguf.py --types f16,q8_0                 # + qwen3-0.6b-asr.q8_0.gguf (03_inference_cpu_int8.py)
+  python 02_export_gguf.py --model-dir ~/models/Fun-ASR-Nano-2512 --types q4_k_m --out-dir model-gguf
+"""
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--model-dir",
         type=Path,

@@ -2,12 +2,15 @@
 
 Errors a user can cause (a bad file, a missing model) become one line on stderr
 and an exit code, never a traceback; in a multi-file run the other files are
-still transcribed and a summary lists what failed.
+still transcribed and a summary lists what failed. C libraries that print to the
+process's stderr themselves (mpg123's notes on a damaged MP3) are silenced while a
+file is decoded; set FUNASR_DEBUG=1 to see them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -68,7 +71,15 @@ def build_parser(preset: Preset) -> argparse.ArgumentParser:
     p.add_argument("--language", default=None, help="ask for this output language, e.g. 中文, 英文, 日文")
     p.add_argument("--no-itn", action="store_true", help="no inverse text normalization (numbers stay spelled out)")
     p.add_argument("--hotwords", default=None, help='comma-separated words to favour, e.g. "通义,魔搭"')
-    p.add_argument("--format", choices=("txt", "json"), default="txt", help="output format (default: txt)")
+    p.add_argument("--format", choices=("txt", "json", "srt", "vtt"), default="txt",
+                   help="output format: text, json with segments, or srt/vtt subtitles (default: txt)")
+    p.add_argument("--max-cue-seconds", type=float, default=6.0,
+                   help="longest subtitle cue in seconds, srt/vtt (default: 6)")
+    p.add_argument("--vad", choices=("silero", "none"), default="silero",
+                   help="silero: transcribe only the speech Silero VAD finds; none: the whole input, cut "
+                        "at quiet points (default: silero)")
+    p.add_argument("--batch-size", type=int, default=4,
+                   help="segments decoded together in one llama.cpp context (default: 4; 1: one at a time)")
     p.add_argument("--output-dir", type=Path, default=None, help="write one file per input here instead of stdout")
     p.add_argument("--overwrite", action="store_true", help="re-transcribe inputs whose output file exists")
     p.add_argument("--threads", type=int, default=max(1, min(os.cpu_count() or 2, 8)), help="CPU threads")
@@ -77,6 +88,8 @@ def build_parser(preset: Preset) -> argparse.ArgumentParser:
     p.add_argument("--encoder", type=Path, default=None, help="ONNX encoder to use instead of the preset's")
     p.add_argument("--gguf", type=Path, default=None, help="GGUF decoder to use instead of the preset's")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--no-speculative", action="store_true",
+                   help="plain greedy decoding: do not verify the CTC head's draft (same text, slower)")
     # Benchmarks on random weights force a length; not for users.
     p.add_argument("--force-tokens", type=int, default=0, help=argparse.SUPPRESS)
     return p
@@ -103,12 +116,18 @@ def _run(preset: Preset, args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1 or args.threads < 1 or args.max_segment <= 0:
         raise SetupError("--max-new-tokens, --threads and --max-segment must be positive")
+    if args.batch_size < 1 or args.max_cue_seconds <= 0:
+        raise SetupError("--batch-size and --max-cue-seconds must be positive")
     encoder_path, gguf_path = _model_files(preset, args)
 
     n_gpu_layers, providers = 0, None
     if preset.gpu:
         n_gpu_layers, providers = _gpu_setup(gpu_offload_supported())
-    decoder_options = DecoderOptions(threads=args.threads, n_gpu_layers=n_gpu_layers)
+    # a batch gives each segment its own KV stream (tokens then equal decoding it alone), sized for the
+    # prompt, up to 30 s of audio rows and the new tokens
+    n_ctx = 4096 if args.batch_size == 1 else 768 + (max(args.max_new_tokens, args.force_tokens) + 255) // 256 * 256
+    decoder_options = DecoderOptions(threads=args.threads, n_gpu_layers=n_gpu_layers, n_seq_max=args.batch_size,
+                                     n_ctx=n_ctx)
     try:
         engine = Transcriber(args.model_dir, encoder_path=encoder_path, gguf_path=gguf_path, threads=args.threads,
                              providers=providers, decoder_options=decoder_options)
@@ -120,6 +139,8 @@ def _run(preset: Preset, args: argparse.Namespace) -> int:
         max_new_tokens=max(args.max_new_tokens, args.force_tokens),
         max_segment_seconds=args.max_segment,
         min_new_tokens=args.force_tokens,
+        speculative=not args.no_speculative,
+        vad=args.vad,
     )
     show_progress = not args.quiet and sys.stderr.isatty()
     failures: list[str] = []
@@ -131,11 +152,20 @@ def _run(preset: Preset, args: argparse.Namespace) -> int:
                 if target.exists() and not args.overwrite:
                     _note(f"{source}: skipped, {target} exists (use --overwrite)", args.quiet)
                     continue
-            transcript = engine.transcribe(source, options)
+            with _native_stderr_silenced():
+                # one long input: a segment counter, shown only once decoding takes a while
+                segment_bar = _SegmentBar() if show_progress and len(args.audio) == 1 else None
+                try:
+                    transcript = engine.transcribe(source, options, progress=segment_bar)
+                finally:
+                    if segment_bar is not None:
+                        segment_bar.close()
+            if transcript.duration == 0:  # shorter than one frame is fine (empty text), nothing at all is not
+                raise ValueError(f"{source}: no audio samples (the file holds no audio data)")
             if args.output_dir is not None:
-                write_atomic(target, render(transcript, args.format))
-            elif args.format == "json":
-                print(render(transcript, "json"), end="", flush=True)
+                write_atomic(target, render(transcript, args.format, max_cue_seconds=args.max_cue_seconds))
+            elif args.format != "txt":
+                print(render(transcript, args.format, max_cue_seconds=args.max_cue_seconds), end="", flush=True)
             else:
                 print(transcript.text, flush=True)
         except KeyboardInterrupt:
@@ -153,7 +183,8 @@ def _run(preset: Preset, args: argparse.Namespace) -> int:
         bar.close()
     engine.close()
     if failures:
-        _error(f"{len(failures)} of {len(args.audio)} inputs failed: {', '.join(failures)}")
+        if len(args.audio) > 1:  # a single input's own error line says it all
+            _error(f"{len(failures)} of {len(args.audio)} inputs failed: {', '.join(failures)}")
         return EXIT_FAILED_INPUTS
     return EXIT_OK
 
@@ -214,12 +245,65 @@ def _gpu_setup(llama_gpu: bool) -> tuple[int, list[str] | None]:
     return (-1 if llama_gpu else 0), providers
 
 
+class _SegmentBar:
+    """tqdm counter of decoded segments for a single input; it appears after 2 s and is cleared at the end."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            # created here, so it writes to the terminal even while fd 2 is silenced (sys.stderr is a copy)
+            self.bar = tqdm(total=total or None, unit="segment", file=sys.stderr, delay=2.0, leave=False)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 def _progress_bar(total: int, enabled: bool):
     if not enabled or total < 2:
         return None
     from tqdm import tqdm
 
     return tqdm(total=total, unit="file", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Point file descriptor 2 at /dev/null while Python's sys.stderr keeps the terminal.
+
+    Decoders inside libsndfile/FFmpeg write to fd 2 directly ("Note: Illegal Audio-MPEG-Header",
+    "Warning: Xing stream size off"), which would break the one-line-per-error promise; our own
+    warnings, progress bars and error lines go through sys.stderr and still show.
+    """
+    if os.environ.get("FUNASR_DEBUG"):
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no real fd 2 (embedded interpreters)
+        yield
+        return
+    old_stderr = sys.stderr
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        sys.stderr = open(os.dup(saved), "w", encoding=getattr(old_stderr, "encoding", None) or "utf-8",
+                          errors="backslashreplace", buffering=1)
+        yield
+    finally:
+        if sys.stderr is not old_stderr:
+            sys.stderr.close()
+            sys.stderr = old_stderr
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _one_line(exc: BaseException) -> str:

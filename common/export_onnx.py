@@ -35,6 +35,7 @@ from common.settings import (
     SETTINGS_FILE,
     TOKENIZER_DIR,
 )
+from common.vad import copy_vad_model
 
 OPSET = 17
 DEFAULT_CTC_VOCAB_SIZE = 60515  # funasr FunASRNano: kwargs.get("ctc_vocab_size", 60515)
@@ -429,6 +430,10 @@ def export_onnx(model_dir: Path | str, out_dir: Path | str, *, int8: bool = True
         shutil.copyfile(ctc_vocab_source(model_dir, config), out_dir / CTC_VOCAB_FILE)
         files["ctc_vocab"] = CTC_VOCAB_FILE
     copy_tokenizer(model_dir, config, out_dir)
+    vad = copy_vad_model(out_dir)  # Silero VAD for long audio, when the silero-vad package is installed
+    if vad is not None:
+        files["vad"] = vad.name
+        say(f"copied the Silero VAD model to {vad}")
     with open(out_dir / SETTINGS_FILE, "w", encoding="utf-8") as f:
         json.dump(settings_dict(model_dir, config, mods, files), f, indent=2, ensure_ascii=False)
     say(f"wrote {out_dir / SETTINGS_FILE}")

@@ -23,6 +23,8 @@ from pathlib import Path
 import llama_cpp as L
 import numpy as np
 
+from common.repetition import RepetitionGuard
+
 IM_END = "<|im_end|>"
 END_OF_TEXT = "<|endoftext|>"
 _GGUF_MAGIC = b"GGUF"
@@ -43,6 +45,10 @@ class DecoderOptions:
     n_seq_max: int = 1
     kv_f32: bool = False
     flash_attn: bool | None = None  # None: llama.cpp decides
+    # Several sequences (n_seq_max > 1): by default each gets its own KV stream of n_ctx cells (the
+    # cache is n_seq_max times larger); a unified cache (kv_unified=True) holds n_ctx cells shared by
+    # all sequences, and a prefix copied with copy_sequence() is stored once.
+    kv_unified: bool = False
 
 
 _log_lock = threading.Lock()
@@ -106,7 +112,8 @@ class LlamaDecoder:
             raise DecoderError(f"{self.path}: llama.cpp cannot load this GGUF ({self._last_error()})")
 
         cparams = L.llama_context_default_params()
-        cparams.n_ctx = options.n_ctx
+        cparams.n_ctx = options.n_ctx * (1 if options.kv_unified else max(1, options.n_seq_max))
+        cparams.kv_unified = options.kv_unified
         cparams.n_batch = options.n_batch
         cparams.n_ubatch = options.n_batch
         cparams.n_seq_max = options.n_seq_max
@@ -132,7 +139,8 @@ class LlamaDecoder:
         self.n_embd = int(L.llama_model_n_embd(self._model))
         self.n_vocab = int(L.llama_vocab_n_tokens(self._vocab))
         self.n_batch = int(L.llama_n_batch(self._ctx))
-        self.n_ctx = int(L.llama_n_ctx(self._ctx))
+        self.n_ctx = int(L.llama_n_ctx_seq(self._ctx))  # positions one sequence may use
+        self.n_seq_max = int(L.llama_n_seq_max(self._ctx))
         self._tok_batch = L.llama_batch_init(self.n_batch, 0, options.n_seq_max)
         self._emb_batch = L.llama_batch_init(self.n_batch, self.n_embd, options.n_seq_max)
         self._embedding_rows: _EmbeddingTable | None = None
@@ -203,6 +211,13 @@ class LlamaDecoder:
         """Forget KV cache entries of `seq` (all sequences with -1) from position `start` on."""
         if not L.llama_memory_seq_rm(self._memory, seq, start, -1):
             raise DecoderError(f"{self.path}: cannot remove KV cache entries of sequence {seq}")
+
+    def copy_sequence(self, src: int, dst: int) -> None:
+        """Give `dst` all KV entries of `src` (shared cells in a unified cache, a buffer copy otherwise).
+
+        `dst` should be empty; with a split cache the copy happens at the next decode.
+        """
+        L.llama_memory_seq_cp(self._memory, src, dst, -1, -1)
 
     def decode_tokens(self, tokens: Sequence[int], start: int, seq: int = 0, *, all_logits: bool = False) -> None:
         """Put `tokens` at positions start.. of `seq`; logits of the last one (or all) become readable."""
@@ -296,11 +311,12 @@ class LlamaDecoder:
         return np.ctypeslib.as_array(L.llama_get_logits_ith(self._ctx, -1), shape=(self.n_vocab,))
 
     def greedy(self, first_logits: np.ndarray, pos: int, max_new_tokens: int, seq: int = 0,
-               min_new_tokens: int = 0) -> list[int]:
+               min_new_tokens: int = 0, guard: RepetitionGuard | None = None) -> list[int]:
         """Greedy decoding from the prompt's logits, stopping on <|im_end|> / <|endoftext|>.
 
         `min_new_tokens` forces a length (benchmarks on random weights): stop tokens are
-        skipped in favour of the next best until that many tokens exist.
+        skipped in favour of the next best until that many tokens exist. `guard` stops
+        early when the output has fallen into a loop (the caller trims and reports it).
         """
         out: list[int] = []
         logits = first_logits
@@ -315,6 +331,8 @@ class LlamaDecoder:
                 token = int(np.argmax(masked))
             out.append(token)
             if len(out) == max_new_tokens:
+                break
+            if guard is not None and len(out) >= min_new_tokens and guard.looping(out):
                 break
             logits = self.step(token, pos, seq)
             pos += 1

@@ -109,6 +109,7 @@ def load_state_dict(model_dir: Path | str, *, mmap: bool = True) -> dict[str, to
     stream one tensor at a time.
     """
     import pickle
+    import warnings
 
     import torch
 
@@ -116,20 +117,32 @@ def load_state_dict(model_dir: Path | str, *, mmap: bool = True) -> dict[str, to
     if not path.is_file():
         raise ReleaseError(f"{path}: file not found")
     try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except RuntimeError as exc:
-            # Old-style (non-zip) checkpoints cannot be memory-mapped; retry without mmap.
-            if mmap and "mmap" in str(exc):
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            else:
-                raise
+        with warnings.catch_warnings():
+            # A foreign pickle (protocol > 2) makes torch warn before refusing it: keep the error one line.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError as exc:
+                # Old-style (non-zip) checkpoints cannot be memory-mapped; retry without mmap.
+                if mmap and "mmap" in str(exc):
+                    state = torch.load(path, map_location="cpu", weights_only=True)
+                else:
+                    raise
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe pickle"
-        raise ReleaseError(f"{path}: refused, not a weights-only checkpoint ({first[:160]})") from exc
+        raise ReleaseError(f"{path}: refused, not a weights-only checkpoint ({_unpickling_reason(exc)})") from exc
     except Exception as exc:
         raise ReleaseError(f"{path}: cannot load checkpoint ({type(exc).__name__}: {str(exc)[:160]})") from exc
     return normalize_state_dict(state, path)
+
+
+def _unpickling_reason(exc: Exception) -> str:
+    """The one informative sentence of torch's weights-only refusal (the rest is boilerplate)."""
+    text = str(exc).split("WeightsUnpickler error:", 1)[-1]
+    for paragraph in text.split("\n\n"):
+        line = " ".join(paragraph.split())
+        if line and not line.startswith(("Weights only load failed", "Check the documentation", "Please file")):
+            return line[:160]
+    return "unsafe pickle"
 
 
 def normalize_state_dict(state: Any, path: Path | str = "model.pt") -> dict[str, torch.Tensor]:

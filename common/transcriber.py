@@ -17,15 +17,24 @@ from pathlib import Path
 
 import numpy as np
 
-from common.audio import load_audio
+from common.audio import iter_audio_blocks, load_audio
+from common.batch_decode import decode_batch, finish
 from common.encoder import AudioEncoder
 from common.features import FrontendConfig, audio_token_count, compute_features
-from common.llm import DecoderOptions, LlamaDecoder
+from common.llm import DecoderOptions, LlamaDecoder, warn
 from common.prompt import PromptOptions, build_prompt
+from common.repetition import RepetitionGuard, loop_message
 from common.segments import Span, split_at_quiet_points
 from common.settings import ModelSettings
+from common.speculative import CTCDrafter, SeqState, speculative_decode
+from common.vad import SileroVad, SpeechSegmenter, VadOptions, find_vad_model
 
-STAGES = ("load_audio", "features", "encoder", "prefill", "decode")
+STAGES = ("load_audio", "vad", "features", "encoder", "prefill", "decode")
+VAD_CHOICES = ("silero", "none")
+VAD_BLOCK_SECONDS = 600.0  # audio decoded at a time on the VAD path: memory stays bounded on long files
+# Segments quieter than this RMS (about -80 dBFS: digital silence, at most 16-bit dither) are not
+# decoded: given nothing to hear, the real model hallucinates text or loops until max_new_tokens.
+SILENCE_RMS = 1e-4
 
 
 @dataclass(frozen=True)
@@ -36,6 +45,14 @@ class TranscribeOptions:
     max_new_tokens: int = 512
     max_segment_seconds: float = 30.0
     min_new_tokens: int = 0
+    # "silero": decode only the speech Silero VAD finds (no speech: empty transcript), streaming the
+    # file in blocks; "none": the whole input, cut at quiet points into max_segment_seconds pieces.
+    vad: str = "none"
+    vad_options: VadOptions | None = None  # None: VadOptions(max_segment_seconds=max_segment_seconds)
+    guard: RepetitionGuard = RepetitionGuard()  # stops a segment caught in a decoding loop
+    # verify the CTC head's greedy transcript as a draft (common/speculative.py): same tokens, fewer
+    # decoder passes; ignored (plain greedy) when the model folder has no CTC graph
+    speculative: bool = True
 
 
 @dataclass
@@ -45,6 +62,8 @@ class Segment:
     text: str
     token_ids: list[int]
     audio_rows: int
+    draft_proposed: int = 0  # CTC draft tokens checked by the decoder (speculative decoding)
+    draft_accepted: int = 0  # of those, tokens the decoder confirmed
 
 
 @dataclass
@@ -91,10 +110,16 @@ class PreparedPrompt:
     before_ids: list[int]
     audio_rows: np.ndarray  # (n, hidden): adaptor output cut to the official count
     after_ids: list[int]
+    encoder_out: np.ndarray | None = None  # (T, enc_dim): full encoder output, the CTC head's input
 
     @property
     def length(self) -> int:
         return len(self.before_ids) + self.audio_rows.shape[0] + len(self.after_ids)
+
+
+def is_digital_silence(wave: np.ndarray) -> bool:
+    """Whether a segment holds nothing to transcribe (RMS below SILENCE_RMS); it gets empty text."""
+    return wave.size == 0 or float(np.sqrt(np.mean(np.square(wave, dtype=np.float64)))) < SILENCE_RMS
 
 
 def clean_text(raw: str) -> str:
@@ -148,6 +173,10 @@ class Transcriber:
             )
         self.load_seconds = time.perf_counter() - t0
         self._cached_before: list[int] | None = None  # prefix whose KV cache sits in sequence 0
+        self._vad: SileroVad | None = None
+        self._vad_missing_warned = False
+        self._threads, self._providers = threads, providers
+        self._drafter: CTCDrafter | None | bool = None  # False: no CTC head in the model folder
 
     # ------------------------------------------------------------------ public API
 
@@ -158,6 +187,12 @@ class Transcriber:
         progress: Callable[[int, int], None] | None = None,
     ) -> Transcript:
         """Transcribe a file path or a 16 kHz mono float32 waveform."""
+        if options.vad not in VAD_CHOICES:
+            raise ValueError(f"unknown VAD {options.vad!r}; choose from {', '.join(VAD_CHOICES)}")
+        if options.vad == "silero":
+            vad = self._silero()
+            if vad is not None:
+                return self._transcribe_vad(audio, options, vad, progress)
         timings = dict.fromkeys(STAGES, 0.0)
         t_start = time.perf_counter()
         if isinstance(audio, (str, Path)):
@@ -171,10 +206,17 @@ class Transcriber:
         sr = self.frontend.sample_rate
         spans = split_at_quiet_points(wave, sr, options.max_segment_seconds)
         segments: list[Segment] = []
-        for i, span in enumerate(spans):
-            segments.append(self._transcribe_span(wave, span, options, timings))
-            if progress is not None:
-                progress(i + 1, len(spans))
+        if self.decoder.n_seq_max > 1 and len(spans) > 1:
+            pieces = ((span, wave[span.start:span.end]) for span in spans)
+            for segment in self._transcribe_batched(pieces, options, timings):
+                segments.append(segment)
+                if progress is not None:
+                    progress(len(segments), len(spans))
+        else:
+            for i, span in enumerate(spans):
+                segments.append(self._transcribe_span(wave, span, options, timings))
+                if progress is not None:
+                    progress(i + 1, len(spans))
         timings["total"] = time.perf_counter() - t_start
         return Transcript(
             source=source,
@@ -196,7 +238,7 @@ class Transcriber:
         timings["features"] += t1 - t0
         if feats.shape[0] == 0:
             return None
-        _, adaptor_out = self.encoder.run(feats)
+        encoder_out, adaptor_out = self.encoder.run(feats)
         timings["encoder"] += time.perf_counter() - t1
         n_rows = audio_token_count(feats.shape[0]) if self.settings.use_low_frame_rate else feats.shape[0]
         parts = build_prompt(prompt, sys_prompt=self.settings.sys_prompt, do_think=self.settings.do_think)
@@ -204,6 +246,7 @@ class Transcriber:
             before_ids=self.decoder.tokenize(parts.before),
             audio_rows=adaptor_out[:n_rows],
             after_ids=self.decoder.tokenize(parts.after),
+            encoder_out=encoder_out,
         )
 
     def prefill(self, prepared: PreparedPrompt, seq: int = 0) -> np.ndarray:
@@ -245,16 +288,162 @@ class Transcriber:
     def _transcribe_span(self, wave: np.ndarray, span: Span, options: TranscribeOptions,
                          timings: dict[str, float]) -> Segment:
         start, end = span.seconds(self.frontend.sample_rate)
+        if is_digital_silence(wave[span.start:span.end]):
+            return Segment(round(start, 3), round(end, 3), "", [], 0)
         prepared = self.prepare(wave[span.start:span.end], options.prompt, timings)
         if prepared is None:
             return Segment(start, end, "", [], 0)
+        drafter = self.drafter() if options.speculative else None
+        draft: list[int] | None = None
+        if drafter is not None and prepared.encoder_out is not None:
+            t0 = time.perf_counter()
+            draft = drafter.draft(self.decoder, prepared.encoder_out)
+            timings["draft"] = timings.get("draft", 0.0) + time.perf_counter() - t0
         t0 = time.perf_counter()
         logits = self.prefill(prepared)
         t1 = time.perf_counter()
-        tokens = self.decoder.greedy(logits, prepared.length, options.max_new_tokens,
-                                     min_new_tokens=options.min_new_tokens)
+        proposed = accepted = 0
+        if draft is None:
+            tokens = self.decoder.greedy(logits, prepared.length, options.max_new_tokens,
+                                         min_new_tokens=options.min_new_tokens, guard=options.guard)
+        else:
+            state = SeqState(seq=0, pos=prepared.length, logits=np.array(logits, copy=True), draft=draft)
+            speculative_decode(self.decoder, [state], options.max_new_tokens, options.min_new_tokens,
+                               guard=options.guard)
+            tokens, proposed, accepted = state.tokens, state.proposed, state.accepted
         t2 = time.perf_counter()
         timings["prefill"] += t1 - t0
         timings["decode"] += t2 - t1
-        text = clean_text(self.decoder.detokenize(tokens))
-        return Segment(round(start, 3), round(end, 3), text, tokens, int(prepared.audio_rows.shape[0]))
+        decoded = finish(tokens, options.guard, options.min_new_tokens)
+        if decoded.looped:
+            warn(loop_message(f"segment {start:.2f}-{end:.2f} s", len(tokens)))
+        text = clean_text(self.decoder.detokenize(decoded.tokens))
+        return Segment(round(start, 3), round(end, 3), text, decoded.tokens, int(prepared.audio_rows.shape[0]),
+                       draft_proposed=proposed, draft_accepted=accepted)
+
+    def drafter(self) -> CTCDrafter | None:
+        """The CTC head that drafts for speculative decoding, loaded on first use; None without CTC weights."""
+        if self._drafter is None:
+            self._drafter = False
+            if self.settings.has_ctc and "ctc" in self.settings.files and self.settings.path("ctc").is_file():
+                self._drafter = CTCDrafter(self.settings, threads=self._threads, providers=self._providers)
+        return self._drafter or None
+
+    def _silero(self) -> SileroVad | None:
+        """The VAD model, loaded once; None (and one warning) when neither the model folder nor silero-vad has it."""
+        if self._vad is None:
+            path = find_vad_model(self.settings.model_dir)
+            if path is None:
+                if not self._vad_missing_warned:
+                    warn("warning: silero_vad.onnx not found in the model folder (re-run 01_export_onnx.py with "
+                         "silero-vad installed): cutting at quiet points instead (--vad none)")
+                    self._vad_missing_warned = True
+                return None
+            self._vad = SileroVad(path)
+        return self._vad
+
+    def _transcribe_vad(self, audio: str | Path | np.ndarray, options: TranscribeOptions, vad: SileroVad,
+                        progress: Callable[[int, int], None] | None) -> Transcript:
+        """Stream the input through the VAD; decode its speech segments (batched when the context allows)."""
+        timings = dict.fromkeys(STAGES, 0.0)
+        t_start = time.perf_counter()
+        sr = self.frontend.sample_rate
+        if isinstance(audio, (str, Path)):
+            source = str(audio)
+            blocks = iter_audio_blocks(audio, VAD_BLOCK_SECONDS, sr)  # opening errors surface here
+        else:
+            source = "<waveform>"
+            blocks = iter([np.asarray(audio, dtype=np.float32).reshape(-1)])
+        n_samples = 0
+
+        def timed_blocks():
+            nonlocal n_samples
+            while True:
+                t0 = time.perf_counter()
+                block = next(blocks, None)
+                timings["load_audio"] += time.perf_counter() - t0
+                if block is None:
+                    return
+                n_samples += len(block)
+                yield block
+
+        vad_options = options.vad_options or VadOptions(max_segment_seconds=options.max_segment_seconds)
+        segmenter = SpeechSegmenter(vad, vad_options, sr)
+        stream = segmenter.segments(timed_blocks())
+
+        def timed_segments():
+            while True:
+                t0 = time.perf_counter()
+                item = next(stream, None)
+                timings["vad"] += time.perf_counter() - t0
+                if item is None:
+                    return
+                yield item
+
+        segments: list[Segment] = []
+        for segment in self._transcribe_batched(timed_segments(), options, timings):
+            segments.append(segment)
+            if progress is not None:
+                progress(len(segments), 0)  # total unknown while streaming
+        timings["vad"] = max(0.0, timings["vad"] - timings["load_audio"])  # the VAD pulls the audio
+        timings["total"] = time.perf_counter() - t_start
+        return Transcript(
+            source=source,
+            text=join_texts([s.text for s in segments]) if segments else "",
+            duration=n_samples / sr,
+            segments=segments,
+            timings=timings,
+            n_tokens=sum(len(s.token_ids) for s in segments),
+            language=options.prompt.language,
+            extra={"vad": "silero"},
+        )
+
+    def _transcribe_batched(self, pieces, options: TranscribeOptions, timings: dict[str, float]):
+        """Segments for (span, audio) pairs, `decoder.n_seq_max` of them decoded at a time."""
+        width = max(1, self.decoder.n_seq_max)
+        sr = self.frontend.sample_rate
+        group: list[tuple[Span, np.ndarray]] = []
+        iterator = iter(pieces)
+        while True:
+            item = next(iterator, None)
+            if item is not None:
+                group.append(item)
+                if len(group) < width:
+                    continue
+            if not group:
+                return
+            yield from self._decode_group(group, options, timings, sr)
+            group = []
+            if item is None:
+                return
+
+    def _decode_group(self, group: list[tuple[Span, np.ndarray]], options: TranscribeOptions,
+                      timings: dict[str, float], sr: int) -> list[Segment]:
+        if len(group) == 1 or self.decoder.n_seq_max == 1:
+            out = []
+            for span, audio in group:
+                seg = self._transcribe_span(audio, Span(0, len(audio)), options, timings)
+                seg.start, seg.end = (round(x, 3) for x in span.seconds(sr))
+                out.append(seg)
+            return out
+        prepared = [None if is_digital_silence(audio) else self.prepare(audio, options.prompt, timings)
+                    for _, audio in group]
+        live = [p for p in prepared if p is not None]
+        ready = self._cached_before is not None and bool(live) and self._cached_before == live[0].before_ids
+        decoded = decode_batch(self.decoder, live, options.max_new_tokens, min_new_tokens=options.min_new_tokens,
+                               guard=options.guard, timings=timings, prefix_ready=ready)
+        if live:
+            self._cached_before = list(live[0].before_ids)  # sequence 0 still holds it
+        results = iter(decoded)
+        out = []
+        for (span, _), prep in zip(group, prepared):
+            start, end = (round(x, 3) for x in span.seconds(sr))
+            if prep is None:
+                out.append(Segment(start, end, "", [], 0))
+                continue
+            d = next(results)
+            if d.looped:
+                warn(loop_message(f"segment {start:.2f}-{end:.2f} s", len(d.tokens)))
+            text = clean_text(self.decoder.detokenize(d.tokens))
+            out.append(Segment(start, end, text, d.tokens, int(prep.audio_rows.shape[0])))
+        return out

@@ -1,4 +1,4 @@
-"""Transcript files: txt and json, written atomically.
+"""Transcript files: txt, json and subtitles (srt, vtt), written atomically.
 
 A file is written to a temporary name in the target folder and renamed over the
 final name, so an interrupted run never leaves a half-written transcript and a
@@ -13,9 +13,10 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from common.subtitles import DEFAULT_MAX_CUE_SECONDS, render_srt, render_vtt, transcript_cues
 from common.transcriber import Transcript
 
-FORMATS = ("txt", "json")
+FORMATS = ("txt", "json", "srt", "vtt")
 
 
 def render_txt(transcript: Transcript) -> str:
@@ -26,16 +27,28 @@ def render_json(transcript: Transcript) -> str:
     return json.dumps(transcript.to_dict(), ensure_ascii=False, indent=2) + "\n"
 
 
-RENDERERS: dict[str, Callable[[Transcript], str]] = {"txt": render_txt, "json": render_json}
+def render_srt_file(transcript: Transcript, max_cue_seconds: float = DEFAULT_MAX_CUE_SECONDS) -> str:
+    return render_srt(transcript_cues(transcript.segments, max_cue_seconds))
+
+
+def render_vtt_file(transcript: Transcript, max_cue_seconds: float = DEFAULT_MAX_CUE_SECONDS) -> str:
+    return render_vtt(transcript_cues(transcript.segments, max_cue_seconds))
+
+
+RENDERERS: dict[str, Callable[[Transcript], str]] = {"txt": render_txt, "json": render_json,
+                                                     "srt": render_srt_file, "vtt": render_vtt_file}
+SUBTITLE_FORMATS = ("srt", "vtt")
 
 
 def output_path(source: Path | str, output_dir: Path, fmt: str) -> Path:
     return output_dir / f"{Path(source).stem}.{fmt}"
 
 
-def render(transcript: Transcript, fmt: str) -> str:
+def render(transcript: Transcript, fmt: str, *, max_cue_seconds: float = DEFAULT_MAX_CUE_SECONDS) -> str:
     if fmt not in RENDERERS:
         raise ValueError(f"unknown output format {fmt!r}; choose from {', '.join(RENDERERS)}")
+    if fmt in SUBTITLE_FORMATS:
+        return RENDERERS[fmt](transcript, max_cue_seconds)
     return RENDERERS[fmt](transcript)
 
 

@@ -30,6 +30,7 @@ from common.settings import (
     SETTINGS_FILE,
     ModelSettings,
 )
+from common.vad import VAD_FILE, find_vad_model
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = ROOT / "01_export_onnx.py"
@@ -147,15 +148,21 @@ def test_empty_input(exported: Exported) -> None:
 # --------------------------------------------------------------------------- CTC
 
 
-def _need_ctc(exported: Exported) -> None:
-    if not exported.settings.has_ctc:
-        pytest.skip("checkpoint without CTC head")
+def _has_ctc(exported: Exported) -> bool:
+    """CTC tests check the head where it exists; without it they check that no CTC graph was written."""
+    if exported.settings.has_ctc:
+        return True
+    assert not (exported.out / "FunASR_Nano_CTC.onnx").exists()
+    assert not (exported.out / "FunASR_Nano_CTC.int8.onnx").exists()
+    return False
 
 
 def test_ctc_text_matches_funasr(exported: Exported, funasr_run) -> None:
     """Greedy CTC text from our graphs + common/ctc.py equals funasr's `ctc_text` exactly."""
-    _need_ctc(exported)
     _, result, feats = funasr_run
+    if not _has_ctc(exported):
+        assert result.ctc_text is None
+        return
     s = exported.settings
     vocab = CTCVocabulary(s.path("ctc_vocab"), s.ctc)
     enc, _ = AudioEncoder(s.path("encoder")).run(feats)
@@ -170,7 +177,8 @@ def test_ctc_text_matches_funasr(exported: Exported, funasr_run) -> None:
 
 
 def test_ctc_int8_runs(exported: Exported, funasr_run) -> None:
-    _need_ctc(exported)
+    if not _has_ctc(exported):
+        return
     _, _, feats = funasr_run
     s = exported.settings
     enc, _ = AudioEncoder(s.path("encoder")).run(feats)
@@ -183,7 +191,8 @@ def test_ctc_int8_runs(exported: Exported, funasr_run) -> None:
 
 def test_ctc_decode_matches_funasr_tokenizer(exported: Exported, funasr_run) -> None:
     """Our id -> text equals funasr's SenseVoice tokenizer on random ids: byte pieces, specials, timestamps."""
-    _need_ctc(exported)
+    if not _has_ctc(exported):
+        return
     oracle, _, _ = funasr_run
     s = exported.settings
     vocab = CTCVocabulary(s.path("ctc_vocab"), s.ctc)
@@ -214,6 +223,8 @@ def test_output_folder(exported: Exported) -> None:
     out, s = exported.out, exported.settings
     ctc = (exported.ckpt / "multilingual.tiktoken").is_file()
     expected = {ENCODER_FILE, ENCODER_INT8_FILE} | ({CTC_FILE, CTC_INT8_FILE} if ctc else set())
+    if find_vad_model() is not None:  # silero-vad installed: its ONNX model is copied for long audio
+        expected.add(VAD_FILE)
     onnx_files = {p.name for p in out.glob("*.onnx")}
     assert onnx_files == expected
     assert (out / CTC_VOCAB_FILE).is_file() == ctc

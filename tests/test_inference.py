@@ -161,7 +161,7 @@ def test_scripts_print_what_the_engine_computes(script, encoder, gguf, tiny_mode
     from common.transcriber import Transcriber
 
     proc = _run_script(script, str(zh_mp3), "--model-dir", str(tiny_models), "--max-new-tokens", "12",
-                       "--threads", "2")
+                       "--threads", "2", "--vad", "none")
     assert proc.returncode == 0, proc.stderr
     engine = Transcriber(tiny_models, encoder_path=tiny_models / encoder, gguf_path=tiny_models / gguf,
                          decoder_options=DecoderOptions(threads=2))
@@ -176,7 +176,7 @@ def test_scripts_print_what_the_engine_computes(script, encoder, gguf, tiny_mode
 
 def test_json_output_has_segments_timings_and_speed(tiny_models, zh_mp3, tmp_path):
     proc = _run_script("03_inference_cpu.py", str(zh_mp3), "--model-dir", str(tiny_models), "--max-new-tokens", "6",
-                       "--format", "json", "--output-dir", str(tmp_path), "--language", "中文")
+                       "--format", "json", "--output-dir", str(tmp_path), "--language", "中文", "--vad", "none")
     assert proc.returncode == 0, proc.stderr
     data = json.loads((tmp_path / "zh_news_10s.json").read_text(encoding="utf-8"))
     assert data["language"] == "中文"

@@ -1,0 +1,370 @@
+"""What the scripts do with bad, odd and repeated input: one line per problem, never a traceback.
+
+Bad input (exit 1 for an input file, 2 for the models, non-zero for a release folder) gets exactly
+one stderr line, `error: <path>: <problem>`. Odd but valid input (sub-frame clips, ten minutes of
+digital silence, 8 kHz or 6-channel audio, an MP3 cut after its first frames) just works. Output
+files are written atomically and an existing output is skipped unless --overwrite.
+
+The rules chosen here:
+- a file that decodes to 0 samples is an error ("no audio samples"): there is nothing to transcribe
+  and an empty transcript would hide the problem; 1 to 399 samples (less than one 25 ms frame) is
+  valid audio that holds no speech, and gives empty text;
+- an MP3 truncated inside its header (200 bytes) is broken; one truncated after a few whole frames
+  (2 KB) is valid short audio.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ("01_export_onnx.py", "02_export_gguf.py", "03_inference_cpu.py", "03_inference_cpu_int8.py",
+           "03_inference_gpu.py")
+FAST = ("--max-new-tokens", "4", "--threads", "2")
+
+
+def run(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "FUNASR_DEBUG"}
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def transcribe(models: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return run("03_inference_cpu.py", *args, "--model-dir", models, *FAST, timeout=timeout)
+
+
+def assert_one_error_line(proc: subprocess.CompletedProcess, path: Path | str, problem: str, code: int) -> str:
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one stderr line, got {len(lines)}:\n{proc.stderr}"
+    line = lines[0]
+    assert line.startswith(f"error: {path}:"), line
+    assert problem in line, line
+    assert proc.returncode == code, (proc.returncode, line)
+    return line
+
+
+def assert_clean_success(proc: subprocess.CompletedProcess) -> None:
+    """Exit 0 and nothing on stderr but our own prefixed warnings (no library chatter, no traceback)."""
+    assert proc.returncode == 0, proc.stderr
+    assert all(line.startswith("warning:") for line in proc.stderr.splitlines()), proc.stderr
+
+
+@pytest.fixture(scope="module")
+def speech(zh_mp3) -> np.ndarray:
+    """The first 4 s of the shared news clip at 16 kHz: real speech the VAD keeps."""
+    from common.audio import load_audio
+
+    return load_audio(zh_mp3)[: 4 * 16000]
+
+
+def _write_wav(path: Path, data: np.ndarray, sr: int, subtype: str = "PCM_16") -> Path:
+    import soundfile
+
+    soundfile.write(str(path), data, sr, subtype=subtype)
+    return path
+
+
+# --------------------------------------------------------------------------- --help
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_exits_0_and_shows_examples(script):
+    proc = run(script, "--help", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "examples:" in proc.stdout
+    assert f"python {script} " in proc.stdout.split("examples:", 1)[1]
+
+
+# --------------------------------------------------------------------------- bad audio files
+
+
+def _empty(d: Path, zh_mp3: Path) -> Path:
+    (d / "empty.wav").write_bytes(b"")
+    return d / "empty.wav"
+
+
+def _zero_samples(d: Path, zh_mp3: Path) -> Path:
+    return _write_wav(d / "zero.wav", np.zeros(0, np.float32), 16000)
+
+
+def _text_as_mp3(d: Path, zh_mp3: Path) -> Path:
+    (d / "notes.mp3").write_text("This is a text file, not an MP3.\n" * 20, encoding="utf-8")
+    return d / "notes.mp3"
+
+
+def _truncated_mp3(d: Path, zh_mp3: Path) -> Path:
+    (d / "cut.mp3").write_bytes(zh_mp3.read_bytes()[:200])  # inside the ID3/Xing header: no frame at all
+    return d / "cut.mp3"
+
+
+def _corrupt_wav_header(d: Path, zh_mp3: Path) -> Path:
+    good = _write_wav(d / "tmp.wav", np.zeros(16000, np.float32), 16000).read_bytes()
+    bad = good[:12] + b"fmt " + (4).to_bytes(4, "little") + b"\0\0\0\0" + good[44:]  # 'fmt ' chunk too short
+    (d / "corrupt.wav").write_bytes(bad)
+    return d / "corrupt.wav"
+
+
+def _missing(d: Path, zh_mp3: Path) -> Path:
+    return d / "does-not-exist.wav"
+
+
+def _directory(d: Path, zh_mp3: Path) -> Path:
+    (d / "folder.wav").mkdir()
+    return d / "folder.wav"
+
+
+BAD_AUDIO = {
+    "empty_file": (_empty, "empty file"),
+    "zero_samples": (_zero_samples, "no audio samples"),
+    "text_named_mp3": (_text_as_mp3, "not a readable audio file"),
+    "truncated_mp3": (_truncated_mp3, "not a readable audio file"),
+    "corrupt_wav_header": (_corrupt_wav_header, "not a readable audio file"),
+    "missing_path": (_missing, "no such file"),
+    "directory": (_directory, "is a directory"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_AUDIO))
+def test_bad_audio_gets_one_line_and_exit_1(case, tiny_models, zh_mp3, tmp_path):
+    make, problem = BAD_AUDIO[case]
+    path = make(tmp_path, zh_mp3)
+    proc = transcribe(tiny_models, path)
+    assert_one_error_line(proc, path, problem, 1)
+    assert proc.stdout == ""
+
+
+# --------------------------------------------------------------------------- bad model folders
+
+
+def _model_copy(tiny_models: Path, dest: Path, skip: tuple[str, ...] = ()) -> Path:
+    """The exported folder, by symlinks (cheap), without the `skip` names."""
+    dest.mkdir()
+    for item in tiny_models.iterdir():
+        if item.name not in skip:
+            (dest / item.name).symlink_to(item)
+    return dest
+
+
+def test_missing_model_files_name_them_and_the_export_commands(tiny_models, zh_mp3, tmp_path):
+    models = _model_copy(tiny_models, tmp_path / "models", skip=("qwen3-0.6b-asr.gguf", "FunASR_Nano_Encoder.onnx"))
+    proc = transcribe(models, zh_mp3)
+    assert "Traceback" not in proc.stderr and proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("error: missing ")
+    for needed in ("qwen3-0.6b-asr.gguf", "FunASR_Nano_Encoder.onnx", "python 01_export_onnx.py",
+                   "python 02_export_gguf.py"):
+        assert needed in line, line
+
+
+@pytest.mark.parametrize("name,problem", [
+    ("qwen3-0.6b-asr.gguf", "cannot load this GGUF"),
+    ("FunASR_Nano_Encoder.onnx", "not a valid ONNX model"),
+])
+def test_truncated_model_file_gets_one_line_and_exit_2(name, problem, tiny_models, zh_mp3, tmp_path):
+    models = _model_copy(tiny_models, tmp_path / "models", skip=(name,))
+    data = (tiny_models / name).read_bytes()
+    (models / name).write_bytes(data[: len(data) // 2])
+    proc = transcribe(models, zh_mp3)
+    assert_one_error_line(proc, models / name, problem, 2)
+
+
+class _RunsCode:
+    """A pickle payload that creates a file when unpickled: what torch.load(weights_only=False) would run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("script,protocol", [("01_export_onnx.py", 2), ("02_export_gguf.py", 4)])
+def test_code_running_model_pt_is_refused_unexecuted(script, protocol, tiny_ckpt, tmp_path):
+    release = tmp_path / "release"
+    release.mkdir()
+    for item in tiny_ckpt.iterdir():
+        if item.name != "model.pt":
+            (release / item.name).symlink_to(item)
+    marker = tmp_path / "pwned"
+    with open(release / "model.pt", "wb") as f:
+        pickle.dump({"model": {"weight": _RunsCode(marker)}}, f, protocol=protocol)
+
+    proc = run(script, "--model-dir", release, "--out-dir", tmp_path / "out", "--quiet")
+    assert not marker.exists(), "the pickle's code ran"
+    line = assert_one_error_line(proc, release / "model.pt", "refused, not a weights-only checkpoint", 2)
+    assert "Weights only load failed" not in line  # torch's boilerplate is dropped, its reason kept
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+    # The payload is real: plain pickle runs it.
+    subprocess.run([sys.executable, "-c", f"import pickle; pickle.load(open({str(release / 'model.pt')!r}, 'rb'))"],
+                   check=True, capture_output=True)
+    assert marker.exists()
+
+
+# --------------------------------------------------------------------------- odd but valid
+
+
+def test_audio_shorter_than_one_frame_gives_empty_text(tiny_models, tmp_path):
+    rng = np.random.default_rng(0)
+    paths = [_write_wav(tmp_path / f"short{n}.wav", 0.3 * rng.standard_normal(n).astype(np.float32), 16000)
+             for n in (1, 200, 399)]
+    for extra in ((), ("--vad", "none")):
+        proc = transcribe(tiny_models, *paths, *extra)
+        assert_clean_success(proc)
+        assert proc.stdout == "\n" * len(paths)
+
+
+@pytest.mark.parametrize("extra", [(), ("--vad", "none"), ("--vad", "none", "--batch-size", "1")],
+                         ids=["vad", "no-vad-batched", "no-vad-sequential"])
+def test_ten_minutes_of_digital_silence_is_empty_and_quick(extra, tiny_models, tmp_path_factory):
+    folder = tmp_path_factory.getbasetemp() / "silence"
+    path = folder / "silence.wav"
+    if not path.is_file():
+        folder.mkdir(exist_ok=True)
+        _write_wav(path, np.zeros(600 * 16000, np.int16), 16000)
+    t0 = time.perf_counter()
+    proc = run("03_inference_cpu.py", path, "--model-dir", tiny_models, "--threads", "2", *extra)
+    elapsed = time.perf_counter() - t0
+    assert_clean_success(proc)
+    assert proc.stdout == "\n"
+    assert elapsed < 30, f"{elapsed:.1f} s for ten minutes of silence"
+
+
+@pytest.mark.parametrize("sr,channels", [(8000, 1), (48000, 6)])
+def test_other_rates_and_channel_counts_transcribe(sr, channels, speech, tiny_models, tmp_path):
+    import soxr
+
+    wave = soxr.resample(speech, 16000, sr)
+    data = np.stack([wave * (0.5 + 0.1 * c) for c in range(channels)], axis=1)
+    path = _write_wav(tmp_path / f"speech_{sr}_{channels}ch.wav", data, sr)
+    proc = transcribe(tiny_models, path)
+    assert_clean_success(proc)
+    assert proc.stdout.strip(), "the tiny model always says something about real speech"
+
+
+def test_mp3_cut_after_a_few_frames_is_short_valid_audio(tiny_models, zh_mp3, tmp_path):
+    path = tmp_path / "first2k.mp3"
+    path.write_bytes(zh_mp3.read_bytes()[:2048])
+    proc = transcribe(tiny_models, path, "--vad", "none")
+    assert_clean_success(proc)  # mpg123's "Warning: Xing stream size off" does not reach the terminal
+    assert proc.stdout.endswith("\n")
+
+
+# --------------------------------------------------------------------------- progress bars
+
+
+def _run_with_tty_stderr(*args: str) -> tuple[int, str]:
+    """Run 03_inference_cpu.py with stderr on a pseudo-terminal (as in a shell); (exit code, stderr)."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a 0-column tty hides the bar
+    proc = subprocess.Popen([sys.executable, str(ROOT / "03_inference_cpu.py"), *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:  # drain as it comes so the child never blocks on a full terminal buffer
+        ready, _, _ = select.select([master], [], [], 0.5)
+        if ready:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed its end
+                data = b""
+            if data:
+                chunks.append(data)
+                continue
+        if proc.poll() is not None and not ready:
+            break
+        if ready:
+            break
+    code = proc.wait(timeout=300)
+    os.close(master)
+    return code, b"".join(chunks).decode("utf-8", "replace")
+
+
+def test_progress_bar_on_a_terminal_only_and_not_with_quiet(speech, tiny_models, tmp_path):
+    files = [_write_wav(tmp_path / f"p{i}.wav", speech[: 2 * 16000], 16000) for i in range(2)]
+    code, stderr = _run_with_tty_stderr(*files, "--model-dir", tiny_models, *FAST)
+    assert code == 0, stderr
+    assert "2/2" in stderr and "file" in stderr, stderr  # tqdm's file counter
+    code, stderr = _run_with_tty_stderr(*files, "--model-dir", tiny_models, *FAST, "--quiet")
+    assert code == 0 and stderr == "", stderr
+    proc = transcribe(tiny_models, *files)  # stderr is a pipe here: no bar
+    assert_clean_success(proc)
+    assert proc.stderr == ""
+
+
+# --------------------------------------------------------------------------- batches and output files
+
+
+def test_batch_with_two_bad_files_writes_the_good_ones_and_lists_the_bad(speech, tiny_models, tmp_path):
+    good = [_write_wav(tmp_path / f"good{i}.wav", speech[i * 8000:], 16000) for i in range(3)]
+    empty = tmp_path / "bad_empty.wav"
+    empty.write_bytes(b"")
+    missing = tmp_path / "bad_missing.mp3"
+    inputs = [good[0], empty, good[1], missing, good[2]]
+    out = tmp_path / "out"
+    proc = transcribe(tiny_models, *inputs, "--output-dir", out)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[0].startswith(f"error: {empty}:") and lines[1].startswith(f"error: {missing}:")
+    assert lines[2] == f"error: 2 of 5 inputs failed: {empty}, {missing}"
+    assert len(lines) == 3
+    assert sorted(p.name for p in out.iterdir()) == ["good0.txt", "good1.txt", "good2.txt"]
+    assert all(p.read_text(encoding="utf-8").endswith("\n") for p in out.iterdir())
+
+
+def test_rerun_skips_existing_outputs_unless_overwrite(speech, tiny_models, tmp_path):
+    audio = _write_wav(tmp_path / "clip.wav", speech, 16000)
+    out = tmp_path / "out"
+    target = out / "clip.json"
+
+    first = transcribe(tiny_models, audio, "--output-dir", out, "--format", "json")
+    assert_clean_success(first)
+    content = target.read_text(encoding="utf-8")
+    old = 1_000_000_000  # an mtime no write could give it
+    os.utime(target, (old, old))
+
+    second = transcribe(tiny_models, audio, "--output-dir", out, "--format", "json")
+    assert second.returncode == 0, second.stderr
+    assert "skipped" in second.stderr and str(target) in second.stderr
+    assert target.stat().st_mtime == old and target.read_text(encoding="utf-8") == content
+
+    quiet = transcribe(tiny_models, audio, "--output-dir", out, "--format", "json", "--quiet")
+    assert quiet.returncode == 0 and quiet.stderr == ""
+    assert target.stat().st_mtime == old
+
+    third = transcribe(tiny_models, audio, "--output-dir", out, "--format", "json", "--overwrite")
+    assert_clean_success(third)
+    assert target.stat().st_mtime > old
+    assert [p.name for p in out.iterdir()] == ["clip.json"]  # no *.part temporary left behind
+
+
+def test_interrupted_write_leaves_neither_output_nor_temporary(tmp_path, monkeypatch):
+    from common import writers
+
+    target = tmp_path / "out" / "a.txt"
+    writers.write_atomic(target, "first\n")
+
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(writers.os, "replace", fail)
+    with pytest.raises(OSError):
+        writers.write_atomic(target, "second\n")
+    assert target.read_text(encoding="utf-8") == "first\n"
+    assert [p.name for p in target.parent.iterdir()] == ["a.txt"]

@@ -1,0 +1,341 @@
+"""Long audio: repetition guard, batched decoding, Silero VAD segmentation, subtitles.
+
+Batched decoding must give the tokens of decoding each segment alone; the VAD must find
+speech where we put it (espeak-ng sentences separated by silences of known length) and
+match the silero-vad package's own (torch) probabilities; subtitles must parse with the
+`srt` and `webvtt-py` packages.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.audio import load_audio
+from common.batch_decode import decode_batch, finish
+from common.llm import DecoderOptions
+from common.prompt import PromptOptions
+from common.repetition import NO_GUARD, RepetitionGuard
+from common.segments import Span
+from common.subtitles import render_srt, render_vtt, split_sentences, transcript_cues
+from common.transcriber import STAGES, TranscribeOptions, Transcriber
+from common.vad import (
+    VAD_FILE,
+    SileroVad,
+    SpeechSegmenter,
+    VadOptions,
+    copy_vad_model,
+    find_vad_model,
+    speech_spans,
+)
+from tests.audio_fixtures import espeak_wav, have_espeak
+
+ROOT = Path(__file__).resolve().parent.parent
+SR = 16000
+CUTS = [(0.0, 3.0), (2.0, 7.5), (4.0, 10.0), (1.0, 2.5), (5.0, 9.0)]
+
+
+@pytest.fixture(scope="module")
+def clip(zh_mp3: Path) -> np.ndarray:
+    return load_audio(zh_mp3)
+
+
+@pytest.fixture(scope="module")
+def vad() -> SileroVad:
+    path = find_vad_model()
+    if path is None:
+        pytest.fail("silero-vad is not installed: its silero_vad.onnx is needed")
+    return SileroVad(path)
+
+
+# --------------------------------------------------------------------------- repetition guard
+
+
+def test_guard_needs_a_full_window_and_finds_loops():
+    guard = RepetitionGuard()
+    assert not guard.looping([7] * 31)  # the parity tests decode 16 tokens: never touched
+    assert guard.looping([7] * 32)
+    varied = list(range(100, 160))
+    assert not guard.looping(varied)
+    looped = varied[:10] + [1, 2, 3, 4, 5, 6, 7] * 6
+    assert guard.period(looped) == 7
+    assert guard.trim(looped) == varied[:10] + [1, 2, 3, 4, 5, 6, 7]
+    few = varied[:5] + [int(x) for x in np.random.default_rng(0).integers(1, 4, 40)]  # 3 ids, no period
+    assert guard.period(few) == 0 and guard.trim(few) == few
+    assert not NO_GUARD.looping([7] * 100)
+    assert finish([7] * 40, guard).looped and finish([7] * 40, guard).tokens == [7]
+    assert finish([7] * 40, guard, min_new_tokens=40).tokens == [7] * 40  # benchmarks force a length
+
+
+# --------------------------------------------------------------------------- batched decoding
+
+ENGINES = {
+    "f32-split": dict(gguf="qwen3-0.6b-asr.f32.gguf", kv_f32=True, flash_attn=False, kv_unified=False),
+    "f16-split": dict(gguf="qwen3-0.6b-asr.gguf", kv_f32=False, flash_attn=None, kv_unified=False),
+}
+
+
+def _engine(models: Path, cfg: dict, n_seq: int) -> Transcriber:
+    options = DecoderOptions(threads=2, n_ctx=512, n_seq_max=n_seq, kv_f32=cfg["kv_f32"],
+                             flash_attn=cfg["flash_attn"], kv_unified=cfg["kv_unified"])
+    return Transcriber(models, gguf_path=models / cfg["gguf"], decoder_options=options)
+
+
+def _one_by_one(engine: Transcriber, pieces, max_new: int, guard: RepetitionGuard) -> list[list[int]]:
+    out = []
+    for piece in pieces:
+        prepared = engine.prepare(piece, PromptOptions())
+        tokens = engine.decoder.greedy(engine.prefill(prepared), prepared.length, max_new, guard=guard)
+        out.append(finish(tokens, guard).tokens)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(ENGINES))
+def test_batched_tokens_equal_one_by_one(name, tiny_models, clip):
+    cfg = ENGINES[name]
+    pieces = [clip[int(a * SR): int(b * SR)] for a, b in CUTS]
+    single = _engine(tiny_models, cfg, 1)
+    batched = _engine(tiny_models, cfg, 4)  # 5 segments: a group of 4, then 1 (prefix reused)
+    try:
+        want = _one_by_one(single, pieces, 20, NO_GUARD)
+        prompts = [batched.prepare(p, PromptOptions()) for p in pieces]
+        got = [d.tokens for d in decode_batch(batched.decoder, prompts, 20)]
+    finally:
+        single.close()
+        batched.close()
+    assert len({tuple(t) for t in want}) > 1, "segments should decode differently"
+    assert got == want
+
+
+def test_repetition_guard_stops_both_paths_alike(tiny_models, clip, capfd):
+    """Random weights loop on one token: both paths stop early, at the same token, and say so once."""
+    cfg = ENGINES["f16-split"]
+    pieces = [clip[int(a * SR): int(b * SR)] for a, b in CUTS[:3]]
+    single = _engine(tiny_models, cfg, 1)
+    batched = _engine(tiny_models, cfg, 3)
+    guard = RepetitionGuard()
+    try:
+        want = _one_by_one(single, pieces, 64, guard)
+        prompts = [batched.prepare(p, PromptOptions()) for p in pieces]
+        decoded = decode_batch(batched.decoder, prompts, 64, guard=guard)
+        # the transcriber's batched path on the same pieces: same tokens, one warning per looping segment
+        timings = dict.fromkeys(STAGES, 0.0)
+        segments = batched._decode_group([(Span(0, len(p)), p) for p in pieces],
+                                         TranscribeOptions(max_new_tokens=64), timings, SR)
+    finally:
+        single.close()
+        batched.close()
+    assert [d.tokens for d in decoded] == want
+    assert any(d.looped for d in decoded) and all(len(d.tokens) < 64 for d in decoded if d.looped)
+    assert [s.token_ids for s in segments] == want
+    err = capfd.readouterr().err
+    assert err.count("decoding loop detected") == sum(d.looped for d in decoded)
+
+
+# --------------------------------------------------------------------------- VAD
+
+
+def test_vad_model_is_copied_and_found_first(tmp_path):
+    copied = copy_vad_model(tmp_path)
+    assert copied == tmp_path / VAD_FILE and copied.stat().st_size > 100_000
+    assert find_vad_model(tmp_path) == copied
+    assert find_vad_model(tmp_path / "elsewhere") is not None  # falls back to the installed package
+
+
+def test_vad_probabilities_equal_the_silero_package(vad, clip):
+    """Same ONNX file, same 64-sample context and state handling: the same probabilities."""
+    silero_vad = pytest.importorskip("silero_vad")
+    import torch
+
+    rng = np.random.default_rng(0)
+    noise = (0.003 * rng.standard_normal(2 * SR)).astype(np.float32)  # not digital silence: the model runs
+    wave = np.concatenate([noise, clip[: 6 * SR], noise, clip[6 * SR:], noise[:12345]])
+    ours = vad.probabilities(wave)
+    model = silero_vad.load_silero_vad(onnx=True)
+    model.reset_states()
+    ref = []
+    for i in range(0, len(wave), 512):
+        chunk = torch.from_numpy(np.pad(wave[i: i + 512], (0, max(0, i + 512 - len(wave)))))
+        ref.append(float(model(chunk, SR)))
+    assert len(ours) == len(ref)
+    assert np.abs(ours - np.array(ref)).max() < 1e-4
+
+    opts = VadOptions(min_silence_seconds=0.3, min_speech_seconds=0.25, pad_seconds=0.0, max_segment_seconds=60)
+    mine = [(s.start / SR, s.end / SR) for s in speech_spans(wave, vad, opts)]
+    theirs = silero_vad.get_speech_timestamps(torch.from_numpy(wave), model, threshold=0.5, sampling_rate=SR,
+                                              min_speech_duration_ms=250, min_silence_duration_ms=300,
+                                              speech_pad_ms=0, return_seconds=False)
+    theirs = [(t["start"] / SR, t["end"] / SR) for t in theirs]
+    assert len(mine) == len(theirs)
+    for (a0, a1), (b0, b1) in zip(mine, theirs):
+        assert abs(a0 - b0) < 0.1 and abs(a1 - b1) < 0.1
+
+
+SENTENCES = ["Hello there, this is the first sentence.", "Speech recognition works on small computers.",
+             "The last words of the test."]
+SILENCES = [1.5, 1.0, 2.5, 1.2]  # before, between, between, after
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory) -> tuple[np.ndarray, list[tuple[float, float]]]:
+    """espeak-ng sentences separated by exact silences; truth = first/last audible sample of each."""
+    if not have_espeak():
+        pytest.skip("espeak-ng is not installed")
+    folder = tmp_path_factory.mktemp("espeak")
+    parts, truth, t = [], [], 0.0
+    for i, text in enumerate(SENTENCES):
+        parts.append(np.zeros(int(SILENCES[i] * SR), np.float32))
+        t += SILENCES[i]
+        speech = load_audio(espeak_wav(folder / f"s{i}.wav", text, speed=160))
+        loud = np.flatnonzero(np.abs(speech) > 0.01)
+        speech = speech[loud[0]: loud[-1] + 1]
+        parts.append(speech)
+        truth.append((t, t + len(speech) / SR))
+        t += len(speech) / SR
+    parts.append(np.zeros(int(SILENCES[-1] * SR), np.float32))
+    return np.concatenate(parts), truth
+
+
+def test_vad_finds_speech_where_it_was_put(vad, layout):
+    wave, truth = layout
+    spans = speech_spans(wave, vad)
+    got = [s.seconds(SR) for s in spans]
+    assert len(got) == len(truth), got
+    for (g0, g1), (t0, t1) in zip(got, truth):
+        assert abs(g0 - t0) <= 0.2 and abs(g1 - t1) <= 0.2, (got, truth)
+
+
+def test_ten_minutes_of_silence_has_no_speech_and_is_fast(vad):
+    wave = np.zeros(600 * SR, np.float32)
+    t0 = time.perf_counter()
+    assert speech_spans(wave, vad) == []
+    assert time.perf_counter() - t0 < 10
+    rng = np.random.default_rng(1)
+    hiss = (0.001 * rng.standard_normal(30 * SR)).astype(np.float32)  # quiet noise: the model runs
+    assert speech_spans(hiss, vad) == []
+
+
+def test_streaming_gives_the_segments_of_the_whole_and_respects_the_limit(vad, clip, layout):
+    wave = np.concatenate([layout[0], clip, clip, np.zeros(SR, np.float32), clip])
+    opts = VadOptions(max_segment_seconds=8.0, min_silence_seconds=1.5)  # the clips' own pauses are shorter
+    whole = list(SpeechSegmenter(vad, opts).segments([wave]))
+    blocks = [wave[i: i + 7 * SR + 123] for i in range(0, len(wave), 7 * SR + 123)]
+    streamed = list(SpeechSegmenter(vad, opts).segments(iter(blocks)))
+    assert [s for s, _ in streamed] == [s for s, _ in whole]
+    for span, audio in streamed:
+        assert np.array_equal(audio, wave[span.start: span.end])
+        assert span.end - span.start <= 8 * SR
+    ends = [s.end for s, _ in whole]
+    starts = [s.start for s, _ in whole]
+    assert all(a <= b for a, b in zip(ends, starts[1:]))
+    uncut = list(SpeechSegmenter(vad, VadOptions(max_segment_seconds=60.0, min_silence_seconds=1.5)).segments([wave]))
+    assert max(s.end - s.start for s, _ in uncut) > 8 * SR and len(whole) > len(uncut)
+
+
+def test_transcriber_decodes_the_vad_segments_batched(tiny_models, layout, tmp_path):
+    import soundfile
+
+    wave, truth = layout
+    path = tmp_path / "three.wav"
+    soundfile.write(str(path), wave, SR)
+    wave = load_audio(path)  # as the transcriber reads it (16-bit)
+    cfg = ENGINES["f16-split"]
+    batched = _engine(tiny_models, cfg, 4)
+    single = _engine(tiny_models, cfg, 1)
+    try:
+        got = batched.transcribe(path, TranscribeOptions(max_new_tokens=10, vad="silero"))
+        silent = batched.transcribe(np.zeros(20 * SR, np.float32), TranscribeOptions(vad="silero"))
+        alone = [single.transcribe(wave[int(round(s.start * SR)): int(round(s.end * SR))],
+                                   TranscribeOptions(max_new_tokens=10)).segments[0].token_ids
+                 for s in got.segments]
+    finally:
+        batched.close()
+        single.close()
+    assert len(got.segments) == len(truth)
+    for seg, (t0, t1) in zip(got.segments, truth):
+        assert abs(seg.start - t0) <= 0.2 and abs(seg.end - t1) <= 0.2
+    assert [s.token_ids for s in got.segments] == alone
+    assert got.duration == pytest.approx(len(wave) / SR) and got.timings["vad"] >= 0
+    assert silent.text == "" and silent.segments == [] and silent.n_tokens == 0
+
+
+# --------------------------------------------------------------------------- subtitles
+
+
+@dataclass
+class _Seg:
+    start: float
+    end: float
+    text: str
+
+
+SEGS = [
+    _Seg(1.0, 9.0, "今天天气很好。我们去公园散步吧！你觉得怎么样？"),
+    _Seg(9.5, 30.0, "This is a long sentence, with several clauses, that goes on and on without ending soon, "
+                    "because subtitles must stay short. Next one."),
+    _Seg(31.0, 31.4, "好。"),
+    _Seg(40.0, 41.0, ""),
+]
+
+
+def _check_cues(cues, max_cue):
+    assert cues
+    for a, b in zip(cues, cues[1:]):
+        assert a.end <= b.start
+    for c in cues:
+        assert c.end > c.start and c.end - c.start <= max_cue + 0.01 and c.text.strip()
+
+
+def test_sentences_split_at_end_marks():
+    assert split_sentences("今天天气很好。我们去公园散步吧！你觉得怎么样？") == ["今天天气很好。", "我们去公园散步吧！", "你觉得怎么样？"]
+    assert split_sentences("It costs 3.5 dollars. Then he left!") == ["It costs 3.5 dollars.", "Then he left!"]
+
+
+@pytest.mark.parametrize("max_cue", [6.0, 2.5])
+def test_srt_and_vtt_parse_and_cues_are_ordered(max_cue, tmp_path):
+    import srt
+    import webvtt
+
+    cues = transcript_cues(SEGS, max_cue)
+    _check_cues(cues, max_cue)
+    parsed = list(srt.parse(render_srt(cues)))
+    assert [p.content for p in parsed] == [c.text for c in cues]
+    assert [p.start.total_seconds() for p in parsed] == pytest.approx([c.start for c in cues])
+    vtt_path = tmp_path / "x.vtt"
+    vtt_path.write_text(render_vtt(cues), encoding="utf-8")
+    captions = webvtt.read(str(vtt_path))
+    assert [c.text for c in captions] == [c.text for c in cues]
+    def seconds(stamp: str) -> float:
+        h, m, s = stamp.split(":")
+        return int(h) * 3600 + int(m) * 60 + float(s)
+
+    assert [seconds(c.end) for c in captions] == pytest.approx([round(c.end, 3) for c in cues], abs=1e-6)
+    joined = "".join(c.text for c in cues if not c.text.isascii())
+    assert joined == SEGS[0].text + SEGS[2].text  # nothing lost
+
+
+def test_cli_writes_subtitles(tiny_models, clip, tmp_path):
+    import soundfile
+    import srt
+    import webvtt
+
+    wave = np.concatenate([np.zeros(SR, np.float32), clip, np.zeros(2 * SR, np.float32), clip[: 5 * SR]])
+    path = tmp_path / "talk.wav"
+    soundfile.write(str(path), wave, SR)
+    cmd = [sys.executable, str(ROOT / "03_inference_cpu.py"), str(path), "--model-dir", str(tiny_models),
+           "--max-new-tokens", "6", "--threads", "2", "--max-cue-seconds", "3"]
+    proc = subprocess.run([*cmd, "--format", "srt"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    subs = list(srt.parse(proc.stdout))
+    assert subs and subs[0].start.total_seconds() >= 0.8
+    proc = subprocess.run([*cmd, "--format", "vtt", "--output-dir", str(tmp_path / "out")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    captions = webvtt.read(str(tmp_path / "out" / "talk.vtt"))
+    assert len(captions) == len(subs)

@@ -1,0 +1,293 @@
+"""Speculative decoding from the CTC draft gives exactly greedy's tokens, whatever the draft.
+
+Two levels:
+- a fake decoder (logits a pure function of the sequence's history, a KV cache that insists on
+  contiguous positions) checks the bookkeeping fast and exhaustively: stop tokens, forced lengths,
+  the loop guard, rejected rows removed from the cache, several sequences in one batch;
+- the tiny exported models check the real llama.cpp path (f32 parity set-up, f16 and q8_0
+  defaults): multi-row verification batches must give the same argmax as one-row greedy steps.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.audio import load_audio
+from common.llm import DecoderOptions, LlamaDecoder
+from common.prompt import PromptOptions
+from common.repetition import RepetitionGuard
+from common.speculative import SeqState, SpeculativeConfig, make_draft, realign, speculative_decode
+from common.transcriber import TranscribeOptions, Transcriber
+
+ROOT = Path(__file__).resolve().parent.parent
+N_TOKENS = 40
+KINDS = ("own", "third", "random", "empty")
+
+
+# ---------------------------------------------------------------------------- fake decoder
+
+
+class FakeDecoder:
+    """Logits depend only on the last three tokens of the sequence; the KV cache is checked strictly."""
+
+    def __init__(self, vocab: int = 40, seed: int = 0, n_batch: int = 64, stop_bias: float = 0.0) -> None:
+        self.n_vocab = vocab
+        self.n_batch = n_batch
+        self.n_ctx = 4096
+        self.stop_ids = frozenset({0, 1})
+        self.seed = seed
+        self.stop_bias = stop_bias
+        self.kv: dict[int, list[int]] = {}
+        self.calls = 0
+        self._rows = np.zeros((0, vocab), np.float32)
+
+    def prompt(self, seq: int, tokens: list[int]) -> np.ndarray:
+        self.kv[seq] = list(tokens)
+        return self._logits(self.kv[seq])
+
+    def _logits(self, history: list[int]) -> np.ndarray:
+        key = hash((self.seed, *history[-3:])) % (2**32)
+        row = np.random.default_rng(key).standard_normal(self.n_vocab).astype(np.float32)
+        row[list(self.stop_ids)] += self.stop_bias
+        return row
+
+    def decode_many(self, tokens, positions, seqs, outputs) -> None:
+        assert 0 < len(tokens) <= self.n_batch
+        assert all(outputs)
+        self.calls += 1
+        rows = []
+        for token, pos, seq in zip(tokens, positions, seqs):
+            assert pos == len(self.kv[seq]), f"seq {seq}: position {pos}, cache holds {len(self.kv[seq])}"
+            self.kv[seq].append(int(token))
+            rows.append(self._logits(self.kv[seq]))
+        self._rows = np.stack(rows)
+
+    def logits_rows(self, count: int) -> np.ndarray:
+        return self._rows[:count]
+
+    def clear(self, seq: int = -1, start: int = 0) -> None:
+        assert start <= len(self.kv[seq])
+        del self.kv[seq][start:]
+
+    def step(self, token: int, pos: int, seq: int = 0) -> np.ndarray:
+        self.decode_many([token], [pos], [seq], [True])
+        return self._rows[0]
+
+    greedy = LlamaDecoder.greedy
+
+
+def _fake_greedy(seed: int, prompt: list[int], max_new: int, min_new: int, guard=None, **kw) -> list[int]:
+    return _fake_greedy_cache(seed, prompt, max_new, min_new, guard, **kw)[0]
+
+
+def _fake_greedy_cache(seed: int, prompt: list[int], max_new: int, min_new: int, guard=None, **kw):
+    """Greedy's tokens and the cache it leaves behind."""
+    fake = FakeDecoder(seed=seed, **kw)
+    return fake.greedy(fake.prompt(0, prompt), len(prompt), max_new, 0, min_new, guard), fake.kv[0]
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("kind", KINDS)
+def test_fake_single_sequence_equals_greedy(seed: int, kind: str) -> None:
+    prompt = [5, 6, 7 + seed]
+    for max_new, min_new, bias in ((N_TOKENS, N_TOKENS, 0.0), (N_TOKENS, 0, 2.0), (N_TOKENS, 10, 2.5), (1, 0, 0.0),
+                                   (0, 0, 0.0)):
+        want, cache = _fake_greedy_cache(seed, prompt, max_new, min_new, stop_bias=bias)
+        own = _fake_greedy(seed, prompt, N_TOKENS, N_TOKENS, stop_bias=bias)  # a long draft
+        fake = FakeDecoder(seed=seed, stop_bias=bias)
+        state = SeqState(seq=0, pos=len(prompt), logits=fake.prompt(0, prompt),
+                         draft=make_draft(own, kind, np.random.default_rng(seed), fake.n_vocab))
+        speculative_decode(fake, [state], max_new, min_new)
+        assert state.tokens == want, (max_new, min_new, bias)
+        # the cache holds what greedy's holds (prompt and fed tokens), no rejected draft rows
+        assert fake.kv[0] == cache
+        assert 0 <= state.accepted <= state.proposed
+        if kind == "own" and max_new == min_new == N_TOKENS:
+            assert state.accepted == state.proposed and state.rounds < N_TOKENS // 3
+
+
+def test_fake_own_draft_takes_few_rounds_and_empty_draft_is_plain_greedy() -> None:
+    prompt = [3, 4, 5]
+    own = _fake_greedy(0, prompt, N_TOKENS, N_TOKENS)
+    for draft in (own, []):
+        fake = FakeDecoder()
+        state = SeqState(seq=0, pos=3, logits=fake.prompt(0, prompt), draft=list(draft))
+        speculative_decode(fake, [state], N_TOKENS, N_TOKENS)
+        assert state.tokens == own
+        assert fake.calls == state.rounds
+        if draft:  # k grows 4, 8, 12: 40 tokens in a handful of decodes, every proposal kept
+            assert state.rounds <= 6 and state.accepted == state.proposed == N_TOKENS - 1 - state.rounds
+        else:
+            assert state.rounds == N_TOKENS - 1 and state.proposed == 0
+
+
+def test_fake_loop_guard_stops_where_greedy_stops() -> None:
+    guard = RepetitionGuard(window=8, max_distinct=2, max_period=4, min_repeats=2)
+    for seed in range(20):
+        want = _fake_greedy(seed, [9, 9], 60, 0, guard, vocab=6)
+        fake = FakeDecoder(seed=seed, vocab=6)
+        own = _fake_greedy(seed, [9, 9], 60, 60, vocab=6)
+        state = SeqState(seq=0, pos=2, logits=fake.prompt(0, [9, 9]), draft=own)
+        speculative_decode(fake, [state], 60, 0, guard=guard)
+        assert state.tokens == want
+
+
+def test_fake_batched_sequences_each_with_its_draft() -> None:
+    fake = FakeDecoder(seed=3, n_batch=20)  # small n_batch: proposals are cut to fit
+    prompts = {seq: [2, 3, 10 + seq] for seq in range(6)}
+    states, wants = [], []
+    kinds = ("own", "third", "random", "empty", "own", "half")
+    for seq, kind in enumerate(kinds):
+        own = _fake_greedy(3, prompts[seq], N_TOKENS, N_TOKENS)
+        wants.append(_fake_greedy(3, prompts[seq], N_TOKENS, N_TOKENS))
+        states.append(SeqState(seq=seq, pos=3, logits=fake.prompt(seq, prompts[seq]),
+                               draft=make_draft(own, kind, np.random.default_rng(seq), fake.n_vocab)))
+    speculative_decode(fake, states, N_TOKENS, N_TOKENS)
+    for state, want in zip(states, wants):
+        assert state.tokens == want
+
+
+def test_realign_guesses_substitutions_then_recovers() -> None:
+    state = SeqState(seq=0, pos=0, logits=np.zeros(4), draft=[10, 11, 12, 13, 14, 15])
+    state.tokens = [10, 11, 99]  # the decoder writes 99 where the draft has 12
+    state.draft_pos = 2
+    realign(state)
+    assert state.aligned and state.draft_pos == 3  # taken for a substitution: go on after 12
+    state.guess_failed = True  # the guessed proposal (13, ...) was rejected: the decoder wrote 12
+    state.tokens.append(12)  # so 99 was an insertion (punctuation): back to the draft's 12
+    realign(state)
+    assert state.aligned and state.draft_pos == 3
+    state.tokens += [13, 14]  # the 2-gram (13, 14) is found even when the expected place is wrong
+    state.draft_pos = 0
+    realign(state)
+    assert state.aligned and state.draft_pos == 5
+    state.tokens.append(77)
+    state.misses = 2  # guesses failed twice in a row: propose nothing until the draft matches again
+    realign(state)
+    assert not state.aligned
+
+
+# ---------------------------------------------------------------------------- real llama.cpp, tiny models
+
+
+def _engine(models: Path, gguf: str, n_seq_max: int = 1) -> Transcriber:
+    f32 = gguf.endswith(".f32.gguf")
+    return Transcriber(models, gguf_path=models / gguf,
+                       decoder_options=DecoderOptions(kv_f32=f32, flash_attn=False if f32 else None,
+                                                      n_seq_max=n_seq_max))
+
+
+def _prefill(engine: Transcriber, prepared, seq: int) -> np.ndarray:
+    """The prompt into sequence `seq`, decoded whole (no prefix cache), as a copy of its last logits."""
+    d = engine.decoder
+    d.clear(seq, 0)
+    d.decode_tokens(prepared.before_ids, 0, seq)
+    rows = np.concatenate([prepared.audio_rows, d.token_embeddings(prepared.after_ids)], axis=0)
+    d.decode_embeddings(rows, len(prepared.before_ids), seq)
+    return np.array(d.logits(-1), copy=True)
+
+
+@pytest.fixture(scope="module")
+def wave(zh_mp3: Path) -> np.ndarray:
+    return load_audio(zh_mp3)
+
+
+@pytest.mark.parametrize("gguf", ["qwen3-0.6b-asr.f32.gguf", "qwen3-0.6b-asr.gguf", "qwen3-0.6b-asr.q8_0.gguf"])
+def test_tokens_identical_to_greedy_single_sequence(tiny_models: Path, wave: np.ndarray, gguf: str) -> None:
+    engine = _engine(tiny_models, gguf)
+    try:
+        prepared = engine.prepare(wave, PromptOptions())
+        d = engine.decoder
+        own = d.greedy(_prefill(engine, prepared, 0), prepared.length, N_TOKENS, min_new_tokens=N_TOKENS)
+        assert len(set(own)) > 3, "the tiny model should not just repeat one token"
+        rng = np.random.default_rng(0)
+        for kind in KINDS:
+            for k_max in (1, 4, 12):
+                state = SeqState(seq=0, pos=prepared.length, logits=_prefill(engine, prepared, 0),
+                                 draft=make_draft(own, kind, rng, d.n_vocab))
+                speculative_decode(d, [state], N_TOKENS, N_TOKENS, SpeculativeConfig(k_max=k_max))
+                assert state.tokens == own, (kind, k_max)
+                if kind == "own":
+                    assert state.accepted == state.proposed == N_TOKENS - 1 - state.rounds
+            # greedy again after speculation: the cache left behind is clean
+            again = d.greedy(_prefill(engine, prepared, 0), prepared.length, N_TOKENS, min_new_tokens=N_TOKENS)
+            assert again == own
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("gguf", ["qwen3-0.6b-asr.f32.gguf", "qwen3-0.6b-asr.q8_0.gguf"])
+def test_tokens_identical_to_greedy_batched(tiny_models: Path, wave: np.ndarray, gguf: str) -> None:
+    """Four segments (different audio) in one verification batch, each with another kind of draft."""
+    engine = _engine(tiny_models, gguf, n_seq_max=4)
+    try:
+        d = engine.decoder
+        sr = 16000
+        pieces = [wave[: 4 * sr], wave[2 * sr: 7 * sr], wave[5 * sr:], wave]
+        prepared = [engine.prepare(p, PromptOptions()) for p in pieces]
+        wants = [d.greedy(_prefill(engine, p, seq), p.length, N_TOKENS, seq, N_TOKENS)
+                 for seq, p in enumerate(prepared)]
+        assert len({tuple(w) for w in wants}) > 1, "different audio should give different tokens"
+        rng = np.random.default_rng(1)
+        for shift in range(len(KINDS)):
+            states = []
+            for seq, p in enumerate(prepared):
+                kind = KINDS[(seq + shift) % len(KINDS)]
+                states.append(SeqState(seq=seq, pos=p.length, logits=_prefill(engine, p, seq),
+                                       draft=make_draft(wants[seq], kind, rng, d.n_vocab)))
+            speculative_decode(d, states, N_TOKENS, N_TOKENS)
+            for state, want in zip(states, wants):
+                assert state.tokens == want
+    finally:
+        engine.close()
+
+
+def test_transcriber_speculative_matches_plain_greedy(tiny_models: Path, wave: np.ndarray) -> None:
+    engine = _engine(tiny_models, "qwen3-0.6b-asr.q8_0.gguf")
+    try:
+        assert engine.drafter() is not None
+        base = dict(max_new_tokens=N_TOKENS, min_new_tokens=N_TOKENS)
+        plain = engine.transcribe(wave, TranscribeOptions(speculative=False, **base))
+        spec = engine.transcribe(wave, TranscribeOptions(speculative=True, **base))
+        assert [s.token_ids for s in spec.segments] == [s.token_ids for s in plain.segments]
+        assert spec.text == plain.text
+        assert all(s.draft_proposed == s.draft_accepted == 0 for s in plain.segments)
+        seg = spec.to_dict()["segments"][0]
+        assert 0 <= seg["draft_accepted"] <= seg["draft_proposed"]
+    finally:
+        engine.close()
+
+
+def test_without_ctc_the_engine_decodes_plain_greedy(tiny2_models: Path, wave: np.ndarray, monkeypatch) -> None:
+    import common.transcriber as transcriber_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("speculative decoding used without a CTC head")
+
+    monkeypatch.setattr(transcriber_module, "speculative_decode", refuse)
+    engine = Transcriber(tiny2_models)
+    try:
+        assert not engine.settings.has_ctc and engine.drafter() is None
+        out = engine.transcribe(wave, TranscribeOptions(max_new_tokens=8, min_new_tokens=8))
+        assert len(out.segments[0].token_ids) == 8 and out.segments[0].draft_proposed == 0
+    finally:
+        engine.close()
+
+
+def test_cli_no_speculative(tiny_models: Path, zh_mp3: Path) -> None:
+    def run(*extra: str) -> dict:
+        cmd = [sys.executable, str(ROOT / "03_inference_cpu.py"), str(zh_mp3), "--model-dir", str(tiny_models),
+               "--format", "json", "--force-tokens", "24", "--threads", "2", "--quiet", *extra]
+        res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert res.returncode == 0, res.stderr
+        return json.loads(res.stdout)
+
+    plain, spec = run("--no-speculative"), run()
+    assert [s["token_ids"] for s in plain["segments"]] == [s["token_ids"] for s in spec["segments"]]
+    assert all(s["draft_proposed"] == 0 for s in plain["segments"])
