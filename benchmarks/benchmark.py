@@ -532,6 +532,11 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
+def speedup(reference: float | None, ours: float | None) -> str:
+    value = ratio(reference, ours)
+    return "—" if value is None else f"{value:.2f}x"
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -568,8 +573,7 @@ def build_report(args: argparse.Namespace, info: dict[str, str], results: dict[s
         rows.append([
             name, fmt(r.get("load_s"), 2), fmt(r.get("features_s")), encoder, prefill,
             fmt(r.get("decode_tok_s"), 1), fmt(r.get("total_s")), fmt(r.get("rtf"), 3),
-            fmt(r["peak_rss"] / GIB, 2), fmt(ratio(ref32, r.get("total_s")), 2) + "x",
-            fmt(ratio(ref16, r.get("total_s")), 2) + "x",
+            fmt(r["peak_rss"] / GIB, 2), speedup(ref32, r.get("total_s")), speedup(ref16, r.get("total_s")),
         ])
 
     ours = results.get("ours cpu-int8", {})

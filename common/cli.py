@@ -125,7 +125,7 @@ def _run(preset: Preset, args: argparse.Namespace) -> int:
         n_gpu_layers, providers = _gpu_setup(gpu_offload_supported())
     # a batch gives each segment its own KV stream (tokens then equal decoding it alone), sized for the
     # prompt, up to 30 s of audio rows and the new tokens
-    n_ctx = 4096 if args.batch_size == 1 else 768 + (max(args.max_new_tokens, args.force_tokens) + 255) // 256 * 256
+    n_ctx = 768 + (max(args.max_new_tokens, args.force_tokens) + 255) // 256 * 256
     decoder_options = DecoderOptions(threads=args.threads, n_gpu_layers=n_gpu_layers, n_seq_max=args.batch_size,
                                      n_ctx=n_ctx)
     try:

@@ -38,7 +38,7 @@ class DecoderError(RuntimeError):
 class DecoderOptions:
     """llama.cpp context settings. `kv_f32` and `flash_attn=False` are for bit-level parity tests."""
 
-    n_ctx: int = 4096
+    n_ctx: int = 1280  # per sequence: a 30 s segment with hotwords and 512 new tokens fits; KV memory grows with it
     n_batch: int = 1024
     threads: int = 2
     n_gpu_layers: int = 0
