@@ -391,8 +391,53 @@ def _duration_seconds(audio: str) -> float:
     return load_audio(audio, 16000).shape[0] / 16000
 
 
+def child_speculative(spec: dict[str, Any]) -> dict[str, Any]:
+    """Decode speed of plain greedy vs speculative decoding with synthetic drafts (issue 9).
+
+    Random weights make the real CTC draft meaningless, so the drafts are made from the decoder's
+    own greedy output: all right (the upper bound), every second token wrong, random tokens.
+    """
+    from common.audio import load_audio
+    from common.llm import DecoderOptions
+    from common.speculative import bench_speculative
+    from common.transcriber import Transcriber
+
+    threads = spec["threads"]
+    engine = Transcriber(spec["model_dir"], encoder_path=spec["encoder"], gguf_path=spec["gguf"], threads=threads,
+                         decoder_options=DecoderOptions(threads=threads))
+    wave = load_audio(spec["audio"], engine.frontend.sample_rate)
+    bench_speculative(engine, wave, spec["tokens"], draft_kinds=("own",), repeats=1)  # warm-up
+    result = bench_speculative(engine, wave, spec["tokens"], draft_kinds=tuple(spec["kinds"]),
+                               repeats=spec["runs"])
+    engine.close()
+    return {**result, "peak_rss": peak_rss_bytes()}
+
+
+def child_long(spec: dict[str, Any]) -> dict[str, Any]:
+    """One long file through the VAD path, `n_seq_max` segments decoded at a time (issue 7)."""
+    from common.llm import DecoderOptions
+    from common.transcriber import TranscribeOptions, Transcriber
+
+    threads, n = spec["threads"], spec["tokens"]
+    engine = Transcriber(spec["model_dir"], encoder_path=spec["encoder"], gguf_path=spec["gguf"], threads=threads,
+                         decoder_options=DecoderOptions(threads=threads, n_seq_max=spec["n_seq_max"],
+                                                        n_ctx=768 + (n + 255) // 256 * 256))
+    options = TranscribeOptions(max_new_tokens=n, min_new_tokens=n, vad="silero", speculative=False)
+    t0 = time.perf_counter()
+    transcript = engine.transcribe(spec["audio"], options)
+    wall = time.perf_counter() - t0
+    engine.close()
+    return {
+        "wall_s": wall, "duration_s": transcript.duration, "segments": len(transcript.segments),
+        "n_tokens": transcript.n_tokens, "timings": transcript.timings, "peak_rss": peak_rss_bytes(),
+        "transcript_bytes": len(json.dumps(transcript.to_dict(), ensure_ascii=False).encode()),
+        "n_seq_max": spec["n_seq_max"], "tokens_per_segment": n,
+    }
+
+
 CHILDREN: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "build": child_build, "variant": child_variant, "raw": child_raw, "funasr": child_funasr,
+    "speculative": child_speculative, "long": child_long,
 }
 
 
@@ -554,6 +599,8 @@ def build_report(args: argparse.Namespace, info: dict[str, str], results: dict[s
               "decode tok/s", "total s", "RTF", "peak RSS GiB", "vs funasr fp32", "vs funasr bf16"]
     rows = []
     for name, r in results.items():
+        if name in SECTION_RESULTS or name.startswith(("long ", "rss ")):
+            continue
         if "error" in r:
             rows.append([name, f"failed: {r['error'][:150]}"] + [""] * (len(header) - 2))
             continue
@@ -628,11 +675,67 @@ def build_report(args: argparse.Namespace, info: dict[str, str], results: dict[s
         out += ["", "## cpu-int8 vs the peer FunASR llama.cpp runtime", "",
                 "Peer figures are constants quoted from issue 6 (published for this machine), not measured here.",
                 "", markdown_table(["stage", "peer (issue 6)", "ours cpu-int8", "ours better by"], peer_rows)]
+    out += speculative_section(results.get("speculative"))
+    out += long_audio_section(results, args)
     targets = check_targets(results)
     if targets:
-        out += ["", "## Targets of issue 6", "",
+        out += ["", "## Targets (issues 6, 7 and 9)", "",
                 markdown_table(["target", "measured", "met"], targets)]
     return "\n".join(out) + "\n"
+
+
+SECTION_RESULTS = ("speculative",)
+TARGET_SPEC_OWN = 2.5
+TARGET_SPEC_USELESS = 0.95
+TARGET_BATCHED = 3.0
+
+
+def speculative_section(r: dict[str, Any] | None) -> list[str]:
+    """Issue 9's table: decode speed with synthetic drafts vs plain greedy, same run, same prompt."""
+    if not r:
+        return []
+    if "error" in r:
+        return ["", "## Speculative decoding", "", f"failed: {r['error']}"]
+    rows = [["plain greedy", "—", fmt(r["greedy_tokens_per_second"], 1), "1.00x", "—", "—"]]
+    names = {"own": "draft = the decoder's own output (upper bound)", "half": "every second draft token wrong",
+             "third": "every third draft token wrong", "random": "random tokens (useless draft)",
+             "empty": "empty draft"}
+    for kind, k in r["speculative"].items():
+        rows.append([names.get(kind, kind), str(k["rounds"]), fmt(k["tokens_per_second"], 1), f"{k['speedup']:.2f}x",
+                     str(k["proposed"]), str(k["accepted"])])
+    return ["", "## Speculative decoding (CTC-drafted, lossless)", "",
+            f"Decode of {r['n_tokens']} forced tokens after the {r['prompt_length']}-position prompt, cpu-int8 "
+            f"preset (q8_0), median of the runs, greedy and speculative runs alternating. Random weights make "
+            f"the real CTC draft meaningless, so the drafts are synthetic, made from the decoder's own greedy "
+            f"output: the first row is the upper bound a perfect CTC draft would give, not a measurement "
+            f"of real speech. Tokens identical to plain greedy in every run: {'yes' if r['identical'] else 'NO'}.",
+            "", markdown_table(["draft", "llama_decode calls", "tok/s", "vs greedy", "proposed", "accepted"], rows)]
+
+
+def long_audio_section(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> list[str]:
+    """Issue 7's cases: batched vs sequential throughput on a long file, peak RSS vs file length."""
+    runs = {k: v for k, v in results.items() if k.startswith(("long ", "rss "))}
+    if not runs:
+        return []
+    seq = results.get("long sequential", {})
+    rows = []
+    for name, r in runs.items():
+        if "error" in r:
+            rows.append([name, f"failed: {r['error'][:150]}", "", "", "", "", "", ""])
+            continue
+        gain = "—"
+        if name.startswith("long ") and "wall_s" in seq and "error" not in seq:
+            gain = f"{seq['wall_s'] / r['wall_s']:.2f}x"
+        rows.append([name, f"{r['duration_s'] / 60:.1f}", str(r["segments"]), str(r["tokens_per_segment"]),
+                     fmt(r["wall_s"], 1), f"{r['duration_s'] / r['wall_s']:.1f}x", gain,
+                     f"{r['peak_rss'] / GIB:.2f} (transcript {r['transcript_bytes'] / 1024:.0f} KiB)"])
+    return ["", "## Long audio (Silero VAD, batched decoding)", "",
+            f"cpu-int8 preset, `--vad silero`, the clip plus 1 s of silence repeated; every segment forced to "
+            f"the stated token count, speculation off. *long*: throughput, one segment at a time vs "
+            f"{args.long_batch} at once; *rss*: peak RSS with 1 token per segment and batch 4 (the CLI's "
+            f"default), a short and a long file.", "",
+            markdown_table(["run", "audio min", "segments", "tokens/segment", "wall s", "speed (audio/wall)",
+                            "vs sequential", "peak RSS GiB"], rows)]
 
 
 def _fmt_duration(results: dict[str, dict[str, Any]]) -> str:
@@ -681,6 +784,34 @@ def check_targets(results: dict[str, dict[str, Any]]) -> list[list[str]]:
         v = f32["encoder_s"] / i8["encoder_s"]
         add(f"int8 encoder >= {TARGET_INT8_ENCODER_SPEEDUP}x faster than fp32", v,
             v >= TARGET_INT8_ENCODER_SPEEDUP, f"{v:.2f}x")
+    spec = results.get("speculative")
+    if ok(spec):
+        kinds = spec["speculative"]
+        if "own" in kinds:
+            v = kinds["own"]["speedup"]
+            add(f"speculative, perfect draft: decode >= {TARGET_SPEC_OWN}x plain greedy", v, v >= TARGET_SPEC_OWN,
+                f"{v:.2f}x")
+        if "half" in kinds:
+            v = kinds["half"]["speedup"]
+            add("speculative, half the draft wrong: faster than plain greedy", v, v > 1.0, f"{v:.2f}x")
+        if "random" in kinds:
+            v = kinds["random"]["speedup"]
+            add(f"speculative, useless draft: at most {1 - TARGET_SPEC_USELESS:.0%} slower", v,
+                v >= TARGET_SPEC_USELESS, f"{v:.2f}x")
+    seq = results.get("long sequential")
+    batched = next((v for k, v in results.items() if k.startswith("long batched")), None)
+    if ok(seq) and ok(batched):
+        v = seq["wall_s"] / batched["wall_s"]
+        add(f"long audio: batched >= {TARGET_BATCHED}x sequential throughput", v, v >= TARGET_BATCHED, f"{v:.2f}x")
+    rss = sorted((v for k, v in results.items() if k.startswith("rss ") and ok(v)), key=lambda r: r["duration_s"])
+    if len(rss) == 2:
+        short, long_ = rss
+        growth = long_["peak_rss"] - short["peak_rss"]
+        extra = long_["transcript_bytes"] - short["transcript_bytes"]
+        add("long audio: peak RSS does not grow with length beyond the transcript", growth,
+            growth <= max(4 * extra, 32 * 1024**2),
+            f"{short['duration_s'] / 60:.0f} min {short['peak_rss'] / GIB:.2f} GiB, {long_['duration_s'] / 60:.0f} "
+            f"min {long_['peak_rss'] / GIB:.2f} GiB (+{growth / 1024**2:.0f} MiB; transcript +{extra / 1024:.0f} KiB)")
     gb = i8["peak_rss"] / 1e9
     add(f"cpu-int8 peak RSS <= {TARGET_INT8_RSS_GB} GB", gb, gb <= TARGET_INT8_RSS_GB,
         f"{gb:.2f} GB ({i8['peak_rss'] / GIB:.2f} GiB)")
@@ -704,6 +835,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--variants", default="cpu,cpu-int8,cpu-int8+spec,gpu",
                    help="03 presets to run, plain greedy; NAME+spec: with the CTC-drafted speculative decoding "
                         "(default cpu,cpu-int8,cpu-int8+spec,gpu; gpu is skipped without a GPU)")
+    p.add_argument("--spec-drafts", default="own,half,random",
+                   help="speculative decoding table (issue 9): synthetic draft kinds to time against plain greedy "
+                        "on the cpu-int8 preset (own, half, third, random, empty; '' to skip)")
+    p.add_argument("--long", action="store_true",
+                   help="also the long-audio cases (issue 7): a --long-minutes file decoded sequentially and "
+                        "batched, and peak RSS for a --rss-minutes file (several minutes at full shapes)")
+    p.add_argument("--long-minutes", type=float, default=None, help="long-audio throughput file (default 10)")
+    p.add_argument("--rss-minutes", type=float, default=None, help="long-audio memory file (default 120)")
+    p.add_argument("--long-batch", type=int, default=8, help="segments decoded at once in the batched run (8)")
     p.add_argument("--skip-baselines", action="store_true", help="no funasr and no raw llama.cpp runs")
     p.add_argument("--skip-funasr", action="store_true", help="no funasr runs")
     p.add_argument("--prompt-tokens", type=int, default=None,
@@ -724,6 +864,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.size = args.size or ("tiny" if args.smoke else "full")
         args.runs = args.runs if args.runs is not None else (1 if args.smoke else 3)
         args.tokens = args.tokens if args.tokens is not None else (8 if args.smoke else 45)
+        args.long_minutes = args.long_minutes if args.long_minutes is not None else (0.5 if args.smoke else 10.0)
+        args.rss_minutes = args.rss_minutes if args.rss_minutes is not None else (1.0 if args.smoke else 120.0)
         if args.runs < 1 or args.tokens < 1 or args.threads < 1 or args.warmup < 0:
             p.error("--runs, --tokens and --threads must be positive, --warmup not negative")
     return args
@@ -753,6 +895,42 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if tmp_cache is not None:
             tmp_cache.cleanup()
+
+
+def long_audio_file(clip: Path, minutes: float, folder: Path) -> Path:
+    """`clip` + 1 s of silence, repeated to last `minutes`, as an mp3 (built once, cached by name)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / f"{clip.stem}-{minutes:g}min.mp3"
+    if out.is_file():
+        return out
+    unit = folder / f"{clip.stem}-unit.wav"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(clip), "-af", "apad=pad_dur=1", "-ar", "16000",
+                    "-ac", "1", str(unit)], check=True)
+    repeats = max(1, round(minutes * 60 / _duration_seconds(str(unit))))
+    part = out.with_name(out.name + ".part.mp3")
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-stream_loop", str(repeats - 1), "-i", str(unit),
+                    "-c:a", "libmp3lame", "-b:a", "48k", str(part)], check=True)
+    part.rename(out)
+    return out
+
+
+def run_long_cases(args: argparse.Namespace, models: Path, common: dict[str, Any],
+                   results: dict[str, dict[str, Any]], say: Callable[[str], None]) -> None:
+    """Issue 7's cases on the cpu-int8 preset through the VAD path (speculation off: random weights)."""
+    preset = PRESETS["cpu-int8"]
+    base = {"kind": "long", "model_dir": str(models), "encoder": str(models / preset.encoder_file),
+            "gguf": str(models / preset.gguf_file), **common}
+    folder = args.cache / "audio"
+    throughput = long_audio_file(args.audio, args.long_minutes, folder)
+    for label, width in (("sequential", 1), (f"batched x{args.long_batch}", args.long_batch)):
+        say(f"long audio {args.long_minutes:g} min, {label}, {args.tokens} tokens per segment ...")
+        results[f"long {label}"] = run_child({**base, "audio": str(throughput), "n_seq_max": width},
+                                             args.threads, args.child_timeout)
+    memory = long_audio_file(args.audio, args.rss_minutes, folder)
+    for minutes, path in ((args.long_minutes, throughput), (args.rss_minutes, memory)):
+        say(f"long audio peak RSS, {minutes:g} min file, 1 token per segment, batch 4 ...")
+        results[f"rss {minutes:g} min"] = run_child({**base, "audio": str(path), "n_seq_max": 4, "tokens": 1},
+                                                    args.threads, args.child_timeout)
 
 
 def _run(args: argparse.Namespace, say: Callable[[str], None]) -> int:
@@ -795,6 +973,18 @@ def _run(args: argparse.Namespace, say: Callable[[str], None]) -> int:
         if suffix and results[label].get("speculative") is False:
             notes.append(f"{label}: this engine has no speculative decoding option; ran plain greedy.")
 
+    kinds = [k.strip() for k in args.spec_drafts.split(",") if k.strip()]
+    if kinds:
+        preset = PRESETS["cpu-int8"]
+        say(f"speculative decoding, synthetic drafts {', '.join(kinds)} vs plain greedy (cpu-int8) ...")
+        results["speculative"] = run_child(
+            {"kind": "speculative", "model_dir": str(models), "encoder": str(models / preset.encoder_file),
+             "gguf": str(models / preset.gguf_file), "kinds": kinds, **common}, args.threads, args.child_timeout)
+        save_json()
+    if args.long:
+        run_long_cases(args, models, common, results, say)
+        save_json()
+
     if not args.skip_baselines:
         measured = next((r["prompt_positions"] for r in results.values() if "prompt_positions" in r), None)
         length = args.prompt_tokens or measured or DEFAULT_PROMPT_TOKENS
@@ -817,9 +1007,11 @@ def _run(args: argparse.Namespace, say: Callable[[str], None]) -> int:
                 save_json()
 
     failures = [f"{name}: {r['error']}" for name, r in results.items() if "error" in r]
+    if "error" not in results.get("speculative", {}) and results.get("speculative", {}).get("identical") is False:
+        failures.append("speculative: tokens differ from plain greedy")
     for name, r in results.items():
         counts = r.get("n_tokens")
-        if counts is not None and counts != [args.tokens]:
+        if isinstance(counts, list) and counts != [args.tokens]:
             failures.append(f"{name}: generated {counts} tokens, not {args.tokens}")
     report = build_report(args, info, results, notes, ckpt, models)
     print(report, end="", flush=True)

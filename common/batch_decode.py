@@ -11,6 +11,10 @@ instead of once per segment: the gain of batching on memory-bound hardware.
 The tokens are those of decoding each segment alone (`LlamaDecoder.greedy`): same
 stop rule, same `min_new_tokens` rule, same repetition guard.
 
+With drafts (the CTC head's transcripts), the steps verify draft tokens instead
+(`common.speculative.speculative_decode`): each sequence proposes its own number of draft
+tokens in the shared batch; the tokens stay those of plain greedy decoding.
+
 The context needs `n_seq_max` > 1 (`DecoderOptions(n_seq_max=N)`); more prompts than that
 are decoded in groups of `n_seq_max`. Use llama.cpp's default split KV cache (one stream
 per sequence, `kv_unified=False`): each sequence's cache is then laid out exactly as when
@@ -31,6 +35,7 @@ import numpy as np
 
 from common.llm import LlamaDecoder
 from common.repetition import RepetitionGuard
+from common.speculative import SeqState, speculative_decode
 
 
 class Prompt(Protocol):
@@ -50,6 +55,8 @@ class Decoded:
 
     tokens: list[int]
     looped: bool = False
+    proposed: int = 0  # draft tokens checked (speculative decoding)
+    accepted: int = 0  # of those, tokens the decoder confirmed
 
 
 def finish(tokens: list[int], guard: RepetitionGuard | None, min_new_tokens: int = 0) -> Decoded:
@@ -71,11 +78,13 @@ def decode_batch(
     guard: RepetitionGuard | None = None,
     timings: dict[str, float] | None = None,
     prefix_ready: bool = False,
+    drafts: Sequence[list[int] | None] | None = None,
 ) -> list[Decoded]:
     """Greedy tokens for each prompt, decoded `decoder.n_seq_max` at a time.
 
     All prompts must share `before_ids`. `prefix_ready` says sequence 0 already holds
     them (a transcriber's cached prefix); afterwards sequence 0 still holds them.
+    `drafts` (one per prompt, None for none) switch to speculative decoding.
     `timings` gets "prefill" and "decode" seconds added.
     """
     if not prompts:
@@ -87,23 +96,43 @@ def decode_batch(
     out: list[Decoded] = []
     for lo in range(0, len(prompts), width):
         group = prompts[lo : lo + width]
-        out.extend(_decode_group(decoder, group, before, max_new_tokens, min_new_tokens, guard, timings,
-                                 prefix_ready or lo > 0))
+        t0 = time.perf_counter()
+        first = prefill_group(decoder, group, before, prefix_ready or lo > 0)
+        t1 = time.perf_counter()
+        group_drafts = None if drafts is None else list(drafts[lo : lo + width])
+        if group_drafts is not None and any(group_drafts):
+            states = [SeqState(seq=seq, pos=p.length, logits=logits, draft=list(draft or []))
+                      for seq, (p, logits, draft) in enumerate(zip(group, first, group_drafts))]
+            speculative_decode(decoder, states, max_new_tokens, min_new_tokens, guard=guard)
+            for state in states:
+                done = finish(state.tokens, guard, min_new_tokens)
+                done.proposed, done.accepted = state.proposed, state.accepted
+                out.append(done)
+        elif len(group) == 1:
+            tokens = decoder.greedy(first[0], group[0].length, max_new_tokens, 0, min_new_tokens, guard)
+            out.append(finish(tokens, guard, min_new_tokens))
+        else:
+            out.extend(_greedy_group(decoder, group, first, max_new_tokens, min_new_tokens, guard))
+        if timings is not None:
+            timings["prefill"] = timings.get("prefill", 0.0) + (t1 - t0)
+            timings["decode"] = timings.get("decode", 0.0) + (time.perf_counter() - t1)
     return out
 
 
-def _decode_group(decoder: LlamaDecoder, prompts: Sequence[Prompt], before: list[int], max_new_tokens: int,
-                  min_new_tokens: int, guard: RepetitionGuard | None, timings: dict[str, float] | None,
-                  prefix_ready: bool) -> list[Decoded]:
-    t0 = time.perf_counter()
+def prefill_group(decoder: LlamaDecoder, prompts: Sequence[Prompt], before: list[int], prefix_ready: bool
+                  ) -> list[np.ndarray]:
+    """Each prompt into its own sequence (0, 1, ...); returns copies of the logits after each prompt.
+
+    The shared text before the audio is decoded once into sequence 0 (or kept when
+    `prefix_ready`) and copied to the other sequences.
+    """
     n_before = len(before)
-    n = len(prompts)
     if prefix_ready:
         decoder.clear(0, n_before)
     else:
         decoder.clear(0, 0)
         decoder.decode_tokens(before, 0, 0)
-    for seq in range(1, n):
+    for seq in range(1, len(prompts)):
         decoder.clear(seq, 0)
         if n_before:
             decoder.copy_sequence(0, seq)
@@ -112,8 +141,13 @@ def _decode_group(decoder: LlamaDecoder, prompts: Sequence[Prompt], before: list
         rows = np.concatenate([prompt.audio_rows, decoder.token_embeddings(prompt.after_ids)], axis=0)
         decoder.decode_embeddings(rows, n_before, seq)
         first.append(np.array(decoder.logits(-1), copy=True))
-    t1 = time.perf_counter()
+    return first
 
+
+def _greedy_group(decoder: LlamaDecoder, prompts: Sequence[Prompt], first: list[np.ndarray], max_new_tokens: int,
+                  min_new_tokens: int, guard: RepetitionGuard | None) -> list[Decoded]:
+    """Plain greedy steps for every sequence at once: one llama_decode per step, one row per live sequence."""
+    n = len(prompts)
     stop = decoder.stop_ids
     stop_list = list(stop)
     check_loops = guard is not None and guard.enabled
@@ -148,8 +182,4 @@ def _decode_group(decoder: LlamaDecoder, prompts: Sequence[Prompt], before: list
             pos[s] += 1
         current = decoder.logits_rows(len(still))
         live = still
-    t2 = time.perf_counter()
-    if timings is not None:
-        timings["prefill"] = timings.get("prefill", 0.0) + (t1 - t0)
-        timings["decode"] = timings.get("decode", 0.0) + (t2 - t1)
     return [finish(t, guard, min_new_tokens) for t in tokens]

@@ -141,6 +141,7 @@ def _run(preset: Preset, args: argparse.Namespace) -> int:
         min_new_tokens=args.force_tokens,
         speculative=not args.no_speculative,
         vad=args.vad,
+        timestamps=args.format != "txt",
     )
     show_progress = not args.quiet and sys.stderr.isatty()
     failures: list[str] = []

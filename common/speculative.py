@@ -28,9 +28,16 @@ import numpy as np
 from common.llm import LlamaDecoder
 from common.repetition import RepetitionGuard
 
-K_MIN = 1  # fewest draft tokens proposed while the draft is aligned
-K_MAX = 12  # most draft tokens proposed in one round (rows per sequence = k + 1)
-K_START = 4
+# Cost of one llama_decode of n rows, in single-row steps, on the CPU backend (the q8_0 decoder, 2 threads,
+# AVX2; measured with interleaved runs). llama.cpp's CPU matmuls work in tiles of 4 rows, so 2 or 3 rows
+# cost nearly as much as 2 or 3 separate steps while 4, 8, 12 and 16 rows are cheap per row: only these
+# sizes are worth proposing. The cost grows linearly beyond, so long proposals only pay off for drafts
+# that are almost always right.
+CPU_ROW_COSTS: tuple[tuple[int, float], ...] = ((1, 1.0), (2, 1.74), (4, 2.17), (8, 3.14), (12, 4.2), (16, 5.31))
+K_MAX = 15  # most draft tokens proposed in one round (rows per sequence = k + 1)
+PRIOR_ACCEPT = 0.8  # belief that a draft token is right before any has been checked
+PRIOR_WEIGHT = 1.0  # ... worth this many observations
+DECAY = 0.95  # weight of older rounds' observations: the draft's quality changes along a segment
 NGRAM_MAX = 3  # longest suffix of the output looked up in the draft to re-align it
 NEAR_BEFORE, NEAR_AFTER = 4, 24  # window around the expected draft position for 1-token matches
 MAX_GUESS_MISSES = 2  # after this many fruitless rounds, propose only where the draft provably matches
@@ -55,22 +62,87 @@ class SeqState:
     accepted: int = 0
     rounds: int = 0
     done: bool = False
-    # internal: adaptive proposal length and where the draft is believed to continue
-    k: int = K_START
+    # internal: where the draft is believed to continue, and how often its tokens were right
     draft_pos: int = 0
     aligned: bool = True
     misses: int = 0  # consecutive rounds whose guessed proposal was rejected outright
     guess: bool = False  # the current alignment is a guess, not a match
     guess_failed: bool = False  # the last round's guessed proposal was rejected at once
+    record: AcceptanceRecord = field(default_factory=lambda: AcceptanceRecord())
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """Proposal-length limits; the defaults are the measured best on the CPU (see the module doc)."""
+    """How many draft tokens to propose: the expected output per unit of decode cost decides.
 
-    k_min: int = K_MIN
+    `row_costs` lists the batch sizes (rows per sequence) worth using and what each costs in
+    single-row steps; the defaults are measured on the CPU (see CPU_ROW_COSTS). A GPU, where a few
+    more rows cost almost nothing, would list flatter costs.
+    """
+
     k_max: int = K_MAX
-    k_start: int = K_START
+    row_costs: tuple[tuple[int, float], ...] = CPU_ROW_COSTS
+    prior_accept: float = PRIOR_ACCEPT
+    prior_weight: float = PRIOR_WEIGHT
+    decay: float = DECAY
+
+
+@dataclass
+class AcceptanceRecord:
+    """How often proposed draft tokens were right: the first of a proposal, and the ones after it.
+
+    The first token after a guessed alignment (a substitution taken on trust) and after a matched one
+    are counted apart, and apart from the later tokens: a draft that is right only every other token
+    is always right at the first offset after a guess, which one pooled rate would hide. The later
+    offsets share one rate, so a draft that was right 4 times in a row is trusted for 8 and then 16.
+    Older rounds weigh less (`decay`): the draft's quality changes along a segment.
+    """
+
+    hits: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # first|matched, first|guess, later
+    trials: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+
+    def _rate(self, i: int, config: SpeculativeConfig) -> float:
+        w = config.prior_weight
+        return (self.hits[i] + config.prior_accept * w) / (self.trials[i] + w)
+
+    def rates(self, guess: bool, n: int, config: SpeculativeConfig) -> list[float]:
+        """Acceptance rates of the n offsets of the next proposal."""
+        return [self._rate(1 if guess else 0, config)] + [self._rate(2, config)] * max(0, n - 1)
+
+    def update(self, guess: bool, proposed: int, accepted: int, decay: float) -> None:
+        """Count one round: offsets 0 .. accepted were checked, all but the last one (if any) right."""
+        for i in range(3):
+            self.hits[i] *= decay
+            self.trials[i] *= decay
+        first = 1 if guess else 0
+        self.trials[first] += 1.0
+        self.hits[first] += 1.0 if accepted else 0.0
+        later_checked = min(accepted + 1, proposed) - 1
+        if later_checked > 0:
+            self.trials[2] += later_checked
+            self.hits[2] += max(0, accepted - 1)
+
+
+def choose_k(rates: Sequence[float], limit: int, config: SpeculativeConfig) -> int:
+    """Draft tokens to propose: the row count with the most expected output tokens per unit of cost.
+
+    With acceptance rates q_j, proposing k tokens yields 1 + q_1 + q_1 q_2 + ... + q_1...q_k tokens
+    (the decoder's own token always comes) for the cost of k + 1 rows. Ties go to fewer rows.
+    """
+    best_k, best_value = 0, 1.0 / config.row_costs[0][1]
+    expected, survive, j = 1.0, 1.0, 0
+    for rows, cost in config.row_costs:
+        k = rows - 1
+        if k > min(limit, config.k_max):
+            break
+        while j < k:
+            survive *= rates[j]
+            expected += survive
+            j += 1
+        value = expected / cost
+        if value > best_value * 1.000001:
+            best_k, best_value = k, value
+    return best_k
 
 
 def _pick(logits: np.ndarray, argmax: int, n_out: int, stop: frozenset[int], min_new_tokens: int) -> int | None:
@@ -139,12 +211,15 @@ def realign(state: SeqState) -> None:
     state.aligned = False
 
 
-def _proposal(state: SeqState, max_new_tokens: int, n_ctx: int) -> list[int]:
+def _proposal(state: SeqState, max_new_tokens: int, n_ctx: int, config: SpeculativeConfig) -> list[int]:
     if not state.aligned:
         return []
-    room = min(max_new_tokens - len(state.tokens) - 1, n_ctx - state.pos - 1)
-    k = min(state.k, room, len(state.draft) - state.draft_pos)
-    return state.draft[state.draft_pos:state.draft_pos + k] if k > 0 else []
+    room = min(max_new_tokens - len(state.tokens) - 1, n_ctx - state.pos - 1, len(state.draft) - state.draft_pos)
+    if room <= 0:
+        return []
+    limit = min(room, config.k_max)
+    k = choose_k(state.record.rates(state.guess, limit, config), limit, config)
+    return state.draft[state.draft_pos:state.draft_pos + k]
 
 
 def _ends_after(state: SeqState, max_new_tokens: int, min_new_tokens: int, guard: RepetitionGuard | None) -> bool:
@@ -189,7 +264,7 @@ def speculative_decode(
     """
     stop = decoder.stop_ids
     for state in states:
-        state.k = max(config.k_min, min(config.k_max, config.k_start))
+        state.record = AcceptanceRecord()
         state.draft_pos = state.misses = 0
         state.proposed = state.accepted = state.rounds = 0
         state.done = False
@@ -205,7 +280,7 @@ def speculative_decode(
         seqs: list[int] = []
         plan: list[tuple[SeqState, list[int]]] = []
         for state in live:
-            proposal = _proposal(state, max_new_tokens, decoder.n_ctx)
+            proposal = _proposal(state, max_new_tokens, decoder.n_ctx, config)
             rows = 1 + len(proposal)
             if len(tokens) + rows > n_batch:
                 proposal = proposal[:max(0, n_batch - len(tokens) - 1)]
@@ -261,10 +336,7 @@ def _advance(decoder: LlamaDecoder, state: SeqState, proposal: list[int], all_lo
             state.misses = 0
         elif state.guess:
             state.misses += 1
-        if accepted == k:
-            state.k = min(config.k_max, max(config.k_min, 2 * state.k))
-        elif accepted < k // 2 or accepted == 0:
-            state.k = max(config.k_min, state.k // 2)
+        state.record.update(state.guess, k, accepted, config.decay)
     state.draft_pos += accepted
     state.guess_failed = bool(k) and state.guess and not accepted
     realign(state)
@@ -340,7 +412,7 @@ def bench_speculative(transcriber, wave: np.ndarray, n_tokens: int = 45, draft_k
 
     own, _ = run_greedy()
     result: dict[str, object] = {"n_tokens": n_tokens, "prompt_length": prepared.length,
-                                 "k_min": config.k_min, "k_max": config.k_max}
+                                 "k_max": config.k_max}
     greedy_times: list[float] = []
     kinds: dict[str, dict[str, object]] = {}
     identical = True

@@ -4,8 +4,9 @@ Each segment's text is cut into sentences at 。！？.!? (and, for a sentence t
 longer than `max_cue_seconds`, at ，,、；; too, then into equal runs of characters). Times
 come from the segment (VAD or fixed cuts): a segment's span is shared out in proportion to
 the characters of each piece (spaces excluded), so cues tile each segment, never overlap and
-never run backwards. Where a segment carries `char_times` (per-character start times from
-CTC alignment) those are used instead.
+never run backwards. Where a segment carries `char_times` (the start time of every character
+of its text, from CTC forced alignment: `common/alignment.py`) a cue starts at its first
+character's time instead.
 """
 
 from __future__ import annotations
@@ -85,7 +86,14 @@ def _join(a: str, b: str) -> str:
 
 def segment_cues(start: float, end: float, text: str, max_cue_seconds: float = DEFAULT_MAX_CUE_SECONDS,
                  char_times: Sequence[float] | None = None) -> list[Cue]:
-    """Cues tiling [start, end] for one segment's text."""
+    """Cues tiling [start, end] for one segment's text.
+
+    `char_times`, when given, holds one start time per character of `text` as passed (before
+    whitespace is normalized); a list of another length is ignored (proportional times).
+    """
+    if char_times is not None and len(char_times) != len(text):
+        char_times = None
+    positions = [i for i, ch in enumerate(text) if not ch.isspace()]  # k-th non-space character -> index
     text = " ".join(text.split())
     if not text or end <= start:
         return []
@@ -96,8 +104,8 @@ def segment_cues(start: float, end: float, text: str, max_cue_seconds: float = D
     acc = 0
     for w in weights[:-1]:
         acc += w
-        if char_times is not None and acc < len(char_times):
-            t = float(char_times[acc])
+        if char_times is not None and acc < len(positions):
+            t = float(char_times[positions[acc]])
         else:
             t = start + (end - start) * acc / total
         bounds.append(min(end, max(bounds[-1], t)))

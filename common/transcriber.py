@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from common.alignment import char_times, sentence_times
 from common.audio import iter_audio_blocks, load_audio
-from common.batch_decode import decode_batch, finish
+from common.batch_decode import decode_batch
 from common.encoder import AudioEncoder
 from common.features import FrontendConfig, audio_token_count, compute_features
 from common.llm import DecoderOptions, LlamaDecoder, warn
@@ -26,7 +27,7 @@ from common.prompt import PromptOptions, build_prompt
 from common.repetition import RepetitionGuard, loop_message
 from common.segments import Span, split_at_quiet_points
 from common.settings import ModelSettings
-from common.speculative import CTCDrafter, SeqState, speculative_decode
+from common.speculative import CTCDrafter
 from common.vad import SileroVad, SpeechSegmenter, VadOptions, find_vad_model
 
 STAGES = ("load_audio", "vad", "features", "encoder", "prefill", "decode")
@@ -53,6 +54,10 @@ class TranscribeOptions:
     # verify the CTC head's greedy transcript as a draft (common/speculative.py): same tokens, fewer
     # decoder passes; ignored (plain greedy) when the model folder has no CTC graph
     speculative: bool = True
+    # per-sentence times: CTC forced alignment of each segment's text (common/alignment.py) when the model
+    # folder has the CTC graph, else the VAD segment's span shared out by characters. Costs one more CTC
+    # head run per segment, so only outputs that show times (json, srt, vtt) ask for it.
+    timestamps: bool = False
 
 
 @dataclass
@@ -64,6 +69,8 @@ class Segment:
     audio_rows: int
     draft_proposed: int = 0  # CTC draft tokens checked by the decoder (speculative decoding)
     draft_accepted: int = 0  # of those, tokens the decoder confirmed
+    sentences: list[dict[str, object]] = field(default_factory=list)  # {start, end, text} (timestamps on)
+    char_times: list[float] | None = None  # start time of each character of `text` (CTC alignment; not in JSON)
 
 
 @dataclass
@@ -94,7 +101,7 @@ class Transcript:
             "text": self.text,
             "language": self.language,
             "duration": round(self.duration, 3),
-            "segments": [asdict(s) for s in self.segments],
+            "segments": [{k: v for k, v in asdict(s).items() if k != "char_times"} for s in self.segments],
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
             "n_tokens": self.n_tokens,
             "tokens_per_second": round(self.tokens_per_second, 2),
@@ -175,6 +182,7 @@ class Transcriber:
         self._cached_before: list[int] | None = None  # prefix whose KV cache sits in sequence 0
         self._vad: SileroVad | None = None
         self._vad_missing_warned = False
+        self._no_ctc_warned = False
         self._threads, self._providers = threads, providers
         self._drafter: CTCDrafter | None | bool = None  # False: no CTC head in the model folder
 
@@ -226,6 +234,7 @@ class Transcriber:
             timings=timings,
             n_tokens=sum(len(s.token_ids) for s in segments),
             language=options.prompt.language,
+            extra=self._extra(options),
         )
 
     def prepare(self, wave: np.ndarray, prompt: PromptOptions, timings: dict[str, float] | None = None
@@ -287,39 +296,7 @@ class Transcriber:
 
     def _transcribe_span(self, wave: np.ndarray, span: Span, options: TranscribeOptions,
                          timings: dict[str, float]) -> Segment:
-        start, end = span.seconds(self.frontend.sample_rate)
-        if is_digital_silence(wave[span.start:span.end]):
-            return Segment(round(start, 3), round(end, 3), "", [], 0)
-        prepared = self.prepare(wave[span.start:span.end], options.prompt, timings)
-        if prepared is None:
-            return Segment(start, end, "", [], 0)
-        drafter = self.drafter() if options.speculative else None
-        draft: list[int] | None = None
-        if drafter is not None and prepared.encoder_out is not None:
-            t0 = time.perf_counter()
-            draft = drafter.draft(self.decoder, prepared.encoder_out)
-            timings["draft"] = timings.get("draft", 0.0) + time.perf_counter() - t0
-        t0 = time.perf_counter()
-        logits = self.prefill(prepared)
-        t1 = time.perf_counter()
-        proposed = accepted = 0
-        if draft is None:
-            tokens = self.decoder.greedy(logits, prepared.length, options.max_new_tokens,
-                                         min_new_tokens=options.min_new_tokens, guard=options.guard)
-        else:
-            state = SeqState(seq=0, pos=prepared.length, logits=np.array(logits, copy=True), draft=draft)
-            speculative_decode(self.decoder, [state], options.max_new_tokens, options.min_new_tokens,
-                               guard=options.guard)
-            tokens, proposed, accepted = state.tokens, state.proposed, state.accepted
-        t2 = time.perf_counter()
-        timings["prefill"] += t1 - t0
-        timings["decode"] += t2 - t1
-        decoded = finish(tokens, options.guard, options.min_new_tokens)
-        if decoded.looped:
-            warn(loop_message(f"segment {start:.2f}-{end:.2f} s", len(tokens)))
-        text = clean_text(self.decoder.detokenize(decoded.tokens))
-        return Segment(round(start, 3), round(end, 3), text, decoded.tokens, int(prepared.audio_rows.shape[0]),
-                       draft_proposed=proposed, draft_accepted=accepted)
+        return self._decode_group([(span, wave[span.start:span.end])], options, timings)[0]
 
     def drafter(self) -> CTCDrafter | None:
         """The CTC head that drafts for speculative decoding, loaded on first use; None without CTC weights."""
@@ -328,6 +305,16 @@ class Transcriber:
             if self.settings.has_ctc and "ctc" in self.settings.files and self.settings.path("ctc").is_file():
                 self._drafter = CTCDrafter(self.settings, threads=self._threads, providers=self._providers)
         return self._drafter or None
+
+    def _extra(self, options: TranscribeOptions) -> dict[str, object]:
+        if not options.timestamps:
+            return {}
+        source = self.timestamp_source()
+        if source == "segments" and not self._no_ctc_warned:
+            warn(f"note: {self.settings.model_dir} has no CTC head: sentence times are shared out over the "
+                 "VAD segments, not aligned to the audio")
+            self._no_ctc_warned = True
+        return {"timestamps": source}
 
     def _silero(self) -> SileroVad | None:
         """The VAD model, loaded once; None (and one warning) when neither the model folder nor silero-vad has it."""
@@ -395,13 +382,12 @@ class Transcriber:
             timings=timings,
             n_tokens=sum(len(s.token_ids) for s in segments),
             language=options.prompt.language,
-            extra={"vad": "silero"},
+            extra={"vad": "silero", **self._extra(options)},
         )
 
     def _transcribe_batched(self, pieces, options: TranscribeOptions, timings: dict[str, float]):
         """Segments for (span, audio) pairs, `decoder.n_seq_max` of them decoded at a time."""
         width = max(1, self.decoder.n_seq_max)
-        sr = self.frontend.sample_rate
         group: list[tuple[Span, np.ndarray]] = []
         iterator = iter(pieces)
         while True:
@@ -412,26 +398,22 @@ class Transcriber:
                     continue
             if not group:
                 return
-            yield from self._decode_group(group, options, timings, sr)
+            yield from self._decode_group(group, options, timings)
             group = []
             if item is None:
                 return
 
     def _decode_group(self, group: list[tuple[Span, np.ndarray]], options: TranscribeOptions,
-                      timings: dict[str, float], sr: int) -> list[Segment]:
-        if len(group) == 1 or self.decoder.n_seq_max == 1:
-            out = []
-            for span, audio in group:
-                seg = self._transcribe_span(audio, Span(0, len(audio)), options, timings)
-                seg.start, seg.end = (round(x, 3) for x in span.seconds(sr))
-                out.append(seg)
-            return out
+                      timings: dict[str, float]) -> list[Segment]:
+        """Segments for (span, audio) pairs decoded together (one sequence each; one is fine)."""
+        sr = self.frontend.sample_rate
         prepared = [None if is_digital_silence(audio) else self.prepare(audio, options.prompt, timings)
                     for _, audio in group]
         live = [p for p in prepared if p is not None]
+        drafts = self._drafts(live, options, timings)
         ready = self._cached_before is not None and bool(live) and self._cached_before == live[0].before_ids
         decoded = decode_batch(self.decoder, live, options.max_new_tokens, min_new_tokens=options.min_new_tokens,
-                               guard=options.guard, timings=timings, prefix_ready=ready)
+                               guard=options.guard, timings=timings, prefix_ready=ready, drafts=drafts)
         if live:
             self._cached_before = list(live[0].before_ids)  # sequence 0 still holds it
         results = iter(decoded)
@@ -445,5 +427,38 @@ class Transcriber:
             if d.looped:
                 warn(loop_message(f"segment {start:.2f}-{end:.2f} s", len(d.tokens)))
             text = clean_text(self.decoder.detokenize(d.tokens))
-            out.append(Segment(start, end, text, d.tokens, int(prep.audio_rows.shape[0])))
+            segment = Segment(start, end, text, d.tokens, int(prep.audio_rows.shape[0]),
+                              draft_proposed=d.proposed, draft_accepted=d.accepted)
+            if options.timestamps:
+                self._add_times(segment, prep, timings)
+            out.append(segment)
         return out
+
+    def _add_times(self, segment: Segment, prepared: PreparedPrompt, timings: dict[str, float]) -> None:
+        """Sentence times of one segment: aligned on the CTC posteriors, or shared out over the segment."""
+        t0 = time.perf_counter()
+        ctc = self.drafter()
+        times = None
+        if ctc is not None and segment.text and prepared.encoder_out is not None:
+            log_probs = ctc.head.run(prepared.encoder_out, log_probs=True)
+            times = char_times(segment.text, log_probs, ctc.vocab, self.settings.ctc.frame_shift_ms,
+                               segment.start, segment.end)
+        segment.char_times = times
+        segment.sentences = [{"start": round(s.start, 3), "end": round(s.end, 3), "text": s.text}
+                             for s in sentence_times(segment.text, segment.start, segment.end, times)]
+        timings["align"] = timings.get("align", 0.0) + time.perf_counter() - t0
+
+    def timestamp_source(self) -> str:
+        """Where sentence times come from: "ctc" (forced alignment) or "segments" (VAD/segment spans)."""
+        return "ctc" if self.drafter() is not None else "segments"
+
+    def _drafts(self, prepared: list[PreparedPrompt], options: TranscribeOptions,
+                timings: dict[str, float]) -> list[list[int]] | None:
+        """The CTC head's transcript of each segment as Qwen3 tokens; None without speculation or CTC."""
+        drafter = self.drafter() if options.speculative else None
+        if drafter is None or not prepared:
+            return None
+        t0 = time.perf_counter()
+        drafts = [drafter.draft(self.decoder, p.encoder_out) if p.encoder_out is not None else [] for p in prepared]
+        timings["draft"] = timings.get("draft", 0.0) + time.perf_counter() - t0
+        return drafts

@@ -1,7 +1,7 @@
 """benchmarks/benchmark.py keeps working: its --smoke mode end to end on a tiny checkpoint.
 
-The smoke run times both CPU presets (plain and speculative), raw llama.cpp and both funasr
-baselines, each in a child process, with a forced token count, and prints the report. It
+The smoke run times both CPU presets (plain and speculative), the speculative-decoding and
+long-audio cases, raw llama.cpp and both funasr baselines, each in a child process, with a forced token count, and prints the report. It
 reuses the session's tiny checkpoint and exports (the fixtures other tests build anyway)
 instead of building its own, to stay well under two minutes. Numbers on tiny weights mean
 nothing; the test checks that every engine ran, generated the forced length and landed in
@@ -25,7 +25,7 @@ SCRIPT = ROOT / "benchmarks" / "benchmark.py"
 def test_benchmark_smoke(tmp_path: Path, zh_mp3: Path, tiny_ckpt: Path, tiny_models: Path) -> None:
     out, raw = tmp_path / "results.md", tmp_path / "results.json"
     cmd = [sys.executable, str(SCRIPT), "--smoke", "--checkpoint", str(tiny_ckpt), "--models", str(tiny_models),
-           "--cache", str(tmp_path / "cache"), "--audio", str(zh_mp3), "--out", str(out), "--json", str(raw)]
+           "--cache", str(tmp_path / "cache"), "--audio", str(zh_mp3), "--out", str(out), "--json", str(raw), "--long"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "building" not in proc.stderr  # complete folders given: nothing is rebuilt
@@ -53,4 +53,13 @@ def test_benchmark_smoke(tmp_path: Path, zh_mp3: Path, tiny_ckpt: Path, tiny_mod
     assert results["funasr fp32"]["llm_param_dtype"] == "torch.float32"
     assert results["llama.cpp q8_0 (Llama API)"]["c_decode_tok_s"] > 0
     assert "cpu-int8 vs the peer FunASR llama.cpp runtime" in report
-    assert "Targets of issue 6" in report
+    assert "Targets (issues 6, 7 and 9)" in report
+    spec = results["speculative"]
+    assert spec["identical"] is True and set(spec["speculative"]) == {"own", "half", "random"}
+    assert spec["speculative"]["own"]["accepted"] == spec["speculative"]["own"]["proposed"] > 0
+    assert "## Speculative decoding" in report
+    for name in ("long sequential", "long batched x8", "rss 0.5 min", "rss 1 min"):
+        assert "error" not in results[name], (name, results[name])
+        assert results[name]["segments"] >= 2 and f"| {name} |" in report
+    assert results["rss 1 min"]["duration_s"] > 1.5 * results["rss 0.5 min"]["duration_s"]
+    assert results["long sequential"]["n_tokens"] == results["long sequential"]["segments"] * 8

@@ -127,7 +127,7 @@ def test_repetition_guard_stops_both_paths_alike(tiny_models, clip, capfd):
         # the transcriber's batched path on the same pieces: same tokens, one warning per looping segment
         timings = dict.fromkeys(STAGES, 0.0)
         segments = batched._decode_group([(Span(0, len(p)), p) for p in pieces],
-                                         TranscribeOptions(max_new_tokens=64), timings, SR)
+                                         TranscribeOptions(max_new_tokens=64), timings)
     finally:
         single.close()
         batched.close()
@@ -339,3 +339,55 @@ def test_cli_writes_subtitles(tiny_models, clip, tmp_path):
     assert proc.returncode == 0, proc.stderr
     captions = webvtt.read(str(tmp_path / "out" / "talk.vtt"))
     assert len(captions) == len(subs)
+
+
+# --------------------------------------------------------------------------- timestamps
+
+
+def test_transcriber_aligns_sentences_on_the_ctc_posteriors(tiny_models, clip):
+    """With the CTC head: each segment's text is forced-aligned on the head's log-probs (its own run)."""
+    from common.alignment import char_times, sentence_times
+
+    engine = _engine(tiny_models, ENGINES["f16-split"], 2)
+    try:
+        wave = np.concatenate([clip, np.zeros(SR, np.float32), clip[: 6 * SR]])
+        got = engine.transcribe(wave, TranscribeOptions(max_new_tokens=6, vad="silero", timestamps=True))
+        plain = engine.transcribe(wave, TranscribeOptions(max_new_tokens=6, vad="silero"))
+        ctc = engine.drafter()
+        assert got.extra["timestamps"] == "ctc" and "timestamps" not in plain.extra
+        assert [s.token_ids for s in got.segments] == [s.token_ids for s in plain.segments]
+        assert len(got.segments) >= 2 and all(not s.sentences and s.char_times is None for s in plain.segments)
+        aligned = 0
+        for seg in got.segments:
+            piece = wave[int(round(seg.start * SR)): int(round(seg.end * SR))]
+            log_probs = ctc.head.run(engine.prepare(piece, PromptOptions()).encoder_out, log_probs=True)
+            want = char_times(seg.text, log_probs, ctc.vocab, engine.settings.ctc.frame_shift_ms, seg.start, seg.end)
+            assert seg.char_times == want
+            aligned += want is not None
+            sentences = [(s.start, s.end, s.text) for s in sentence_times(seg.text, seg.start, seg.end, want)]
+            assert [(x["start"], x["end"], x["text"]) for x in seg.sentences] == \
+                [(round(a, 3), round(b, 3), t) for a, b, t in sentences]
+            for x in seg.sentences:
+                assert seg.start <= x["start"] <= x["end"] <= seg.end
+        assert aligned >= 1
+        dumped = got.to_dict()
+        assert dumped["timestamps"] == "ctc" and "char_times" not in dumped["segments"][0]
+        assert dumped["segments"][0]["sentences"] == got.segments[0].sentences
+    finally:
+        engine.close()
+
+
+def test_without_ctc_sentence_times_come_from_the_segments_and_it_says_so(tiny2_models, clip, capfd):
+    engine = Transcriber(tiny2_models)
+    try:
+        options = TranscribeOptions(max_new_tokens=6, vad="silero", timestamps=True)
+        first = engine.transcribe(clip, options)
+        engine.transcribe(clip, options)
+    finally:
+        engine.close()
+    assert first.extra["timestamps"] == "segments"
+    seg = first.segments[0]
+    assert seg.char_times is None and seg.sentences
+    assert seg.sentences[0]["start"] == seg.start and seg.sentences[-1]["end"] == seg.end
+    err = capfd.readouterr().err
+    assert err.count("has no CTC head") == 1  # said once per engine, not once per file

@@ -22,7 +22,16 @@ from common.audio import load_audio
 from common.llm import DecoderOptions, LlamaDecoder
 from common.prompt import PromptOptions
 from common.repetition import RepetitionGuard
-from common.speculative import SeqState, SpeculativeConfig, make_draft, realign, speculative_decode
+from common.speculative import (
+    CPU_ROW_COSTS,
+    AcceptanceRecord,
+    SeqState,
+    SpeculativeConfig,
+    choose_k,
+    make_draft,
+    realign,
+    speculative_decode,
+)
 from common.transcriber import TranscribeOptions, Transcriber
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,7 +130,7 @@ def test_fake_own_draft_takes_few_rounds_and_empty_draft_is_plain_greedy() -> No
         speculative_decode(fake, [state], N_TOKENS, N_TOKENS)
         assert state.tokens == own
         assert fake.calls == state.rounds
-        if draft:  # k grows 4, 8, 12: 40 tokens in a handful of decodes, every proposal kept
+        if draft:  # proposals grow 3, 7, 15 tokens: 40 tokens in a handful of decodes, all kept
             assert state.rounds <= 6 and state.accepted == state.proposed == N_TOKENS - 1 - state.rounds
         else:
             assert state.rounds == N_TOKENS - 1 and state.proposed == 0
@@ -151,6 +160,31 @@ def test_fake_batched_sequences_each_with_its_draft() -> None:
     speculative_decode(fake, states, N_TOKENS, N_TOKENS)
     for state, want in zip(states, wants):
         assert state.tokens == want
+
+
+def test_choose_k_weighs_expected_tokens_against_row_costs() -> None:
+    config = SpeculativeConfig()
+    assert [rows for rows, _ in CPU_ROW_COSTS][:3] == [1, 2, 4]
+    assert choose_k([1.0] * 15, 15, config) == 15  # a draft that is always right: the longest proposal
+    assert choose_k([1.0] * 15, 9, config) == 7  # ... within the room left (only 4/8/12/16 rows pay off)
+    assert choose_k([0.0] * 15, 15, config) == 0  # never right: plain greedy rows
+    assert choose_k([0.95] + [0.05] * 14, 15, config) == 1  # right only at the first offset: 2 rows
+    assert choose_k([0.3] * 15, 15, config) == 0
+    flat = SpeculativeConfig(row_costs=((1, 1.0), (2, 1.01), (4, 1.03), (8, 1.07)))  # GPU-like costs
+    assert choose_k([0.3] * 15, 15, flat) == 3  # cheap rows: worth proposing even a poor draft
+
+
+def test_acceptance_record_learns_where_the_draft_goes_wrong() -> None:
+    config = SpeculativeConfig()
+    record = AcceptanceRecord()
+    prior = record.rates(False, 3, config)
+    assert prior == [config.prior_accept] * 3
+    for _ in range(6):  # after a guessed alignment: first token right, the second wrong ("half" drafts)
+        record.update(True, 3, 1, config.decay)
+    guess = record.rates(True, 3, config)
+    assert guess[0] > 0.9 and guess[1] < 0.3
+    assert record.rates(False, 1, config) == [config.prior_accept]  # matched alignments: nothing learnt yet
+    assert choose_k(record.rates(True, 15, config), 15, config) == 1
 
 
 def test_realign_guesses_substitutions_then_recovers() -> None:
@@ -264,13 +298,37 @@ def test_transcriber_speculative_matches_plain_greedy(tiny_models: Path, wave: n
         engine.close()
 
 
+def test_batched_transcriber_speculates_per_segment(tiny_models: Path, wave: np.ndarray) -> None:
+    """Several segments in one context (n_seq_max 4): CTC drafts in the shared batch, greedy's tokens."""
+    from common.batch_decode import decode_batch
+
+    engine = _engine(tiny_models, "qwen3-0.6b-asr.q8_0.gguf", n_seq_max=4)
+    try:
+        base = dict(max_new_tokens=N_TOKENS, min_new_tokens=N_TOKENS, vad="none", max_segment_seconds=2.0)
+        plain = engine.transcribe(wave, TranscribeOptions(speculative=False, **base))
+        spec = engine.transcribe(wave, TranscribeOptions(speculative=True, **base))
+        assert len(plain.segments) >= 4
+        assert [s.token_ids for s in spec.segments] == [s.token_ids for s in plain.segments]
+        assert sum(s.draft_proposed for s in spec.segments) > 0
+        # the decoder's own output as each segment's draft: every proposal kept, far fewer decodes
+        sr = 16000
+        pieces = [wave[i * sr: (i + 2) * sr] for i in range(5)]
+        prompts = [engine.prepare(p, PromptOptions()) for p in pieces]
+        wants = [d.tokens for d in decode_batch(engine.decoder, prompts, N_TOKENS, min_new_tokens=N_TOKENS)]
+        got = decode_batch(engine.decoder, prompts, N_TOKENS, min_new_tokens=N_TOKENS, drafts=wants)
+        assert [d.tokens for d in got] == wants
+        assert all(d.accepted == d.proposed > 0 for d in got)
+    finally:
+        engine.close()
+
+
 def test_without_ctc_the_engine_decodes_plain_greedy(tiny2_models: Path, wave: np.ndarray, monkeypatch) -> None:
-    import common.transcriber as transcriber_module
+    import common.batch_decode as batch_module
 
     def refuse(*args, **kwargs):
         raise AssertionError("speculative decoding used without a CTC head")
 
-    monkeypatch.setattr(transcriber_module, "speculative_decode", refuse)
+    monkeypatch.setattr(batch_module, "speculative_decode", refuse)
     engine = Transcriber(tiny2_models)
     try:
         assert not engine.settings.has_ctc and engine.drafter() is None
