@@ -250,10 +250,48 @@ def _dynamic_adaptor_masks() -> Iterator[None]:
         adaptor_module.make_pad_mask = original
 
 
+# The layer stacks of funasr's SenseVoice encoder and of the Transformer adaptor / CTC decoder.
+LAYER_STACKS = ("encoders0", "encoders", "tp_encoders", "blocks")
+
+
+@contextlib.contextmanager
+def _unmasked_layers(*modules: torch.nn.Module) -> Iterator[None]:
+    """Trace the encoder/adaptor layers without their padding mask.
+
+    The graphs take one unpadded sequence (lengths = T), so every mask is all-true and masking is
+    the identity: scores.masked_fill(~mask, -inf), softmax.masked_fill(~mask, 0) and the FSMN's
+    inputs * mask change nothing. funasr's layers skip all of it when given mask=None; each layer
+    is called that way here and hands the caller's mask back unchanged, so the code around the
+    layers (output lengths) traces as before. Same values, minus ~6 graph ops per layer
+    (Where/Cast/Mul over every frame of all 72 layers: ~2-3% of the int8 encoder's time).
+    """
+    patched: list[tuple[torch.nn.Module, Any]] = []
+
+    def unmasked(forward: Callable[..., Any]) -> Callable[..., Any]:
+        def call(x: torch.Tensor, mask: Any, *args: Any, **kwargs: Any) -> Any:
+            out = forward(x, None, *args, **kwargs)
+            return (out[0], mask, *out[2:])
+        return call
+
+    try:
+        for module in modules:
+            for stack in LAYER_STACKS:
+                for layer in getattr(module, stack, None) or ():
+                    patched.append((layer, layer.__dict__.get("forward")))
+                    layer.forward = unmasked(layer.forward)
+        yield
+    finally:
+        for layer, own in reversed(patched):
+            if own is None:
+                del layer.forward
+            else:
+                layer.forward = own
+
+
 def export_encoder_graph(mods: NanoModules, path: Path) -> Path:
     graph = EncoderAdaptorGraph(mods.encoder, mods.adaptor).eval()
     example = torch.randn(1, 23, mods.input_size)
-    with _dynamic_adaptor_masks():
+    with _dynamic_adaptor_masks(), _unmasked_layers(mods.encoder, mods.adaptor):
         _onnx_export(graph, example, path, "features", ["encoder_out", "adaptor_out"])
     return path
 
@@ -262,7 +300,7 @@ def export_ctc_graph(mods: NanoModules, path: Path) -> Path:
     assert mods.ctc_decoder is not None and mods.ctc is not None
     graph = CTCGraph(mods.ctc_decoder, mods.ctc).eval()
     example = torch.randn(1, 23, mods.encoder_dim)
-    with _dynamic_adaptor_masks():
+    with _dynamic_adaptor_masks(), _unmasked_layers(mods.ctc_decoder):
         _onnx_export(graph, example, path, "encoder_out", ["log_probs", "ids"])
     return path
 
@@ -271,12 +309,16 @@ def quantize_int8(src: Path, dst: Path, *, exclude_prefixes: tuple[str, ...] = (
     """Dynamic int8 quantization of the constant-weight MatMuls (activations quantized per call).
 
     Chosen by measurement on the full shape, 2 threads, T=167 (AVX2 machine without VNNI):
-    QInt8 per-tensor weights gave per-frame cosine >= 0.999 against fp32 and about 1.6-2x the
-    speed. Per-channel QInt8 was no faster but less accurate (cos ~0.995: u8 x s8 products
-    saturate in AVX2's vpmaddubsw), QUInt8 was slower, and MatMulNBits (8 or 4 bit,
-    weight-only) was slower than fp32 here (4-bit also fell to cos ~0.91). The attention
-    score MatMuls have no constant operand and stay fp32; so do LayerNorm, softmax and the FSMN
-    convolution. Nodes whose name starts with one of `exclude_prefixes` stay fp32 too.
+    QInt8 per-tensor weights gave per-frame cosine >= 0.999 against fp32 and about 1.5-1.8x the
+    speed (ORT fuses each into one DynamicQuantizeMatMul; the ratio is highest when the cores
+    are contended, since fp32 then suffers more from its 4x larger weights). Per-channel QInt8
+    was no faster but less accurate (cos ~0.995: u8 x s8 products saturate in AVX2's
+    vpmaddubsw), QUInt8 was slower, reduce_range no faster and less accurate (cos ~0.996), and
+    MatMulNBits (8 or 4 bit, weight-only or 8 bit with accuracy_level 4) was slower than fp32
+    here (4-bit also fell to cos ~0.91). Quantizing the attention score MatMuls too (no constant
+    operand, MatMulConstBOnly=False) measured no faster, so they stay fp32, like LayerNorm,
+    softmax and the FSMN convolution. Nodes whose name starts with one of `exclude_prefixes`
+    stay fp32 too.
     """
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
