@@ -32,7 +32,7 @@ from common.vad import SileroVad, SpeechSegmenter, VadOptions, find_vad_model
 
 STAGES = ("load_audio", "vad", "features", "encoder", "prefill", "decode")
 VAD_CHOICES = ("silero", "none")
-VAD_BLOCK_SECONDS = 600.0  # audio decoded at a time on the VAD path: memory stays bounded on long files
+VAD_BLOCK_SECONDS = 60.0  # audio decoded at a time on the VAD path; the segmenter holds about three blocks
 # Segments quieter than this RMS (about -80 dBFS: digital silence, at most 16-bit dither) are not
 # decoded: given nothing to hear, the real model hallucinates text or loops until max_new_tokens.
 SILENCE_RMS = 1e-4
