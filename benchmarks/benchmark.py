@@ -28,9 +28,7 @@ import contextlib
 import dataclasses
 import datetime
 import fcntl
-import io
 import json
-import logging
 import os
 import platform
 import resource
@@ -40,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -49,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from common.cli import GGUF_F16, GGUF_Q8_0, PRESETS  # noqa: E402  (stdlib-only import)
+from common.cli import GGUF_F16, GGUF_Q8_0, PRESETS, context_per_sequence  # noqa: E402  (stdlib-only import)
 
 DEFAULT_AUDIO = ROOT.parent / "shared" / "audio" / "zh_news_10s.mp3"
 DEFAULT_CACHE = Path.home() / ".cache" / "funasr-nano-bench"
@@ -93,18 +91,6 @@ def peak_rss_bytes() -> int:
 
 def median(values: list[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
-
-
-@contextlib.contextmanager
-def quiet_output() -> Iterator[None]:
-    """funasr prints progress and warnings on stdout/stderr; keep the benchmark's output readable."""
-    level = logging.getLogger().level
-    logging.getLogger().setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        logging.getLogger().setLevel(level)
 
 
 def child_build(spec: dict[str, Any]) -> dict[str, Any]:
@@ -296,10 +282,12 @@ def child_funasr(spec: dict[str, Any]) -> dict[str, Any]:
     import funasr.models.fun_asr_nano.model as nano_module
     from funasr import AutoModel
 
+    from tests.oracle import quiet_funasr
+
     # CTC timestamps need torchaudio's forced_align, absent here (and not installed on purpose).
     nano_module.forced_align = lambda *args, **kwargs: []
     t0 = time.perf_counter()
-    with quiet_output():
+    with quiet_funasr():
         auto = AutoModel(model=spec["checkpoint"], disable_update=True, device="cpu", ncpu=threads, hub="ms",
                          frontend_conf={"dither": 0.0}, disable_pbar=True, log_level="ERROR")
     load_s = time.perf_counter() - t0
@@ -356,7 +344,7 @@ def child_funasr(spec: dict[str, Any]) -> dict[str, Any]:
     for i in range(spec["warmup"] + spec["runs"]):
         reset()
         t = time.perf_counter()
-        with torch.no_grad(), quiet_output():
+        with torch.no_grad(), quiet_funasr():
             auto.generate(input=spec["audio"], cache={}, batch_size=1, **cfg)
         total = time.perf_counter() - t
         if i < spec["warmup"]:
@@ -421,7 +409,7 @@ def child_long(spec: dict[str, Any]) -> dict[str, Any]:
     threads, n = spec["threads"], spec["tokens"]
     engine = Transcriber(spec["model_dir"], encoder_path=spec["encoder"], gguf_path=spec["gguf"], threads=threads,
                          decoder_options=DecoderOptions(threads=threads, n_seq_max=spec["n_seq_max"],
-                                                        n_ctx=768 + (n + 255) // 256 * 256))
+                                                        n_ctx=context_per_sequence(n)))
     options = TranscribeOptions(max_new_tokens=n, min_new_tokens=n, vad="silero", speculative=False)
     t0 = time.perf_counter()
     transcript = engine.transcribe(spec["audio"], options)

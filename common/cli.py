@@ -52,6 +52,14 @@ class SetupError(RuntimeError):
     """Something about the models or the options, not about one input file."""
 
 
+def context_per_sequence(max_new_tokens: int) -> int:
+    """KV cells per sequence: the prompt, up to 30 s of audio rows and the new tokens.
+
+    A batch gives each segment its own KV stream of this size (tokens then equal decoding it alone).
+    """
+    return 768 + (max_new_tokens + 255) // 256 * 256
+
+
 def build_parser(preset: Preset) -> argparse.ArgumentParser:
     examples = textwrap.dedent(f"""\
         examples:
@@ -123,9 +131,7 @@ def _run(preset: Preset, args: argparse.Namespace) -> int:
     n_gpu_layers, providers = 0, None
     if preset.gpu:
         n_gpu_layers, providers = _gpu_setup(gpu_offload_supported())
-    # a batch gives each segment its own KV stream (tokens then equal decoding it alone), sized for the
-    # prompt, up to 30 s of audio rows and the new tokens
-    n_ctx = 768 + (max(args.max_new_tokens, args.force_tokens) + 255) // 256 * 256
+    n_ctx = context_per_sequence(max(args.max_new_tokens, args.force_tokens))
     decoder_options = DecoderOptions(threads=args.threads, n_gpu_layers=n_gpu_layers, n_seq_max=args.batch_size,
                                      n_ctx=n_ctx)
     try:

@@ -237,6 +237,18 @@ def _ends_after(state: SeqState, max_new_tokens: int, min_new_tokens: int, guard
     return guard is not None and guard.enabled and len(out) >= min_new_tokens and guard.looping(out)
 
 
+def _emit(state: SeqState, logits: np.ndarray, argmax: int, stop: frozenset[int], max_new_tokens: int,
+          min_new_tokens: int, guard: RepetitionGuard | None) -> bool:
+    """Append greedy's token from one row of logits; False (and `done`) when decoding ends here."""
+    token = _pick(logits, argmax, len(state.tokens), stop, min_new_tokens)
+    if token is not None:
+        state.tokens.append(token)
+    if token is None or _ends_after(state, max_new_tokens, min_new_tokens, guard):
+        state.done = True
+        return False
+    return True
+
+
 def _start(state: SeqState, stop: frozenset[int], max_new_tokens: int, min_new_tokens: int,
            guard: RepetitionGuard | None) -> None:
     """First token from the prompt's logits (no decode needed)."""
@@ -244,15 +256,8 @@ def _start(state: SeqState, stop: frozenset[int], max_new_tokens: int, min_new_t
     if max_new_tokens <= 0:
         state.done = True
         return
-    token = _pick(state.logits, int(np.argmax(state.logits)), 0, stop, min_new_tokens)
-    if token is None:
-        state.done = True
-        return
-    state.tokens.append(token)
-    if _ends_after(state, max_new_tokens, min_new_tokens, guard):
-        state.done = True
-        return
-    realign(state)
+    if _emit(state, state.logits, int(np.argmax(state.logits)), stop, max_new_tokens, min_new_tokens, guard):
+        realign(state)
 
 
 def speculative_decode(
@@ -319,15 +324,10 @@ def _advance(decoder: LlamaDecoder, state: SeqState, proposal: list[int], all_lo
     fed = state.pos  # rows hold positions pos .. pos + k; position pos + j is valid once accepted
     accepted = 0
     for j in range(k + 1):
-        token = _pick(all_logits[row + j], int(argmaxes[row + j]), len(state.tokens), stop, min_new_tokens)
-        if token is None:
-            state.done = True
+        if not _emit(state, all_logits[row + j], int(argmaxes[row + j]), stop, max_new_tokens, min_new_tokens,
+                     guard):
             break
-        state.tokens.append(token)
-        if _ends_after(state, max_new_tokens, min_new_tokens, guard):
-            state.done = True
-            break
-        if j < k and token == proposal[j]:
+        if j < k and state.tokens[-1] == proposal[j]:
             accepted += 1
             continue
         break

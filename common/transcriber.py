@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -36,6 +37,7 @@ VAD_BLOCK_SECONDS = 60.0  # audio decoded at a time on the VAD path; the segment
 # Segments quieter than this RMS (about -80 dBFS: digital silence, at most 16-bit dither) are not
 # decoded: given nothing to hear, the real model hallucinates text or loops until max_new_tokens.
 SILENCE_RMS = 1e-4
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,17 @@ class PreparedPrompt:
     @property
     def length(self) -> int:
         return len(self.before_ids) + self.audio_rows.shape[0] + len(self.after_ids)
+
+
+def _timed(items: Iterator[T], timings: dict[str, float], stage: str) -> Iterator[T]:
+    """`items`, adding the time spent producing each one to `timings[stage]` (lazy pipelines)."""
+    while True:
+        t0 = time.perf_counter()
+        item = next(items, None)
+        timings[stage] += time.perf_counter() - t0
+        if item is None:
+            return
+        yield item
 
 
 def is_digital_silence(wave: np.ndarray) -> bool:
@@ -343,32 +356,18 @@ class Transcriber:
             blocks = iter([np.asarray(audio, dtype=np.float32).reshape(-1)])
         n_samples = 0
 
-        def timed_blocks():
+        def counted(items: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
             nonlocal n_samples
-            while True:
-                t0 = time.perf_counter()
-                block = next(blocks, None)
-                timings["load_audio"] += time.perf_counter() - t0
-                if block is None:
-                    return
+            for block in items:
                 n_samples += len(block)
                 yield block
 
         vad_options = options.vad_options or VadOptions(max_segment_seconds=options.max_segment_seconds)
         segmenter = SpeechSegmenter(vad, vad_options, sr)
-        stream = segmenter.segments(timed_blocks())
-
-        def timed_segments():
-            while True:
-                t0 = time.perf_counter()
-                item = next(stream, None)
-                timings["vad"] += time.perf_counter() - t0
-                if item is None:
-                    return
-                yield item
+        stream = segmenter.segments(counted(_timed(blocks, timings, "load_audio")))
 
         segments: list[Segment] = []
-        for segment in self._transcribe_batched(timed_segments(), options, timings):
+        for segment in self._transcribe_batched(_timed(stream, timings, "vad"), options, timings):
             segments.append(segment)
             if progress is not None:
                 progress(len(segments), 0)  # total unknown while streaming

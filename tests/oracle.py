@@ -58,7 +58,7 @@ class FunASROracle:
         # CTC timestamps need torchaudio's forced_align, which is absent here; the CTC text does not.
         nano_module.forced_align = lambda *args, **kwargs: []
         torch.manual_seed(0)
-        with _quiet():
+        with quiet_funasr():
             self.auto = AutoModel(
                 model=str(model_dir),
                 disable_update=True,
@@ -147,7 +147,7 @@ class FunASROracle:
         model.llm.generate = generate
         handle = model.llm.register_forward_hook(logits_hook)
         try:
-            with torch.no_grad(), _quiet():
+            with torch.no_grad(), quiet_funasr():
                 results = self.auto.generate(input=source, cache={}, batch_size=1, **cfg)
         finally:
             handle.remove()
@@ -213,7 +213,7 @@ def _exact_rope(llm: Any) -> None:
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet_funasr():
     """funasr prints progress and warnings to stdout/stderr; keep test logs readable."""
     level = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)
