@@ -12,13 +12,15 @@ The tokens are those of decoding each segment alone (`LlamaDecoder.greedy`): sam
 stop rule, same `min_new_tokens` rule, same repetition guard.
 
 With drafts (the CTC head's transcripts), the steps verify draft tokens instead
-(`common.speculative.speculative_decode`): each sequence proposes its own number of draft
+(`common.speculative.decode_round`): each sequence proposes its own number of draft
 tokens in the shared batch; the tokens stay those of plain greedy decoding.
 
-The context needs `n_seq_max` > 1 (`DecoderOptions(n_seq_max=N)`); more prompts than that
-are decoded in groups of `n_seq_max`. Use llama.cpp's default split KV cache (one stream
-per sequence, `kv_unified=False`): each sequence's cache is then laid out exactly as when
-it is decoded alone, and the tokens are bit-for-bit those of one-by-one decoding (tested
+The context needs `n_seq_max` > 1 (`DecoderOptions(n_seq_max=N)`). With more segments
+than that, a sequence that ends takes the next segment at once (`decode_stream`), so a
+long segment does not leave the others' slots idle while it finishes.
+
+Use llama.cpp's default split KV cache (one stream per sequence, `kv_unified=False`):
+each sequence's cache is then laid out exactly as when it is decoded alone, and the tokens are bit-for-bit those of one-by-one decoding (tested
 with f32 and f16 GGUFs). A unified cache also works and stores the prefix once, but with
 flash attention (llama.cpp's CPU default) the results then depend on where earlier calls
 left free cells: two identical calls can differ in the last bits of the logits.
@@ -27,7 +29,7 @@ left free cells: two identical calls can differ in the last bits of the logits.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -35,7 +37,7 @@ import numpy as np
 
 from common.llm import LlamaDecoder
 from common.repetition import RepetitionGuard
-from common.speculative import SeqState, speculative_decode
+from common.speculative import SeqState, SpeculativeConfig, begin, decode_round
 
 
 class Prompt(Protocol):
@@ -69,6 +71,9 @@ def finish(tokens: list[int], guard: RepetitionGuard | None, min_new_tokens: int
     return Decoded(trimmed, looped=True)
 
 
+Job = tuple[Prompt, "list[int] | None"]  # a prompt and its draft (None or [] for plain greedy)
+
+
 def decode_batch(
     decoder: LlamaDecoder,
     prompts: Sequence[Prompt],
@@ -80,106 +85,117 @@ def decode_batch(
     prefix_ready: bool = False,
     drafts: Sequence[list[int] | None] | None = None,
 ) -> list[Decoded]:
-    """Greedy tokens for each prompt, decoded `decoder.n_seq_max` at a time.
+    """Greedy tokens for each prompt, in order (`decode_stream` over a list)."""
+    jobs = zip(prompts, drafts if drafts is not None else [None] * len(prompts))
+    out: list[Decoded | None] = [None] * len(prompts)
+    for index, done in decode_stream(decoder, jobs, max_new_tokens, min_new_tokens=min_new_tokens, guard=guard,
+                                     timings=timings, prefix_ready=prefix_ready):
+        out[index] = done
+    assert all(d is not None for d in out)
+    return out  # type: ignore[return-value]
 
-    All prompts must share `before_ids`. `prefix_ready` says sequence 0 already holds
-    them (a transcriber's cached prefix); afterwards sequence 0 still holds them.
-    `drafts` (one per prompt, None for none) switch to speculative decoding.
-    `timings` gets "prefill" and "decode" seconds added.
+
+def decode_stream(
+    decoder: LlamaDecoder,
+    jobs: Iterable[Job],
+    max_new_tokens: int,
+    *,
+    min_new_tokens: int = 0,
+    guard: RepetitionGuard | None = None,
+    timings: dict[str, float] | None = None,
+    prefix_ready: bool = False,
+    config: SpeculativeConfig | None = None,
+) -> Iterator[tuple[int, Decoded]]:
+    """(job index, tokens) for each job as it finishes, up to `decoder.n_seq_max` decoding at once.
+
+    A sequence that ends hands its id to the next job at once (continuous batching): segments
+    of very different lengths keep the batch full instead of waiting for the longest of a
+    fixed group. Jobs are pulled from `jobs` only when a sequence is free, so a lazy iterable
+    (one that runs the encoder) holds at most `n_seq_max` prepared segments.
+
+    All prompts must share `before_ids`. `prefix_ready` says sequence 0 already holds them (a
+    transcriber's cached prefix); afterwards sequence 0 still holds them. `timings` gets
+    "prefill" and "decode" seconds added.
     """
-    if not prompts:
-        return []
-    before = list(prompts[0].before_ids)
-    if any(list(p.before_ids) != before for p in prompts):
-        raise ValueError("batched prompts must share the text before the audio")
+    config = config or SpeculativeConfig()
     width = max(1, decoder.n_seq_max)
-    out: list[Decoded] = []
-    for lo in range(0, len(prompts), width):
-        group = prompts[lo : lo + width]
+    stop = decoder.stop_ids
+    pending = enumerate(jobs)
+    lookahead = next(pending, None)
+    free = list(range(width))
+    live: dict[int, tuple[int, SeqState]] = {}  # sequence id -> (job index, state)
+    before: list[int] | None = None
+    holder_ready = prefix_ready
+    clock = timings if timings is not None else {}
+
+    def finished(state: SeqState) -> Decoded:
+        done = finish(state.tokens, guard, min_new_tokens)
+        done.proposed, done.accepted = state.proposed, state.accepted
+        return done
+
+    while True:
+        while free and lookahead is not None:
+            index, (prompt, draft) = lookahead
+            lookahead = next(pending, None)
+            if before is None:
+                before = list(prompt.before_ids)
+            elif list(prompt.before_ids) != before:
+                raise ValueError("batched prompts must share the text before the audio")
+            seq = free.pop(0)
+            t0 = time.perf_counter()
+            logits = admit(decoder, prompt, before, seq, holder_ready)
+            holder_ready = True
+            t1 = time.perf_counter()
+            _add(clock, "prefill", t1 - t0)
+            if not draft and not live and (width == 1 or lookahead is None):
+                # alone in the context: the lean one-row loop (the common single-segment case)
+                tokens = decoder.greedy(logits, prompt.length, max_new_tokens, seq, min_new_tokens, guard)
+                _add(clock, "decode", time.perf_counter() - t1)
+                free.insert(0, seq)
+                yield index, finish(tokens, guard, min_new_tokens)
+                continue
+            state = SeqState(seq=seq, pos=prompt.length, logits=logits, draft=list(draft or []))
+            begin(state, stop, max_new_tokens, min_new_tokens, guard)
+            if state.done:
+                free.insert(0, seq)
+                yield index, finished(state)
+                continue
+            live[seq] = (index, state)
+        if not live:
+            return
         t0 = time.perf_counter()
-        first = prefill_group(decoder, group, before, prefix_ready or lo > 0)
-        t1 = time.perf_counter()
-        group_drafts = None if drafts is None else list(drafts[lo : lo + width])
-        if group_drafts is not None and any(group_drafts):
-            states = [SeqState(seq=seq, pos=p.length, logits=logits, draft=list(draft or []))
-                      for seq, (p, logits, draft) in enumerate(zip(group, first, group_drafts))]
-            speculative_decode(decoder, states, max_new_tokens, min_new_tokens, guard=guard)
-            for state in states:
-                done = finish(state.tokens, guard, min_new_tokens)
-                done.proposed, done.accepted = state.proposed, state.accepted
-                out.append(done)
-        elif len(group) == 1:
-            tokens = decoder.greedy(first[0], group[0].length, max_new_tokens, 0, min_new_tokens, guard)
-            out.append(finish(tokens, guard, min_new_tokens))
-        else:
-            out.extend(_greedy_group(decoder, group, first, max_new_tokens, min_new_tokens, guard))
-        if timings is not None:
-            timings["prefill"] = timings.get("prefill", 0.0) + (t1 - t0)
-            timings["decode"] = timings.get("decode", 0.0) + (time.perf_counter() - t1)
-    return out
+        decode_round(decoder, [state for _, state in live.values()], max_new_tokens, min_new_tokens, config, guard)
+        _add(clock, "decode", time.perf_counter() - t0)
+        for seq in [seq for seq, (_, state) in live.items() if state.done]:
+            index, state = live.pop(seq)
+            free.append(seq)
+            yield index, finished(state)
+        free.sort()
 
 
-def prefill_group(decoder: LlamaDecoder, prompts: Sequence[Prompt], before: list[int], prefix_ready: bool
-                  ) -> list[np.ndarray]:
-    """Each prompt into its own sequence (0, 1, ...); returns copies of the logits after each prompt.
+def admit(decoder: LlamaDecoder, prompt: Prompt, before: list[int], seq: int, prefix_ready: bool) -> np.ndarray:
+    """Put one prompt into sequence `seq`; returns a copy of the logits after it.
 
-    The shared text before the audio is decoded once into sequence 0 (or kept when
-    `prefix_ready`) and copied to the other sequences.
+    Sequence 0 holds the shared text before the audio (decoded here unless `prefix_ready`); other
+    sequences get it by a copy of sequence 0. With a split cache that copy takes all of sequence
+    0's cells (llama.cpp copies whole streams), so whatever sequence 0 decoded after the prefix is
+    removed again, and the new prompt's rows land in the same cells as when decoded alone.
     """
     n_before = len(before)
-    if prefix_ready:
-        decoder.clear(0, n_before)
-    else:
+    if not prefix_ready:
         decoder.clear(0, 0)
         decoder.decode_tokens(before, 0, 0)
-    for seq in range(1, len(prompts)):
+    if seq == 0:
+        decoder.clear(0, n_before)
+    else:
         decoder.clear(seq, 0)
         if n_before:
             decoder.copy_sequence(0, seq)
-    first: list[np.ndarray] = []
-    for seq, prompt in enumerate(prompts):
-        rows = np.concatenate([prompt.audio_rows, decoder.token_embeddings(prompt.after_ids)], axis=0)
-        decoder.decode_embeddings(rows, n_before, seq)
-        first.append(np.array(decoder.logits(-1), copy=True))
-    return first
+            decoder.clear(seq, n_before)
+    rows = np.concatenate([prompt.audio_rows, decoder.token_embeddings(prompt.after_ids)], axis=0)
+    decoder.decode_embeddings(rows, n_before, seq)
+    return np.array(decoder.logits(-1), copy=True)
 
 
-def _greedy_group(decoder: LlamaDecoder, prompts: Sequence[Prompt], first: list[np.ndarray], max_new_tokens: int,
-                  min_new_tokens: int, guard: RepetitionGuard | None) -> list[Decoded]:
-    """Plain greedy steps for every sequence at once: one llama_decode per step, one row per live sequence."""
-    n = len(prompts)
-    stop = decoder.stop_ids
-    stop_list = list(stop)
-    check_loops = guard is not None and guard.enabled
-    tokens: list[list[int]] = [[] for _ in range(n)]
-    pos = [p.length for p in prompts]
-    live = list(range(n))
-    current: Sequence[np.ndarray] = first
-    while live:
-        feed: list[int] = []
-        still: list[int] = []
-        for k, seq in enumerate(live):
-            logits = current[k]
-            out = tokens[seq]
-            token = int(np.argmax(logits))
-            if token in stop:
-                if len(out) >= min_new_tokens:
-                    continue
-                masked = np.array(logits, copy=True)
-                masked[stop_list] = -np.inf
-                token = int(np.argmax(masked))
-            out.append(token)
-            if len(out) == max_new_tokens:
-                continue
-            if check_loops and len(out) >= min_new_tokens and guard.looping(out):
-                continue
-            feed.append(token)
-            still.append(seq)
-        if not still:
-            break
-        decoder.decode_many(feed, [pos[s] for s in still], still, [True] * len(still))
-        for s in still:
-            pos[s] += 1
-        current = decoder.logits_rows(len(still))
-        live = still
-    return [finish(t, guard, min_new_tokens) for t in tokens]
+def _add(timings: dict[str, float], key: str, seconds: float) -> None:
+    timings[key] = timings.get(key, 0.0) + seconds

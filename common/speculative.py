@@ -260,6 +260,62 @@ def _start(state: SeqState, stop: frozenset[int], max_new_tokens: int, min_new_t
         realign(state)
 
 
+def begin(state: SeqState, stop: frozenset[int], max_new_tokens: int, min_new_tokens: int = 0,
+          guard: RepetitionGuard | None = None) -> None:
+    """Reset the counters and take the first token from the prompt's logits (no decode needed)."""
+    state.record = AcceptanceRecord()
+    state.draft_pos = state.misses = 0
+    state.proposed = state.accepted = state.rounds = 0
+    state.done = False
+    _start(state, stop, max_new_tokens, min_new_tokens, guard)
+
+
+def decode_round(
+    decoder: LlamaDecoder,
+    live: Sequence[SeqState],
+    max_new_tokens: int,
+    min_new_tokens: int = 0,
+    config: SpeculativeConfig = SpeculativeConfig(),
+    guard: RepetitionGuard | None = None,
+) -> None:
+    """One llama_decode for the states that are not done: each feeds its last token plus its proposal.
+
+    A state without a draft (or out of alignment) feeds one row: a plain greedy step. States that do
+    not fit in `n_batch` rows wait for the next round.
+    """
+    stop = decoder.stop_ids
+    n_batch = decoder.n_batch
+    tokens: list[int] = []
+    positions: list[int] = []
+    seqs: list[int] = []
+    plan: list[tuple[SeqState, list[int]]] = []
+    for state in live:
+        if state.done:
+            continue
+        proposal = _proposal(state, max_new_tokens, decoder.n_ctx, config)
+        rows = 1 + len(proposal)
+        if len(tokens) + rows > n_batch:
+            proposal = proposal[:max(0, n_batch - len(tokens) - 1)]
+            rows = 1 + len(proposal)
+            if len(tokens) + rows > n_batch:
+                break  # this sequence waits for the next round
+        tokens.append(state.tokens[-1])
+        tokens.extend(proposal)
+        positions.extend(range(state.pos, state.pos + rows))
+        seqs.extend([state.seq] * rows)
+        plan.append((state, proposal))
+    if not plan:
+        return
+    decoder.decode_many(tokens, positions, seqs, [True] * len(tokens))
+    all_logits = decoder.logits_rows(len(tokens))
+    argmaxes = all_logits.argmax(axis=1)
+    row = 0
+    for state, proposal in plan:
+        _advance(decoder, state, proposal, all_logits, argmaxes, row, stop, max_new_tokens, min_new_tokens,
+                 config, guard)
+        row += 1 + len(proposal)
+
+
 def speculative_decode(
     decoder: LlamaDecoder,
     states: list[SeqState],
@@ -274,44 +330,10 @@ def speculative_decode(
     it holds the prompt and the fed output tokens only (rejected draft rows are removed).
     Tokens equal `decoder.greedy(state.logits, state.pos, max_new_tokens, state.seq, min_new_tokens, guard)`.
     """
-    stop = decoder.stop_ids
     for state in states:
-        state.record = AcceptanceRecord()
-        state.draft_pos = state.misses = 0
-        state.proposed = state.accepted = state.rounds = 0
-        state.done = False
-        _start(state, stop, max_new_tokens, min_new_tokens, guard)
-
-    n_batch = decoder.n_batch
-    while True:
-        live = [s for s in states if not s.done]
-        if not live:
-            return
-        tokens: list[int] = []
-        positions: list[int] = []
-        seqs: list[int] = []
-        plan: list[tuple[SeqState, list[int]]] = []
-        for state in live:
-            proposal = _proposal(state, max_new_tokens, decoder.n_ctx, config)
-            rows = 1 + len(proposal)
-            if len(tokens) + rows > n_batch:
-                proposal = proposal[:max(0, n_batch - len(tokens) - 1)]
-                rows = 1 + len(proposal)
-                if len(tokens) + rows > n_batch:
-                    break  # this sequence waits for the next round
-            tokens.append(state.tokens[-1])
-            tokens.extend(proposal)
-            positions.extend(range(state.pos, state.pos + rows))
-            seqs.extend([state.seq] * rows)
-            plan.append((state, proposal))
-        decoder.decode_many(tokens, positions, seqs, [True] * len(tokens))
-        all_logits = decoder.logits_rows(len(tokens))
-        argmaxes = all_logits.argmax(axis=1)
-        row = 0
-        for state, proposal in plan:
-            _advance(decoder, state, proposal, all_logits, argmaxes, row, stop, max_new_tokens, min_new_tokens,
-                     config, guard)
-            row += 1 + len(proposal)
+        begin(state, decoder.stop_ids, max_new_tokens, min_new_tokens, guard)
+    while any(not s.done for s in states):
+        decode_round(decoder, states, max_new_tokens, min_new_tokens, config, guard)
 
 
 def _advance(decoder: LlamaDecoder, state: SeqState, proposal: list[int], all_logits: np.ndarray,

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -20,7 +21,7 @@ import numpy as np
 
 from common.alignment import char_times, sentence_times
 from common.audio import iter_audio_blocks, load_audio
-from common.batch_decode import decode_batch
+from common.batch_decode import Decoded, decode_stream
 from common.encoder import AudioEncoder
 from common.features import FrontendConfig, audio_token_count, compute_features
 from common.llm import DecoderOptions, LlamaDecoder, warn
@@ -227,17 +228,11 @@ class Transcriber:
         sr = self.frontend.sample_rate
         spans = split_at_quiet_points(wave, sr, options.max_segment_seconds)
         segments: list[Segment] = []
-        if self.decoder.n_seq_max > 1 and len(spans) > 1:
-            pieces = ((span, wave[span.start:span.end]) for span in spans)
-            for segment in self._transcribe_batched(pieces, options, timings):
-                segments.append(segment)
-                if progress is not None:
-                    progress(len(segments), len(spans))
-        else:
-            for i, span in enumerate(spans):
-                segments.append(self._transcribe_span(wave, span, options, timings))
-                if progress is not None:
-                    progress(i + 1, len(spans))
+        pieces = ((span, wave[span.start:span.end]) for span in spans)
+        for segment in self._transcribe_pieces(pieces, options, timings):
+            segments.append(segment)
+            if progress is not None:
+                progress(len(segments), len(spans))
         timings["total"] = time.perf_counter() - t_start
         return Transcript(
             source=source,
@@ -307,10 +302,6 @@ class Transcriber:
 
     # ------------------------------------------------------------------ internals
 
-    def _transcribe_span(self, wave: np.ndarray, span: Span, options: TranscribeOptions,
-                         timings: dict[str, float]) -> Segment:
-        return self._decode_group([(span, wave[span.start:span.end])], options, timings)[0]
-
     def drafter(self) -> CTCDrafter | None:
         """The CTC head that drafts for speculative decoding, loaded on first use; None without CTC weights."""
         if self._drafter is None:
@@ -367,7 +358,7 @@ class Transcriber:
         stream = segmenter.segments(counted(_timed(blocks, timings, "load_audio")))
 
         segments: list[Segment] = []
-        for segment in self._transcribe_batched(_timed(stream, timings, "vad"), options, timings):
+        for segment in self._transcribe_pieces(_timed(stream, timings, "vad"), options, timings):
             segments.append(segment)
             if progress is not None:
                 progress(len(segments), 0)  # total unknown while streaming
@@ -384,54 +375,58 @@ class Transcriber:
             extra={"vad": "silero", **self._extra(options)},
         )
 
-    def _transcribe_batched(self, pieces, options: TranscribeOptions, timings: dict[str, float]):
-        """Segments for (span, audio) pairs, `decoder.n_seq_max` of them decoded at a time."""
-        width = max(1, self.decoder.n_seq_max)
-        group: list[tuple[Span, np.ndarray]] = []
-        iterator = iter(pieces)
-        while True:
-            item = next(iterator, None)
-            if item is not None:
-                group.append(item)
-                if len(group) < width:
-                    continue
-            if not group:
-                return
-            yield from self._decode_group(group, options, timings)
-            group = []
-            if item is None:
-                return
+    def _transcribe_pieces(self, pieces: Iterable[tuple[Span, np.ndarray]], options: TranscribeOptions,
+                           timings: dict[str, float]) -> Iterator[Segment]:
+        """Segments of (span, audio) pairs, in input order, up to `decoder.n_seq_max` decoding at once.
 
-    def _decode_group(self, group: list[tuple[Span, np.ndarray]], options: TranscribeOptions,
-                      timings: dict[str, float]) -> list[Segment]:
-        """Segments for (span, audio) pairs decoded together (one sequence each; one is fine)."""
+        Each piece is encoded only when a sequence is free for it (`decode_stream` pulls them), so
+        memory holds at most n_seq_max prepared segments plus the finished ones waiting for an
+        earlier, longer one to end.
+        """
         sr = self.frontend.sample_rate
-        prepared = [None if is_digital_silence(audio) else self.prepare(audio, options.prompt, timings)
-                    for _, audio in group]
-        live = [p for p in prepared if p is not None]
-        drafts = self._drafts(live, options, timings)
-        ready = self._cached_before is not None and bool(live) and self._cached_before == live[0].before_ids
-        decoded = decode_batch(self.decoder, live, options.max_new_tokens, min_new_tokens=options.min_new_tokens,
-                               guard=options.guard, timings=timings, prefix_ready=ready, drafts=drafts)
-        if live:
-            self._cached_before = list(live[0].before_ids)  # sequence 0 still holds it
-        results = iter(decoded)
-        out = []
-        for (span, _), prep in zip(group, prepared):
-            start, end = (round(x, 3) for x in span.seconds(sr))
-            if prep is None:
-                out.append(Segment(start, end, "", [], 0))
-                continue
-            d = next(results)
-            if d.looped:
-                warn(loop_message(f"segment {start:.2f}-{end:.2f} s", len(d.tokens)))
-            text = clean_text(self.decoder.detokenize(d.tokens))
-            segment = Segment(start, end, text, d.tokens, int(prep.audio_rows.shape[0]),
-                              draft_proposed=d.proposed, draft_accepted=d.accepted)
-            if options.timestamps:
-                self._add_times(segment, prep, timings)
-            out.append(segment)
-        return out
+        order: deque[list] = deque()  # [span, prepared, segment or None], input order
+        by_job: list[list] = []
+
+        def jobs() -> Iterator[tuple[PreparedPrompt, list[int] | None]]:
+            for span, audio in pieces:
+                prepared = None if is_digital_silence(audio) else self.prepare(audio, options.prompt, timings)
+                entry = [span, prepared, None]
+                order.append(entry)
+                if prepared is None:
+                    start, end = (round(x, 3) for x in span.seconds(sr))
+                    entry[2] = Segment(start, end, "", [], 0)
+                    continue
+                by_job.append(entry)
+                self._cached_before = None  # sequence 0 changes from here until a result is out
+                yield prepared, self._draft(prepared, options, timings)
+
+        before = self.decoder.tokenize(build_prompt(options.prompt, sys_prompt=self.settings.sys_prompt,
+                                                    do_think=self.settings.do_think).before)
+        ready = self._cached_before == before
+        stream = decode_stream(self.decoder, jobs(), options.max_new_tokens, min_new_tokens=options.min_new_tokens,
+                               guard=options.guard, timings=timings, prefix_ready=ready)
+        for index, decoded in stream:
+            entry = by_job[index]
+            entry[2] = self._segment(entry[0], entry[1], decoded, options, timings)
+            entry[1] = None  # the encoder output is no longer needed
+            self._cached_before = before
+            while order and order[0][2] is not None:
+                yield order.popleft()[2]
+        while order:  # trailing silent pieces
+            yield order.popleft()[2]
+
+    def _segment(self, span: Span, prepared: PreparedPrompt, decoded: Decoded, options: TranscribeOptions,
+                 timings: dict[str, float]) -> Segment:
+        """The text (and sentence times) of one decoded piece."""
+        start, end = (round(x, 3) for x in span.seconds(self.frontend.sample_rate))
+        if decoded.looped:
+            warn(loop_message(f"segment {start:.2f}-{end:.2f} s", len(decoded.tokens)))
+        text = clean_text(self.decoder.detokenize(decoded.tokens))
+        segment = Segment(start, end, text, decoded.tokens, int(prepared.audio_rows.shape[0]),
+                          draft_proposed=decoded.proposed, draft_accepted=decoded.accepted)
+        if options.timestamps:
+            self._add_times(segment, prepared, timings)
+        return segment
 
     def _add_times(self, segment: Segment, prepared: PreparedPrompt, timings: dict[str, float]) -> None:
         """Sentence times of one segment: aligned on the CTC posteriors, or shared out over the segment."""
@@ -451,13 +446,13 @@ class Transcriber:
         """Where sentence times come from: "ctc" (forced alignment) or "segments" (VAD/segment spans)."""
         return "ctc" if self.drafter() is not None else "segments"
 
-    def _drafts(self, prepared: list[PreparedPrompt], options: TranscribeOptions,
-                timings: dict[str, float]) -> list[list[int]] | None:
-        """The CTC head's transcript of each segment as Qwen3 tokens; None without speculation or CTC."""
+    def _draft(self, prepared: PreparedPrompt, options: TranscribeOptions,
+               timings: dict[str, float]) -> list[int] | None:
+        """The CTC head's transcript of a segment as Qwen3 tokens; None without speculation or CTC."""
         drafter = self.drafter() if options.speculative else None
-        if drafter is None or not prepared:
+        if drafter is None or prepared.encoder_out is None:
             return None
         t0 = time.perf_counter()
-        drafts = [drafter.draft(self.decoder, p.encoder_out) if p.encoder_out is not None else [] for p in prepared]
+        draft = drafter.draft(self.decoder, prepared.encoder_out)
         timings["draft"] = timings.get("draft", 0.0) + time.perf_counter() - t0
-        return drafts
+        return draft

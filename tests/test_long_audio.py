@@ -126,8 +126,8 @@ def test_repetition_guard_stops_both_paths_alike(tiny_models, clip, capfd):
         decoded = decode_batch(batched.decoder, prompts, 64, guard=guard)
         # the transcriber's batched path on the same pieces: same tokens, one warning per looping segment
         timings = dict.fromkeys(STAGES, 0.0)
-        segments = batched._decode_group([(Span(0, len(p)), p) for p in pieces],
-                                         TranscribeOptions(max_new_tokens=64), timings)
+        segments = list(batched._transcribe_pieces([(Span(0, len(p)), p) for p in pieces],
+                                                   TranscribeOptions(max_new_tokens=64), timings))
     finally:
         single.close()
         batched.close()
@@ -136,6 +136,67 @@ def test_repetition_guard_stops_both_paths_alike(tiny_models, clip, capfd):
     assert [s.token_ids for s in segments] == want
     err = capfd.readouterr().err
     assert err.count("decoding loop detected") == sum(d.looped for d in decoded)
+
+
+@pytest.mark.parametrize("name", ["f32-split", "f16-split"])
+def test_freed_sequences_take_the_next_segment_with_the_same_tokens(name, tiny_models, clip, monkeypatch):
+    """Continuous batching: 8 segments through 3 sequences, finishing at different rounds.
+
+    Drafts make some sequences finish in a few rounds while others take one token per round, so
+    a freed sequence takes the next segment while the others go on, including sequence 0 (the
+    prefix holder) and copies of the prefix from a sequence 0 that is still decoding. Every
+    segment must still get the tokens of decoding it alone.
+    """
+    import common.batch_decode as batch_module
+    from common.speculative import make_draft
+
+    cfg = ENGINES[name]
+    cuts = CUTS + [(0.5, 4.0), (3.0, 8.0), (6.0, 10.0)]
+    pieces = [clip[int(a * SR): int(b * SR)] for a, b in cuts]
+    n_tokens = 24
+    single = _engine(tiny_models, cfg, 1)
+    batched = _engine(tiny_models, cfg, 3)
+    events: list[tuple[str, object]] = []
+    admit, decode_round = batch_module.admit, batch_module.decode_round
+
+    def recording_admit(decoder, prompt, before, seq, ready):
+        events.append(("admit", seq))
+        return admit(decoder, prompt, before, seq, ready)
+
+    def recording_round(decoder, live, *args):
+        events.append(("round", tuple(sorted(s.seq for s in live if not s.done))))
+        return decode_round(decoder, live, *args)
+
+    monkeypatch.setattr(batch_module, "admit", recording_admit)
+    monkeypatch.setattr(batch_module, "decode_round", recording_round)
+    try:
+        want = []
+        for piece in pieces:
+            prepared = single.prepare(piece, PromptOptions())
+            want.append(single.decoder.greedy(single.prefill(prepared), prepared.length, n_tokens,
+                                              min_new_tokens=n_tokens))
+        rng = np.random.default_rng(0)
+        kinds = ["own", None, "half", "own", None, "own", "random", None]
+        drafts = [None if k is None else make_draft(w, k, rng, batched.decoder.n_vocab) for w, k in zip(want, kinds)]
+        prompts = [batched.prepare(p, PromptOptions()) for p in pieces]
+        got = decode_batch(batched.decoder, prompts, n_tokens, min_new_tokens=n_tokens, drafts=drafts)
+    finally:
+        single.close()
+        batched.close()
+    assert [d.tokens for d in got] == want
+    # admissions while other sequences were decoding (in the rounds before and after it): into
+    # sequence 0, and into another one while sequence 0 was decoding
+    rounds = [(i, set(what)) for i, (kind, what) in enumerate(events) if kind == "round"]
+    into_zero = beside_live_zero = 0
+    for i, (kind, seq) in enumerate(events):
+        before = [r for j, r in rounds if j < i]
+        after = [r for j, r in rounds if j > i]
+        if kind != "admit" or not before or not after:
+            continue
+        going_on = (before[-1] & after[0]) - {seq}
+        into_zero += seq == 0 and bool(going_on)
+        beside_live_zero += seq != 0 and 0 in going_on
+    assert into_zero >= 1 and beside_live_zero >= 1, events
 
 
 # --------------------------------------------------------------------------- VAD

@@ -25,6 +25,7 @@ from common.repetition import RepetitionGuard
 from common.speculative import (
     CPU_ROW_COSTS,
     AcceptanceRecord,
+    CTCDrafter,
     SeqState,
     SpeculativeConfig,
     choose_k,
@@ -323,12 +324,10 @@ def test_batched_transcriber_speculates_per_segment(tiny_models: Path, wave: np.
 
 
 def test_without_ctc_the_engine_decodes_plain_greedy(tiny2_models: Path, wave: np.ndarray, monkeypatch) -> None:
-    import common.batch_decode as batch_module
-
     def refuse(*args, **kwargs):
         raise AssertionError("speculative decoding used without a CTC head")
 
-    monkeypatch.setattr(batch_module, "speculative_decode", refuse)
+    monkeypatch.setattr(CTCDrafter, "draft", refuse)
     engine = Transcriber(tiny2_models)
     try:
         assert not engine.settings.has_ctc and engine.drafter() is None
