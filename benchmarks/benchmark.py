@@ -29,6 +29,7 @@ import dataclasses
 import datetime
 import fcntl
 import json
+import math
 import os
 import platform
 import resource
@@ -407,10 +408,14 @@ def child_long(spec: dict[str, Any]) -> dict[str, Any]:
     from common.transcriber import TranscribeOptions, Transcriber
 
     threads, n = spec["threads"], spec["tokens"]
+    rate = spec.get("rate", 0.0)  # tokens per second of segment audio instead of a fixed count
+    if rate:
+        n = math.ceil(rate * 30.0) + 1  # the VAD's longest segment
     engine = Transcriber(spec["model_dir"], encoder_path=spec["encoder"], gguf_path=spec["gguf"], threads=threads,
                          decoder_options=DecoderOptions(threads=threads, n_seq_max=spec["n_seq_max"],
                                                         n_ctx=context_per_sequence(n)))
-    options = TranscribeOptions(max_new_tokens=n, min_new_tokens=n, vad="silero", speculative=False)
+    options = TranscribeOptions(max_new_tokens=n, min_new_tokens=0 if rate else n, vad="silero", speculative=False,
+                                forced_tokens_per_second=rate, refill=spec.get("refill", True))
     t0 = time.perf_counter()
     transcript = engine.transcribe(spec["audio"], options)
     wall = time.perf_counter() - t0
@@ -419,7 +424,7 @@ def child_long(spec: dict[str, Any]) -> dict[str, Any]:
         "wall_s": wall, "duration_s": transcript.duration, "segments": len(transcript.segments),
         "n_tokens": transcript.n_tokens, "timings": transcript.timings, "peak_rss": peak_rss_bytes(),
         "transcript_bytes": len(json.dumps(transcript.to_dict(), ensure_ascii=False).encode()),
-        "n_seq_max": spec["n_seq_max"], "tokens_per_segment": n,
+        "n_seq_max": spec["n_seq_max"], "tokens_per_segment": f"{rate:g}/s" if rate else n,
     }
 
 
@@ -677,6 +682,7 @@ SECTION_RESULTS = ("speculative",)
 TARGET_SPEC_OWN = 2.5
 TARGET_SPEC_USELESS = 0.95
 TARGET_BATCHED = 3.0
+MIXED_RATE = 4.5  # forced tokens per second of segment audio in the mixed-length case (the clip: 45 in 10 s)
 
 
 def speculative_section(r: dict[str, Any] | None) -> list[str]:
@@ -703,17 +709,17 @@ def speculative_section(r: dict[str, Any] | None) -> list[str]:
 
 def long_audio_section(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> list[str]:
     """Issue 7's cases: batched vs sequential throughput on a long file, peak RSS vs file length."""
-    runs = {k: v for k, v in results.items() if k.startswith(("long ", "rss "))}
+    runs = {k: v for k, v in results.items() if k.startswith(("long ", "mixed ", "rss "))}
     if not runs:
         return []
-    seq = results.get("long sequential", {})
     rows = []
     for name, r in runs.items():
         if "error" in r:
             rows.append([name, f"failed: {r['error'][:150]}", "", "", "", "", "", ""])
             continue
         gain = "—"
-        if name.startswith("long ") and "wall_s" in seq and "error" not in seq:
+        seq = results.get(name.split(" ")[0] + " sequential", {})
+        if not name.startswith("rss ") and "wall_s" in seq and "error" not in seq:
             gain = f"{seq['wall_s'] / r['wall_s']:.2f}x"
         rows.append([name, f"{r['duration_s'] / 60:.1f}", str(r["segments"]), str(r["tokens_per_segment"]),
                      fmt(r["wall_s"], 1), f"{r['duration_s'] / r['wall_s']:.1f}x", gain,
@@ -721,8 +727,12 @@ def long_audio_section(results: dict[str, dict[str, Any]], args: argparse.Namesp
     return ["", "## Long audio (Silero VAD, batched decoding)", "",
             f"cpu-int8 preset, `--vad silero`, the clip plus 1 s of silence repeated; every segment forced to "
             f"the stated token count, speculation off. *long*: throughput, one segment at a time vs "
-            f"{args.long_batch} at once; *rss*: peak RSS with 1 token per segment and batch 4 (the CLI's "
-            f"default), a short and a long file.", "",
+            f"{args.long_batch} at once; *mixed*: slices of the clip from 1 to 10 s long, 1 s of silence "
+            f"after each, every segment forced to {MIXED_RATE:g} tokens per second of its audio (the clip's "
+            f"own rate), so segments end at different times: one at a time, {args.long_batch} at once in "
+            f"fixed groups (a group ends with its longest segment), and {args.long_batch} at once with each "
+            f"freed sequence taking the next segment; *rss*: peak RSS with 1 token per segment and batch 4 "
+            f"(the CLI's default), a short and a long file.", "",
             markdown_table(["run", "audio min", "segments", "tokens/segment", "wall s", "speed (audio/wall)",
                             "vs sequential", "peak RSS GiB"], rows)]
 
@@ -841,6 +851,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "batched, and peak RSS for a --rss-minutes file (several minutes at full shapes)")
     p.add_argument("--long-minutes", type=float, default=None, help="long-audio throughput file (default 10)")
     p.add_argument("--rss-minutes", type=float, default=None, help="long-audio memory file (default 120)")
+    p.add_argument("--mixed-minutes", type=float, default=None,
+                   help="long-audio file of mixed segment lengths (default 5)")
     p.add_argument("--long-batch", type=int, default=8, help="segments decoded at once in the batched run (8)")
     p.add_argument("--skip-baselines", action="store_true", help="no funasr and no raw llama.cpp runs")
     p.add_argument("--skip-funasr", action="store_true", help="no funasr runs")
@@ -864,6 +876,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.tokens = args.tokens if args.tokens is not None else (8 if args.smoke else 45)
         args.long_minutes = args.long_minutes if args.long_minutes is not None else (0.5 if args.smoke else 10.0)
         args.rss_minutes = args.rss_minutes if args.rss_minutes is not None else (1.0 if args.smoke else 120.0)
+        args.mixed_minutes = args.mixed_minutes if args.mixed_minutes is not None else (0.5 if args.smoke else 5.0)
         if args.runs < 1 or args.tokens < 1 or args.threads < 1 or args.warmup < 0:
             p.error("--runs, --tokens and --threads must be positive, --warmup not negative")
     return args
@@ -912,6 +925,32 @@ def long_audio_file(clip: Path, minutes: float, folder: Path) -> Path:
     return out
 
 
+def mixed_audio_file(clip: Path, minutes: float, folder: Path, seed: int = 0) -> Path:
+    """Slices of `clip` 1 to 10 s long (seeded), each followed by 1 s of silence, for `minutes` (a wav)."""
+    import numpy as np
+    import soundfile as sf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / f"{clip.stem}-mixed-{minutes:g}min.wav"
+    if out.is_file():
+        return out
+    raw = subprocess.run(["ffmpeg", "-v", "error", "-i", str(clip), "-f", "f32le", "-ac", "1", "-ar", "16000", "-"],
+                         check=True, capture_output=True).stdout
+    wave = np.frombuffer(raw, dtype=np.float32)
+    sr, rng = 16000, np.random.default_rng(seed)
+    gap = np.zeros(sr, dtype=np.float32)
+    parts, total = [], 0
+    while total < minutes * 60 * sr:
+        length = int(rng.uniform(1.0, min(10.0, len(wave) / sr)) * sr)
+        start = int(rng.integers(0, len(wave) - length + 1))
+        parts += [wave[start:start + length], gap]
+        total += length + len(gap)
+    part = out.with_name(out.name + ".part.wav")
+    sf.write(part, np.concatenate(parts), sr, subtype="PCM_16")
+    part.rename(out)
+    return out
+
+
 def run_long_cases(args: argparse.Namespace, models: Path, common: dict[str, Any],
                    results: dict[str, dict[str, Any]], say: Callable[[str], None]) -> None:
     """Issue 7's cases on the cpu-int8 preset through the VAD path (speculation off: random weights)."""
@@ -924,6 +963,13 @@ def run_long_cases(args: argparse.Namespace, models: Path, common: dict[str, Any
         say(f"long audio {args.long_minutes:g} min, {label}, {args.tokens} tokens per segment ...")
         results[f"long {label}"] = run_child({**base, "audio": str(throughput), "n_seq_max": width},
                                              args.threads, args.child_timeout)
+    mixed = mixed_audio_file(args.audio, args.mixed_minutes, folder)
+    b = args.long_batch
+    for label, width, refill in (("sequential", 1, True), (f"batched x{b}, fixed groups", b, False),
+                                 (f"batched x{b}", b, True)):
+        say(f"mixed-length audio {args.mixed_minutes:g} min, {label}, {MIXED_RATE:g} tokens/s ...")
+        results[f"mixed {label}"] = run_child({**base, "audio": str(mixed), "n_seq_max": width, "rate": MIXED_RATE,
+                                               "refill": refill}, args.threads, args.child_timeout)
     memory = long_audio_file(args.audio, args.rss_minutes, folder)
     for minutes, path in ((args.long_minutes, throughput), (args.rss_minutes, memory)):
         say(f"long audio peak RSS, {minutes:g} min file, 1 token per segment, batch 4 ...")

@@ -37,7 +37,7 @@ import numpy as np
 
 from common.llm import LlamaDecoder
 from common.repetition import RepetitionGuard
-from common.speculative import SeqState, SpeculativeConfig, begin, decode_round
+from common.speculative import SeqState, SpeculativeConfig, begin, decode_round, limits
 
 
 class Prompt(Protocol):
@@ -71,7 +71,13 @@ def finish(tokens: list[int], guard: RepetitionGuard | None, min_new_tokens: int
     return Decoded(trimmed, looped=True)
 
 
-Job = tuple[Prompt, "list[int] | None"]  # a prompt and its draft (None or [] for plain greedy)
+@dataclass
+class Job:
+    """One segment to decode: its prompt and its draft (None or [] for plain greedy steps)."""
+
+    prompt: Prompt
+    draft: list[int] | None = None
+    forced: int | None = None  # benchmarks only: exactly this many tokens (random weights never stop)
 
 
 def decode_batch(
@@ -86,7 +92,7 @@ def decode_batch(
     drafts: Sequence[list[int] | None] | None = None,
 ) -> list[Decoded]:
     """Greedy tokens for each prompt, in order (`decode_stream` over a list)."""
-    jobs = zip(prompts, drafts if drafts is not None else [None] * len(prompts))
+    jobs = [Job(p, d) for p, d in zip(prompts, drafts if drafts is not None else [None] * len(prompts))]
     out: list[Decoded | None] = [None] * len(prompts)
     for index, done in decode_stream(decoder, jobs, max_new_tokens, min_new_tokens=min_new_tokens, guard=guard,
                                      timings=timings, prefix_ready=prefix_ready):
@@ -105,6 +111,7 @@ def decode_stream(
     timings: dict[str, float] | None = None,
     prefix_ready: bool = False,
     config: SpeculativeConfig | None = None,
+    refill: bool = True,
 ) -> Iterator[tuple[int, Decoded]]:
     """(job index, tokens) for each job as it finishes, up to `decoder.n_seq_max` decoding at once.
 
@@ -115,7 +122,8 @@ def decode_stream(
 
     All prompts must share `before_ids`. `prefix_ready` says sequence 0 already holds them (a
     transcriber's cached prefix); afterwards sequence 0 still holds them. `timings` gets
-    "prefill" and "decode" seconds added.
+    "prefill" and "decode" seconds added. `refill=False` admits jobs only when every sequence
+    has ended (fixed groups: the benchmark's comparison).
     """
     config = config or SpeculativeConfig()
     width = max(1, decoder.n_seq_max)
@@ -129,13 +137,15 @@ def decode_stream(
     clock = timings if timings is not None else {}
 
     def finished(state: SeqState) -> Decoded:
-        done = finish(state.tokens, guard, min_new_tokens)
+        done = finish(state.tokens, guard, limits(state, max_new_tokens, min_new_tokens)[1])
         done.proposed, done.accepted = state.proposed, state.accepted
         return done
 
     while True:
-        while free and lookahead is not None:
-            index, (prompt, draft) = lookahead
+        admitting = refill or not live  # fixed groups: a new group only once all have ended
+        while admitting and free and lookahead is not None:
+            index, job = lookahead
+            prompt = job.prompt
             lookahead = next(pending, None)
             if before is None:
                 before = list(prompt.before_ids)
@@ -147,14 +157,16 @@ def decode_stream(
             holder_ready = True
             t1 = time.perf_counter()
             _add(clock, "prefill", t1 - t0)
-            if not draft and not live and (width == 1 or lookahead is None):
+            if not job.draft and not live and (width == 1 or lookahead is None):
                 # alone in the context: the lean one-row loop (the common single-segment case)
-                tokens = decoder.greedy(logits, prompt.length, max_new_tokens, seq, min_new_tokens, guard)
+                most, least = (job.forced, job.forced) if job.forced is not None else (max_new_tokens, min_new_tokens)
+                tokens = decoder.greedy(logits, prompt.length, most, seq, least, guard)
                 _add(clock, "decode", time.perf_counter() - t1)
                 free.insert(0, seq)
-                yield index, finish(tokens, guard, min_new_tokens)
+                yield index, finish(tokens, guard, least)
                 continue
-            state = SeqState(seq=seq, pos=prompt.length, logits=logits, draft=list(draft or []))
+            state = SeqState(seq=seq, pos=prompt.length, logits=logits, draft=list(job.draft or []),
+                             forced=job.forced)
             begin(state, stop, max_new_tokens, min_new_tokens, guard)
             if state.done:
                 free.insert(0, seq)

@@ -69,6 +69,7 @@ class SeqState:
     accepted: int = 0
     rounds: int = 0
     done: bool = False
+    forced: int | None = None  # benchmarks only: exactly this many tokens, whatever the call's limits
     # internal: where the draft is believed to continue, and how often its tokens were right
     draft_pos: int = 0
     aligned: bool = True
@@ -260,9 +261,15 @@ def _start(state: SeqState, stop: frozenset[int], max_new_tokens: int, min_new_t
         realign(state)
 
 
+def limits(state: SeqState, max_new_tokens: int, min_new_tokens: int) -> tuple[int, int]:
+    """(max, min) new tokens of this state: the call's, or its own forced count."""
+    return (state.forced, state.forced) if state.forced is not None else (max_new_tokens, min_new_tokens)
+
+
 def begin(state: SeqState, stop: frozenset[int], max_new_tokens: int, min_new_tokens: int = 0,
           guard: RepetitionGuard | None = None) -> None:
     """Reset the counters and take the first token from the prompt's logits (no decode needed)."""
+    max_new_tokens, min_new_tokens = limits(state, max_new_tokens, min_new_tokens)
     state.record = AcceptanceRecord()
     state.draft_pos = state.misses = 0
     state.proposed = state.accepted = state.rounds = 0
@@ -292,7 +299,7 @@ def decode_round(
     for state in live:
         if state.done:
             continue
-        proposal = _proposal(state, max_new_tokens, decoder.n_ctx, config)
+        proposal = _proposal(state, limits(state, max_new_tokens, min_new_tokens)[0], decoder.n_ctx, config)
         rows = 1 + len(proposal)
         if len(tokens) + rows > n_batch:
             proposal = proposal[:max(0, n_batch - len(tokens) - 1)]
@@ -311,8 +318,8 @@ def decode_round(
     argmaxes = all_logits.argmax(axis=1)
     row = 0
     for state, proposal in plan:
-        _advance(decoder, state, proposal, all_logits, argmaxes, row, stop, max_new_tokens, min_new_tokens,
-                 config, guard)
+        _advance(decoder, state, proposal, all_logits, argmaxes, row, stop,
+                 *limits(state, max_new_tokens, min_new_tokens), config, guard)
         row += 1 + len(proposal)
 
 

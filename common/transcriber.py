@@ -21,7 +21,7 @@ import numpy as np
 
 from common.alignment import char_times, sentence_times
 from common.audio import iter_audio_blocks, load_audio
-from common.batch_decode import Decoded, decode_stream
+from common.batch_decode import Decoded, Job, decode_stream
 from common.encoder import AudioEncoder
 from common.features import FrontendConfig, audio_token_count, compute_features
 from common.llm import DecoderOptions, LlamaDecoder, warn
@@ -61,6 +61,11 @@ class TranscribeOptions:
     # folder has the CTC graph, else the VAD segment's span shared out by characters. Costs one more CTC
     # head run per segment, so only outputs that show times (json, srt, vtt) ask for it.
     timestamps: bool = False
+    # benchmarks only (random weights never stop): each segment decodes exactly this many tokens per
+    # second of its audio, as real speech would give; 0: off
+    forced_tokens_per_second: float = 0.0
+    # a sequence that ends takes the next segment at once; False: fixed groups (the benchmark's comparison)
+    refill: bool = True
 
 
 @dataclass
@@ -387,7 +392,7 @@ class Transcriber:
         order: deque[list] = deque()  # [span, prepared, segment or None], input order
         by_job: list[list] = []
 
-        def jobs() -> Iterator[tuple[PreparedPrompt, list[int] | None]]:
+        def jobs() -> Iterator[Job]:
             for span, audio in pieces:
                 prepared = None if is_digital_silence(audio) else self.prepare(audio, options.prompt, timings)
                 entry = [span, prepared, None]
@@ -398,13 +403,15 @@ class Transcriber:
                     continue
                 by_job.append(entry)
                 self._cached_before = None  # sequence 0 changes from here until a result is out
-                yield prepared, self._draft(prepared, options, timings)
+                rate = options.forced_tokens_per_second
+                forced = max(1, round(rate * len(audio) / sr)) if rate > 0 else None
+                yield Job(prepared, self._draft(prepared, options, timings), forced)
 
         before = self.decoder.tokenize(build_prompt(options.prompt, sys_prompt=self.settings.sys_prompt,
                                                     do_think=self.settings.do_think).before)
         ready = self._cached_before == before
         stream = decode_stream(self.decoder, jobs(), options.max_new_tokens, min_new_tokens=options.min_new_tokens,
-                               guard=options.guard, timings=timings, prefix_ready=ready)
+                               guard=options.guard, timings=timings, prefix_ready=ready, refill=options.refill)
         for index, decoded in stream:
             entry = by_job[index]
             entry[2] = self._segment(entry[0], entry[1], decoded, options, timings)

@@ -58,8 +58,11 @@ def test_benchmark_smoke(tmp_path: Path, zh_mp3: Path, tiny_ckpt: Path, tiny_mod
     assert spec["identical"] is True and set(spec["speculative"]) == {"own", "half", "random"}
     assert spec["speculative"]["own"]["accepted"] == spec["speculative"]["own"]["proposed"] > 0
     assert "## Speculative decoding" in report
-    for name in ("long sequential", "long batched x8", "rss 0.5 min", "rss 1 min"):
+    for name in ("long sequential", "long batched x8", "rss 0.5 min", "rss 1 min", "mixed sequential",
+                 "mixed batched x8, fixed groups", "mixed batched x8"):
         assert "error" not in results[name], (name, results[name])
         assert results[name]["segments"] >= 2 and f"| {name} |" in report
     assert results["rss 1 min"]["duration_s"] > 1.5 * results["rss 0.5 min"]["duration_s"]
     assert results["long sequential"]["n_tokens"] == results["long sequential"]["segments"] * 8
+    mixed = [results[f"mixed {k}"] for k in ("sequential", "batched x8, fixed groups", "batched x8")]
+    assert len({r["n_tokens"] for r in mixed}) == 1 and mixed[0]["n_tokens"] > mixed[0]["segments"]

@@ -8,6 +8,7 @@ match the silero-vad package's own (torch) probabilities; subtitles must parse w
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import time
@@ -197,6 +198,26 @@ def test_freed_sequences_take_the_next_segment_with_the_same_tokens(name, tiny_m
         into_zero += seq == 0 and bool(going_on)
         beside_live_zero += seq != 0 and 0 in going_on
     assert into_zero >= 1 and beside_live_zero >= 1, events
+
+
+def test_forced_token_rate_gives_each_segment_its_own_length(tiny_models, clip):
+    """The benchmark's forcing by duration: segment lengths follow the audio, batched output = one by one."""
+    cfg = ENGINES["f16-split"]
+    options = TranscribeOptions(vad="none", max_segment_seconds=2.0, forced_tokens_per_second=4.0, speculative=False)
+    single = _engine(tiny_models, cfg, 1)
+    batched = _engine(tiny_models, cfg, 3)
+    try:
+        alone = single.transcribe(clip, options)
+        together = batched.transcribe(clip, options)
+        grouped = batched.transcribe(clip, dataclasses.replace(options, refill=False))
+    finally:
+        single.close()
+        batched.close()
+    counts = [len(s.token_ids) for s in together.segments]
+    assert len(counts) >= 5 and len(set(counts)) > 1
+    assert all(abs(n - 4.0 * (s.end - s.start)) <= 1 for n, s in zip(counts, together.segments))
+    assert [s.token_ids for s in together.segments] == [s.token_ids for s in alone.segments]
+    assert [s.token_ids for s in grouped.segments] == [s.token_ids for s in alone.segments]
 
 
 # --------------------------------------------------------------------------- VAD
