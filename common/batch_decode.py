@@ -133,7 +133,7 @@ def decode_stream(
     free = list(range(width))
     live: dict[int, tuple[int, SeqState]] = {}  # sequence id -> (job index, state)
     before: list[int] | None = None
-    holder_ready = prefix_ready
+    holders: set[int] = {0} if prefix_ready else set()  # sequences holding the text before the audio
     clock = timings if timings is not None else {}
 
     def finished(state: SeqState) -> Decoded:
@@ -153,8 +153,7 @@ def decode_stream(
                 raise ValueError("batched prompts must share the text before the audio")
             seq = free.pop(0)
             t0 = time.perf_counter()
-            logits = admit(decoder, prompt, before, seq, holder_ready)
-            holder_ready = True
+            logits = admit(decoder, prompt, before, seq, holders)
             t1 = time.perf_counter()
             _add(clock, "prefill", t1 - t0)
             if not job.draft and not live and (width == 1 or lookahead is None):
@@ -176,7 +175,10 @@ def decode_stream(
         if not live:
             return
         t0 = time.perf_counter()
-        decode_round(decoder, [state for _, state in live.values()], max_new_tokens, min_new_tokens, config, guard)
+        # rows in increasing sequence order: with a split cache llama.cpp puts only consecutive sequence ids
+        # in one micro-batch, so any other order (or a gap) costs another pass over the weights
+        states = [live[seq][1] for seq in sorted(live)]
+        decode_round(decoder, states, max_new_tokens, min_new_tokens, config, guard)
         _add(clock, "decode", time.perf_counter() - t0)
         for seq in [seq for seq, (_, state) in live.items() if state.done]:
             index, state = live.pop(seq)
@@ -185,25 +187,28 @@ def decode_stream(
         free.sort()
 
 
-def admit(decoder: LlamaDecoder, prompt: Prompt, before: list[int], seq: int, prefix_ready: bool) -> np.ndarray:
+def admit(decoder: LlamaDecoder, prompt: Prompt, before: list[int], seq: int, holders: set[int]) -> np.ndarray:
     """Put one prompt into sequence `seq`; returns a copy of the logits after it.
 
-    Sequence 0 holds the shared text before the audio (decoded here unless `prefix_ready`); other
-    sequences get it by a copy of sequence 0. With a split cache that copy takes all of sequence
-    0's cells (llama.cpp copies whole streams), so whatever sequence 0 decoded after the prefix is
-    removed again, and the new prompt's rows land in the same cells as when decoded alone.
+    `holders` are the sequences whose cache starts with the shared text before the audio (updated
+    here). A holder only drops what follows that text. Any other sequence gets the text from
+    sequence 0 (decoded there first if needed): with a split cache llama.cpp copies a whole
+    stream, so whatever sequence 0 holds after the text goes too and is removed again. Either way
+    the new rows land in the cells they would take if the segment were decoded alone, and each
+    stream is copied at most once, not once per segment.
     """
     n_before = len(before)
-    if not prefix_ready:
-        decoder.clear(0, 0)
-        decoder.decode_tokens(before, 0, 0)
-    if seq == 0:
-        decoder.clear(0, n_before)
-    else:
-        decoder.clear(seq, 0)
-        if n_before:
-            decoder.copy_sequence(0, seq)
-            decoder.clear(seq, n_before)
+    if seq not in holders:
+        if 0 not in holders:
+            decoder.clear(0, 0)
+            decoder.decode_tokens(before, 0, 0)
+            holders.add(0)
+        if seq != 0:
+            decoder.clear(seq, 0)
+            if n_before:
+                decoder.copy_sequence(0, seq)
+            holders.add(seq)
+    decoder.clear(seq, n_before)
     rows = np.concatenate([prompt.audio_rows, decoder.token_embeddings(prompt.after_ids)], axis=0)
     decoder.decode_embeddings(rows, n_before, seq)
     return np.array(decoder.logits(-1), copy=True)

@@ -144,9 +144,9 @@ def test_freed_sequences_take_the_next_segment_with_the_same_tokens(name, tiny_m
     """Continuous batching: 8 segments through 3 sequences, finishing at different rounds.
 
     Drafts make some sequences finish in a few rounds while others take one token per round, so
-    a freed sequence takes the next segment while the others go on, including sequence 0 (the
-    prefix holder) and copies of the prefix from a sequence 0 that is still decoding. Every
-    segment must still get the tokens of decoding it alone.
+    a freed sequence takes the next segment (keeping its copy of the prompt prefix) while the
+    others go on, sequence 0 among them. Every segment must still get the tokens of decoding it
+    alone.
     """
     import common.batch_decode as batch_module
     from common.speculative import make_draft
@@ -160,9 +160,9 @@ def test_freed_sequences_take_the_next_segment_with_the_same_tokens(name, tiny_m
     events: list[tuple[str, object]] = []
     admit, decode_round = batch_module.admit, batch_module.decode_round
 
-    def recording_admit(decoder, prompt, before, seq, ready):
+    def recording_admit(decoder, prompt, before, seq, holders):
         events.append(("admit", seq))
-        return admit(decoder, prompt, before, seq, ready)
+        return admit(decoder, prompt, before, seq, holders)
 
     def recording_round(decoder, live, *args):
         events.append(("round", tuple(sorted(s.seq for s in live if not s.done))))
