@@ -185,6 +185,30 @@ def decode_stream(
             free.append(seq)
             yield index, finished(state)
         free.sort()
+        if lookahead is None:
+            compact(decoder, live, free, holders)
+
+
+def compact(decoder: LlamaDecoder, live: dict[int, tuple[int, SeqState]], free: list[int], holders: set[int]) -> None:
+    """Move the highest live sequences into the lowest free ids until the live ids are 0..n-1.
+
+    llama.cpp batches only consecutive sequence ids of a split cache in one pass, so with no
+    segment left to fill a gap, every gap would cost a pass over the weights per round until the
+    end. A move copies the whole stream (cells keep their places: the same attention, the same
+    tokens) and costs about one decode step; it saves one pass per remaining round.
+    """
+    while live and free and free[0] < max(live):
+        src, dst = max(live), free.pop(0)
+        decoder.clear(dst, 0)
+        decoder.copy_sequence(src, dst)
+        decoder.clear(src, 0)
+        holders.discard(src)
+        holders.add(dst)
+        index, state = live.pop(src)
+        state.seq = dst
+        live[dst] = (index, state)
+        free.append(src)
+        free.sort()
 
 
 def admit(decoder: LlamaDecoder, prompt: Prompt, before: list[int], seq: int, holders: set[int]) -> np.ndarray:

@@ -145,8 +145,8 @@ def test_freed_sequences_take_the_next_segment_with_the_same_tokens(name, tiny_m
 
     Drafts make some sequences finish in a few rounds while others take one token per round, so
     a freed sequence takes the next segment (keeping its copy of the prompt prefix) while the
-    others go on, sequence 0 among them. Every segment must still get the tokens of decoding it
-    alone.
+    others go on, sequence 0 among them; at the end, sequences move down into freed ids. Every
+    segment must still get the tokens of decoding it alone.
     """
     import common.batch_decode as batch_module
     from common.speculative import make_draft
@@ -168,8 +168,16 @@ def test_freed_sequences_take_the_next_segment_with_the_same_tokens(name, tiny_m
         events.append(("round", tuple(sorted(s.seq for s in live if not s.done))))
         return decode_round(decoder, live, *args)
 
+    compact = batch_module.compact
+
+    def recording_compact(decoder, live, free, holders):
+        before = set(live)
+        compact(decoder, live, free, holders)
+        events.append(("moved", len(before - set(live))))
+
     monkeypatch.setattr(batch_module, "admit", recording_admit)
     monkeypatch.setattr(batch_module, "decode_round", recording_round)
+    monkeypatch.setattr(batch_module, "compact", recording_compact)
     try:
         want = []
         for piece in pieces:
@@ -198,6 +206,8 @@ def test_freed_sequences_take_the_next_segment_with_the_same_tokens(name, tiny_m
         into_zero += seq == 0 and bool(going_on)
         beside_live_zero += seq != 0 and 0 in going_on
     assert into_zero >= 1 and beside_live_zero >= 1, events
+    # at the end, with no segment left, live sequences moved down to close the gaps
+    assert sum(n for kind, n in events if kind == "moved") >= 1, events
 
 
 def test_forced_token_rate_gives_each_segment_its_own_length(tiny_models, clip):
