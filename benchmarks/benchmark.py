@@ -592,7 +592,7 @@ def build_report(args: argparse.Namespace, info: dict[str, str], results: dict[s
               "decode tok/s", "total s", "RTF", "peak RSS GiB", "vs funasr fp32", "vs funasr bf16"]
     rows = []
     for name, r in results.items():
-        if name in SECTION_RESULTS or name.startswith(("long ", "rss ")):
+        if name in SECTION_RESULTS or name.startswith(LONG_CASES):
             continue
         if "error" in r:
             rows.append([name, f"failed: {r['error'][:150]}"] + [""] * (len(header) - 2))
@@ -682,6 +682,7 @@ SECTION_RESULTS = ("speculative",)
 TARGET_SPEC_OWN = 2.5
 TARGET_SPEC_USELESS = 0.95
 TARGET_BATCHED = 3.0
+LONG_CASES = ("long ", "mixed ", "rss ")  # result-name prefixes of the long-audio section
 MIXED_RATE = 4.5  # forced tokens per second of segment audio in the mixed-length case (the clip: 45 in 10 s)
 
 
@@ -709,7 +710,7 @@ def speculative_section(r: dict[str, Any] | None) -> list[str]:
 
 def long_audio_section(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> list[str]:
     """Issue 7's cases: batched vs sequential throughput on a long file, peak RSS vs file length."""
-    runs = {k: v for k, v in results.items() if k.startswith(("long ", "mixed ", "rss "))}
+    runs = {k: v for k, v in results.items() if k.startswith(LONG_CASES)}
     if not runs:
         return []
     rows = []
