@@ -52,12 +52,24 @@ class SetupError(RuntimeError):
     """Something about the models or the options, not about one input file."""
 
 
-def context_per_sequence(max_new_tokens: int) -> int:
-    """KV cells per sequence: the prompt, up to 30 s of audio rows and the new tokens.
+PROMPT_TEXT_CELLS = 64  # system turn, task prompt and turn markers around the audio: about 25 tokens
+AUDIO_ROWS_PER_SECOND = 100 / 48  # 10 ms fbank frames, LFR 6, then the adaptor's three halvings
+SEGMENT_MARGIN_SECONDS = 2.0  # the VAD pads segments beyond the cut
+HOTWORD_TEXT_CHARS = 80  # the preamble funasr puts before a hotword list, in characters
 
-    A batch gives each segment its own KV stream of this size (tokens then equal decoding it alone).
+
+def context_per_sequence(max_new_tokens: int, max_segment_seconds: float = 30.0, hotwords: str = "") -> int:
+    """KV cells per sequence: the prompt text, the audio rows of the longest segment and the new tokens.
+
+    A batch gives each segment its own KV stream of this size (tokens then equal decoding it alone),
+    and llama.cpp clears every stream at start, so each cell is resident memory (112 KiB for
+    Qwen3-0.6B's f16 cache): size it to the longest segment instead of a fixed 768-cell prompt.
+    Hotwords go into the prompt at up to one token per character, counted twice for safety.
+    Rounded up to 256 cells, llama.cpp's padding.
     """
-    return 768 + (max_new_tokens + 255) // 256 * 256
+    text = PROMPT_TEXT_CELLS + (2 * (HOTWORD_TEXT_CHARS + len(hotwords)) if hotwords else 0)
+    rows = int((max_segment_seconds + SEGMENT_MARGIN_SECONDS) * AUDIO_ROWS_PER_SECOND) + 4
+    return (text + rows + max_new_tokens + 255) // 256 * 256
 
 
 def build_parser(preset: Preset) -> argparse.ArgumentParser:
@@ -131,7 +143,7 @@ def _run(preset: Preset, args: argparse.Namespace) -> int:
     n_gpu_layers, providers = 0, None
     if preset.gpu:
         n_gpu_layers, providers = _gpu_setup(gpu_offload_supported())
-    n_ctx = context_per_sequence(max(args.max_new_tokens, args.force_tokens))
+    n_ctx = context_per_sequence(max(args.max_new_tokens, args.force_tokens), args.max_segment, args.hotwords or "")
     decoder_options = DecoderOptions(threads=args.threads, n_gpu_layers=n_gpu_layers, n_seq_max=args.batch_size,
                                      n_ctx=n_ctx)
     try:

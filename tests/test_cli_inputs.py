@@ -368,3 +368,26 @@ def test_interrupted_write_leaves_neither_output_nor_temporary(tmp_path, monkeyp
         writers.write_atomic(target, "second\n")
     assert target.read_text(encoding="utf-8") == "first\n"
     assert [p.name for p in target.parent.iterdir()] == ["a.txt"]
+
+
+@pytest.mark.parametrize("max_segment", [5.0, 30.0, 90.0])
+@pytest.mark.parametrize("hotwords", ["", "通义,魔搭", "Kubernetes,PostgreSQL,张三丰,深度学习框架,ONNX Runtime,魔搭社区" * 4])
+def test_context_holds_the_longest_segment_with_its_prompt(hotwords, max_segment, tiny_models):
+    """The KV size the CLI asks for covers the real prompt of a segment at the VAD's longest (+ padding)."""
+    from common.cli import context_per_sequence
+    from common.prompt import PromptOptions, parse_hotwords
+    from common.transcriber import Transcriber
+
+    engine = Transcriber(tiny_models)
+    try:
+        seconds = max_segment + 0.2  # the VAD pads a cut segment by 0.1 s on each side
+        wave = (0.01 * np.random.default_rng(0).standard_normal(int(seconds * 16000))).astype(np.float32)
+        prepared = engine.prepare(wave, PromptOptions(hotwords=parse_hotwords(hotwords)))
+    finally:
+        engine.close()
+    max_new = 512
+    cells = context_per_sequence(max_new, max_segment, hotwords)
+    assert prepared.length + max_new <= cells
+    assert cells % 256 == 0
+    if not hotwords:  # hotwords are counted generously; without them, no more than llama.cpp's padding to spare
+        assert cells - (prepared.length + max_new) < 256 + 64
