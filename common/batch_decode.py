@@ -20,8 +20,8 @@ than that, a sequence that ends takes the next segment at once (`decode_stream`)
 long segment does not leave the others' slots idle while it finishes.
 
 Use llama.cpp's default split KV cache (one stream per sequence, `kv_unified=False`):
-each sequence's cache is then laid out exactly as when it is decoded alone, and the tokens are bit-for-bit those of one-by-one decoding (tested
-with f32 and f16 GGUFs). A unified cache also works and stores the prefix once, but with
+each sequence's cache is then laid out exactly as when it is decoded alone, and the tokens
+are bit-for-bit those of one-by-one decoding (tested with f32 and f16 GGUFs). A unified cache also works and stores the prefix once, but with
 flash attention (llama.cpp's CPU default) the results then depend on where earlier calls
 left free cells: two identical calls can differ in the last bits of the logits.
 """
@@ -156,16 +156,16 @@ def decode_stream(
             logits = admit(decoder, prompt, before, seq, holders)
             t1 = time.perf_counter()
             _add(clock, "prefill", t1 - t0)
-            if not job.draft and not live and (width == 1 or lookahead is None):
+            state = SeqState(seq=seq, pos=prompt.length, logits=logits, draft=list(job.draft or []),
+                             forced=job.forced)
+            if not state.draft and not live and (width == 1 or lookahead is None):
                 # alone in the context: the lean one-row loop (the common single-segment case)
-                most, least = (job.forced, job.forced) if job.forced is not None else (max_new_tokens, min_new_tokens)
+                most, least = limits(state, max_new_tokens, min_new_tokens)
                 tokens = decoder.greedy(logits, prompt.length, most, seq, least, guard)
                 _add(clock, "decode", time.perf_counter() - t1)
                 free.insert(0, seq)
                 yield index, finish(tokens, guard, least)
                 continue
-            state = SeqState(seq=seq, pos=prompt.length, logits=logits, draft=list(job.draft or []),
-                             forced=job.forced)
             begin(state, stop, max_new_tokens, min_new_tokens, guard)
             if state.done:
                 free.insert(0, seq)

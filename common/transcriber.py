@@ -119,6 +119,15 @@ class Transcript:
 
 
 @dataclass
+class _Piece:
+    """One (span, audio) piece on its way through `_transcribe_pieces`: prompt until decoded, then its segment."""
+
+    span: Span
+    prepared: PreparedPrompt | None
+    segment: Segment | None = None
+
+
+@dataclass
 class PreparedPrompt:
     """One segment's prompt: the shared text before the audio, then the rows decoded per segment."""
 
@@ -388,23 +397,21 @@ class Transcriber:
         memory holds at most n_seq_max prepared segments plus the finished ones waiting for an
         earlier, longer one to end.
         """
-        sr = self.frontend.sample_rate
-        order: deque[list] = deque()  # [span, prepared, segment or None], input order
-        by_job: list[list] = []
+        order: deque[_Piece] = deque()  # input order
+        by_job: list[_Piece] = []
 
         def jobs() -> Iterator[Job]:
             for span, audio in pieces:
                 prepared = None if is_digital_silence(audio) else self.prepare(audio, options.prompt, timings)
-                entry = [span, prepared, None]
-                order.append(entry)
+                piece = _Piece(span, prepared)
+                order.append(piece)
                 if prepared is None:
-                    start, end = (round(x, 3) for x in span.seconds(sr))
-                    entry[2] = Segment(start, end, "", [], 0)
+                    piece.segment = Segment(*self._seconds(span), "", [], 0)
                     continue
-                by_job.append(entry)
+                by_job.append(piece)
                 self._cached_before = None  # sequence 0 changes from here until a result is out
                 rate = options.forced_tokens_per_second
-                forced = max(1, round(rate * len(audio) / sr)) if rate > 0 else None
+                forced = max(1, round(rate * len(audio) / self.frontend.sample_rate)) if rate > 0 else None
                 yield Job(prepared, self._draft(prepared, options, timings), forced)
 
         before = self.decoder.tokenize(build_prompt(options.prompt, sys_prompt=self.settings.sys_prompt,
@@ -413,19 +420,26 @@ class Transcriber:
         stream = decode_stream(self.decoder, jobs(), options.max_new_tokens, min_new_tokens=options.min_new_tokens,
                                guard=options.guard, timings=timings, prefix_ready=ready, refill=options.refill)
         for index, decoded in stream:
-            entry = by_job[index]
-            entry[2] = self._segment(entry[0], entry[1], decoded, options, timings)
-            entry[1] = None  # the encoder output is no longer needed
+            piece = by_job[index]
+            assert piece.prepared is not None
+            piece.segment = self._segment(piece.span, piece.prepared, decoded, options, timings)
+            piece.prepared = None  # the encoder output is no longer needed
             self._cached_before = before
-            while order and order[0][2] is not None:
-                yield order.popleft()[2]
+            while order and order[0].segment is not None:
+                yield order.popleft().segment
         while order:  # trailing silent pieces
-            yield order.popleft()[2]
+            segment = order.popleft().segment
+            assert segment is not None
+            yield segment
+
+    def _seconds(self, span: Span) -> tuple[float, float]:
+        start, end = span.seconds(self.frontend.sample_rate)
+        return round(start, 3), round(end, 3)
 
     def _segment(self, span: Span, prepared: PreparedPrompt, decoded: Decoded, options: TranscribeOptions,
                  timings: dict[str, float]) -> Segment:
         """The text (and sentence times) of one decoded piece."""
-        start, end = (round(x, 3) for x in span.seconds(self.frontend.sample_rate))
+        start, end = self._seconds(span)
         if decoded.looped:
             warn(loop_message(f"segment {start:.2f}-{end:.2f} s", len(decoded.tokens)))
         text = clean_text(self.decoder.detokenize(decoded.tokens))
