@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from common.release import DEFAULT_RELEASE_DIR, ReleaseError, ensure_release
+from common.export.release import DEFAULT_RELEASE_DIR, ReleaseError, ensure_release
 
 EXAMPLES = """\
 examples:
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     except ReleaseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from common.export_onnx import ExportError, export_onnx, stderr_log
+    from common.export.export_onnx import ExportError, export_onnx, stderr_log
 
     try:
         paths = export_onnx(model_dir, args.out_dir, int8=not args.no_int8, log=None if args.quiet else stderr_log)

@@ -12,8 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from common.export_gguf import DEFAULT_TYPE, SUPPORTED_TYPES, ExportError, export_gguf, parse_types
-from common.release import DEFAULT_RELEASE_DIR, ReleaseError, ensure_release
+from common.export.export_gguf import DEFAULT_TYPE, SUPPORTED_TYPES, ExportError, export_gguf, parse_types
+from common.export.release import DEFAULT_RELEASE_DIR, ReleaseError, ensure_release
 
 EXAMPLES = """\
 examples:

@@ -6,7 +6,7 @@
     python benchmarks/benchmark.py --smoke                # tiny checkpoint, 1 run, 8 tokens (CI)
 
 The real weights are not needed: a checkpoint of the full shapes with random weights
-(tests/checkpoint.py) is built once and exported with 01 and 02 (fp32 + int8 ONNX, f16 +
+(testing/checkpoint.py) is built once and exported with 01 and 02 (fp32 + int8 ONNX, f16 +
 q8_0 GGUF) into a cache folder outside git (default ~/.cache/funasr-nano-bench/,
 `--cache DIR`; `--checkpoint DIR` / `--models DIR` reuse folders built elsewhere).
 Random weights give meaningless text, so every run is forced to generate exactly
@@ -96,9 +96,9 @@ def median(values: list[float]) -> float:
 
 def child_build(spec: dict[str, Any]) -> dict[str, Any]:
     """Checkpoint with random weights, then 01's and 02's exports (in-process: one torch import)."""
-    from common.export_gguf import export_gguf
-    from common.export_onnx import export_onnx
-    from tests.checkpoint import build_checkpoint
+    from common.export.export_gguf import export_gguf
+    from common.export.export_onnx import export_onnx
+    from testing.checkpoint import build_checkpoint
 
     t0 = time.perf_counter()
     ckpt = Path(spec["checkpoint"])
@@ -115,9 +115,9 @@ def child_build(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def child_variant(spec: dict[str, Any]) -> dict[str, Any]:
-    """One 03 preset through common.transcriber.Transcriber, in-process."""
-    from common.llm import DecoderOptions
-    from common.transcriber import TranscribeOptions, Transcriber
+    """One 03 preset through common.engine.Transcriber, in-process."""
+    from common.engine import TranscribeOptions, Transcriber
+    from common.models.llm import DecoderOptions
 
     threads, n = spec["threads"], spec["tokens"]
     engine = Transcriber(
@@ -135,7 +135,7 @@ def child_variant(spec: dict[str, Any]) -> dict[str, Any]:
     runs = [engine.transcribe(audio, options) for _ in range(spec["runs"])]
 
     # Prefill with the constant prefix recomputed (a new prompt / the first file), in steady state.
-    from common.audio import load_audio
+    from common.audio.load import load_audio
 
     wave = load_audio(audio, engine.frontend.sample_rate)
     prepared = engine.prepare(wave, options.prompt)
@@ -199,7 +199,7 @@ def child_raw(spec: dict[str, Any]) -> dict[str, Any]:
 
     import llama_cpp as L
 
-    from common.llm import DecoderOptions, LlamaDecoder
+    from common.models.llm import DecoderOptions, LlamaDecoder
 
     threads, n, length = spec["threads"], spec["tokens"], spec["prompt_tokens"]
     gguf = spec["gguf"]
@@ -273,7 +273,7 @@ def child_raw(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def child_funasr(spec: dict[str, Any]) -> dict[str, Any]:
-    """The official funasr AutoModel (PyTorch), loaded offline as tests/oracle.py does, instrumented."""
+    """The official funasr AutoModel (PyTorch), loaded offline as testing/oracle.py does, instrumented."""
     for var in ("MODELSCOPE_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ.setdefault(var, "1")
     import torch
@@ -283,7 +283,7 @@ def child_funasr(spec: dict[str, Any]) -> dict[str, Any]:
     import funasr.models.fun_asr_nano.model as nano_module
     from funasr import AutoModel
 
-    from tests.oracle import quiet_funasr
+    from testing.oracle import quiet_funasr
 
     # CTC timestamps need torchaudio's forced_align, absent here (and not installed on purpose).
     nano_module.forced_align = lambda *args, **kwargs: []
@@ -375,7 +375,7 @@ def child_funasr(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _duration_seconds(audio: str) -> float:
-    from common.audio import load_audio
+    from common.audio.load import load_audio
 
     return load_audio(audio, 16000).shape[0] / 16000
 
@@ -386,10 +386,11 @@ def child_speculative(spec: dict[str, Any]) -> dict[str, Any]:
     Random weights make the real CTC draft meaningless, so the drafts are made from the decoder's
     own greedy output: all right (the upper bound), every second token wrong, random tokens.
     """
-    from common.audio import load_audio
-    from common.llm import DecoderOptions
     from common.speculative import bench_speculative
-    from common.transcriber import Transcriber
+
+    from common.audio.load import load_audio
+    from common.engine import Transcriber
+    from common.models.llm import DecoderOptions
 
     threads = spec["threads"]
     engine = Transcriber(spec["model_dir"], encoder_path=spec["encoder"], gguf_path=spec["gguf"], threads=threads,
@@ -404,8 +405,8 @@ def child_speculative(spec: dict[str, Any]) -> dict[str, Any]:
 
 def child_long(spec: dict[str, Any]) -> dict[str, Any]:
     """One long file through the VAD path, `n_seq_max` segments decoded at a time (issue 7)."""
-    from common.llm import DecoderOptions
-    from common.transcriber import TranscribeOptions, Transcriber
+    from common.engine import TranscribeOptions, Transcriber
+    from common.models.llm import DecoderOptions
 
     threads, n = spec["threads"], spec["tokens"]
     rate = spec.get("rate", 0.0)  # tokens per second of segment audio instead of a fixed count
@@ -862,7 +863,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache", type=Path, default=None, help=f"folder for built models (default: {DEFAULT_CACHE})")
     p.add_argument("--checkpoint", type=Path, default=None, help="use this release-shaped checkpoint folder")
     p.add_argument("--models", type=Path, default=None, help="use these exports (01 + 02 output folder)")
-    p.add_argument("--size", default=None, help="checkpoint shape from tests/checkpoint.py (default full; smoke tiny)")
+    p.add_argument("--size", default=None, help="checkpoint shape from testing/checkpoint.py (default full; smoke tiny)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="also write the report to this markdown file")
     p.add_argument("--json", type=Path, default=None, help="also write the raw measurements as JSON")

@@ -11,65 +11,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import subprocess
 import sys
 import textwrap
-from dataclasses import dataclass
 from pathlib import Path
+
+from common.presets import PRESETS, Preset
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = Path("model-gguf")
 DEFAULT_RELEASE_DIR = Path("Fun-ASR-Nano-2512")
-GGUF_F16 = "qwen3-0.6b-asr.gguf"
-GGUF_Q8_0 = "qwen3-0.6b-asr.q8_0.gguf"
 
 EXIT_OK, EXIT_FAILED_INPUTS, EXIT_SETUP = 0, 1, 2
 
 
-@dataclass(frozen=True)
-class Preset:
-    """What distinguishes one 03 script from another."""
-
-    script: str
-    description: str
-    encoder_file: str
-    gguf_file: str
-    gpu: bool = False
-
-
-PRESETS: dict[str, Preset] = {
-    "cpu": Preset("03_inference_cpu.py", "CPU: fp32 ONNX encoder + f16 GGUF decoder",
-                  "FunASR_Nano_Encoder.onnx", GGUF_F16),
-    "cpu-int8": Preset("03_inference_cpu_int8.py", "CPU: int8 ONNX encoder + q8_0 GGUF decoder",
-                       "FunASR_Nano_Encoder.int8.onnx", GGUF_Q8_0),
-    "gpu": Preset("03_inference_gpu.py", "GPU: every GGUF layer offloaded, GPU ONNX provider when installed",
-                  "FunASR_Nano_Encoder.onnx", GGUF_F16, gpu=True),
-}
-
-
 class SetupError(RuntimeError):
     """Something about the models or the options, not about one input file."""
-
-
-PROMPT_TEXT_CELLS = 64  # system turn, task prompt and turn markers around the audio: about 25 tokens
-AUDIO_ROWS_PER_SECOND = 100 / 48  # 10 ms fbank frames, LFR 6, then the adaptor's three halvings
-SEGMENT_MARGIN_SECONDS = 2.0  # the VAD pads segments beyond the cut
-HOTWORD_TEXT_CHARS = 80  # the preamble funasr puts before a hotword list, in characters
-
-
-def context_per_sequence(max_new_tokens: int, max_segment_seconds: float = 30.0, hotwords: str = "") -> int:
-    """KV cells per sequence: the prompt text, the audio rows of the longest segment and the new tokens.
-
-    A batch gives each segment its own KV stream of this size (tokens then equal decoding it alone),
-    and llama.cpp clears every stream at start, so each cell is resident memory (112 KiB for
-    Qwen3-0.6B's f16 cache): size it to the longest segment instead of a fixed 768-cell prompt.
-    Hotwords go into the prompt at up to one token per character, counted twice for safety.
-    Rounded up to 256 cells, llama.cpp's padding.
-    """
-    text = PROMPT_TEXT_CELLS + (2 * (HOTWORD_TEXT_CHARS + len(hotwords)) if hotwords else 0)
-    rows = int((max_segment_seconds + SEGMENT_MARGIN_SECONDS) * AUDIO_ROWS_PER_SECOND) + 4
-    return (text + rows + max_new_tokens + 255) // 256 * 256
 
 
 def build_parser(preset: Preset) -> argparse.ArgumentParser:
@@ -129,10 +88,12 @@ def main(preset_name: str, argv: list[str] | None = None) -> int:
 
 
 def _run(preset: Preset, args: argparse.Namespace) -> int:
-    from common.llm import DecoderError, DecoderOptions, gpu_offload_supported
-    from common.prompt import PromptOptions, parse_hotwords
-    from common.transcriber import TranscribeOptions, Transcriber
-    from common.writers import output_path, render, write_atomic
+    from common.engine import BenchmarkHooks, Engine, TranscribeOptions
+    from common.models.llm import DecoderError
+    from common.models.prompt import PromptOptions, parse_hotwords
+    from common.output.writers import output_path, render, write_atomic
+
+    _show_engine_messages()
 
     if args.max_new_tokens < 1 or args.threads < 1 or args.max_segment <= 0:
         raise SetupError("--max-new-tokens, --threads and --max-segment must be positive")
@@ -140,23 +101,18 @@ def _run(preset: Preset, args: argparse.Namespace) -> int:
         raise SetupError("--batch-size and --max-cue-seconds must be positive")
     encoder_path, gguf_path = _model_files(preset, args)
 
-    n_gpu_layers, providers = 0, None
-    if preset.gpu:
-        n_gpu_layers, providers = _gpu_setup(gpu_offload_supported())
-    n_ctx = context_per_sequence(max(args.max_new_tokens, args.force_tokens), args.max_segment, args.hotwords or "")
-    decoder_options = DecoderOptions(threads=args.threads, n_gpu_layers=n_gpu_layers, n_seq_max=args.batch_size,
-                                     n_ctx=n_ctx)
     try:
-        engine = Transcriber(args.model_dir, encoder_path=encoder_path, gguf_path=gguf_path, threads=args.threads,
-                             providers=providers, decoder_options=decoder_options)
+        engine = Engine.from_preset(
+            preset_name_of(preset), args.model_dir, threads=args.threads, batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens, max_segment_seconds=args.max_segment, hotwords=args.hotwords or "",
+            encoder_path=encoder_path, gguf_path=gguf_path, hooks=BenchmarkHooks(min_new_tokens=args.force_tokens))
     except (DecoderError, ValueError, RuntimeError, OSError) as exc:
         raise SetupError(_one_line(exc)) from exc
 
     options = TranscribeOptions(
         prompt=PromptOptions(language=args.language, itn=not args.no_itn, hotwords=parse_hotwords(args.hotwords)),
-        max_new_tokens=max(args.max_new_tokens, args.force_tokens),
+        max_new_tokens=args.max_new_tokens,
         max_segment_seconds=args.max_segment,
-        min_new_tokens=args.force_tokens,
         speculative=not args.no_speculative,
         vad=args.vad,
         timestamps=args.format != "txt",
@@ -210,7 +166,7 @@ def _run(preset: Preset, args: argparse.Namespace) -> int:
 
 def _model_files(preset: Preset, args: argparse.Namespace) -> tuple[Path, Path]:
     """The encoder and GGUF to load; exports them first when the model folder is empty."""
-    from common.settings import SETTINGS_FILE
+    from common.models.settings import SETTINGS_FILE
 
     model_dir: Path = args.model_dir
     encoder = args.encoder or model_dir / preset.encoder_file
@@ -247,21 +203,26 @@ def _export(model_dir: Path, release_dir: Path, quiet: bool) -> None:
             )
 
 
-def _gpu_setup(llama_gpu: bool) -> tuple[int, list[str] | None]:
-    """Offload everything that has a GPU backend; say in one line what runs on the CPU instead."""
-    import onnxruntime as ort
+def preset_name_of(preset: Preset) -> str:
+    return next(name for name, p in PRESETS.items() if p == preset)
 
-    available = ort.get_available_providers()
-    gpu_providers = [p for p in ("CUDAExecutionProvider", "ROCMExecutionProvider", "DmlExecutionProvider",
-                                 "CoreMLExecutionProvider") if p in available]
-    if not llama_gpu and not gpu_providers:
-        _error("warning: no GPU found (llama.cpp has no GPU backend, onnxruntime no GPU provider): running on the CPU")
-    elif not llama_gpu:
-        _error("warning: this llama.cpp build has no GPU backend: the decoder runs on the CPU")
-    elif not gpu_providers:
-        _error("warning: onnxruntime has no GPU execution provider: the encoder runs on the CPU")
-    providers = gpu_providers + ["CPUExecutionProvider"] if gpu_providers else None
-    return (-1 if llama_gpu else 0), providers
+
+class _StderrHandler(logging.Handler):
+    """The engine's log records as today's one-line messages, on whatever sys.stderr is at the time."""
+
+    PREFIXES = {logging.WARNING: "warning: ", logging.INFO: "note: ", logging.ERROR: "error: "}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.PREFIXES.get(record.levelno, "") + record.getMessage(), file=sys.stderr, flush=True)
+
+
+def _show_engine_messages() -> None:
+    """Route the `common` loggers' notes and warnings to stderr, one line each (once per process)."""
+    logger = logging.getLogger("common")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        logger.addHandler(_StderrHandler())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 class _SegmentBar:

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.checkpoint import build_checkpoint  # noqa: E402
+from testing.checkpoint import build_checkpoint  # noqa: E402
 
 SHARED_AUDIO = ROOT.parent / "shared" / "audio"
 ZH_MP3 = SHARED_AUDIO / "zh_news_10s.mp3"
@@ -47,7 +47,7 @@ def any_ckpt(request: pytest.FixtureRequest) -> Path:
 
 @pytest.fixture(scope="session")
 def oracle_factory():
-    from tests.oracle import oracle_for
+    from testing.oracle import oracle_for
 
     return lambda path, rope="fp32": oracle_for(str(path), rope)
 

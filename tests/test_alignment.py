@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.alignment import (
+from common.models.ctc import CTCVocabulary, greedy_ctc, read_tiktoken
+from common.output.alignment import (
     GPT2_PATTERN,
     BPEEncoder,
     char_times,
@@ -30,8 +31,7 @@ from common.alignment import (
     split_pieces,
     target_text,
 )
-from common.ctc import CTCVocabulary, greedy_ctc, read_tiktoken
-from common.subtitles import segment_cues
+from common.output.subtitles import segment_cues
 
 CORPUS = [
     "今天天气很好，我们去公园散步吧！你觉得怎么样？",
@@ -444,10 +444,10 @@ def test_sentence_times_fallback_is_proportional() -> None:
 @pytest.fixture(scope="module")
 def tiny_ctc(tiny_models: Path, zh_mp3: Path):
     """The tiny model's CTC log-probs for the shared news clip, and its vocabulary."""
-    from common.audio import load_audio
-    from common.encoder import AudioEncoder, CTCHead
-    from common.features import FrontendConfig, compute_features
-    from common.settings import ModelSettings
+    from common.audio.features import FrontendConfig, compute_features
+    from common.audio.load import load_audio
+    from common.models.encoder import AudioEncoder, CTCHead
+    from common.models.settings import ModelSettings
 
     s = ModelSettings.load(tiny_models)
     assert s.ctc is not None

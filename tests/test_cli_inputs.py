@@ -61,7 +61,7 @@ def assert_clean_success(proc: subprocess.CompletedProcess) -> None:
 @pytest.fixture(scope="module")
 def speech(zh_mp3) -> np.ndarray:
     """The first 4 s of the shared news clip at 16 kHz: real speech the VAD keeps."""
-    from common.audio import load_audio
+    from common.audio.load import load_audio
 
     return load_audio(zh_mp3)[: 4 * 16000]
 
@@ -355,7 +355,7 @@ def test_rerun_skips_existing_outputs_unless_overwrite(speech, tiny_models, tmp_
 
 
 def test_interrupted_write_leaves_neither_output_nor_temporary(tmp_path, monkeypatch):
-    from common import writers
+    from common.output import writers
 
     target = tmp_path / "out" / "a.txt"
     writers.write_atomic(target, "first\n")
@@ -374,11 +374,11 @@ def test_interrupted_write_leaves_neither_output_nor_temporary(tmp_path, monkeyp
 @pytest.mark.parametrize("hotwords", ["", "通义,魔搭", "Kubernetes,PostgreSQL,张三丰,深度学习框架,ONNX Runtime,魔搭社区" * 4])
 def test_context_holds_the_longest_segment_with_its_prompt(hotwords, max_segment, tiny_models):
     """The KV size the CLI asks for covers the real prompt of a segment at the VAD's longest (+ padding)."""
-    from common.cli import context_per_sequence
-    from common.prompt import PromptOptions, parse_hotwords
-    from common.transcriber import Transcriber
+    from common.engine import Engine
+    from common.models.prompt import PromptOptions, parse_hotwords
+    from common.presets import context_per_sequence
 
-    engine = Transcriber(tiny_models)
+    engine = Engine(tiny_models)
     try:
         seconds = max_segment + 0.2  # the VAD pads a cut segment by 0.1 s on each side
         wave = (0.01 * np.random.default_rng(0).standard_normal(int(seconds * 16000))).astype(np.float32)

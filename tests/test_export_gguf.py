@@ -1,4 +1,4 @@
-"""02_export_gguf.py / common.export_gguf: the Qwen3 GGUF must behave exactly like the Hugging Face model.
+"""02_export_gguf.py / common.export.export_gguf: the Qwen3 GGUF must behave exactly like the Hugging Face model.
 
 Reference: transformers' Qwen3ForCausalLM built from the same bf16 weights (as
 f32). llama.cpp runs with an f32 KV cache and no flash attention so that only
@@ -17,7 +17,7 @@ import gguf
 import numpy as np
 import pytest
 
-from common.export_gguf import (
+from common.export.export_gguf import (
     ExportError,
     Qwen3Params,
     export_gguf,
@@ -26,7 +26,7 @@ from common.export_gguf import (
     plan_tensors,
     read_qwen3_params,
 )
-from common.release import load_state_dict, sub_state_dict
+from common.export.release import load_state_dict, sub_state_dict
 from tests.llama_helpers import GGUFModel, capture_llama_log, read_gguf
 
 torch = pytest.importorskip("torch")

@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.ctc import CTCVocabulary, greedy_ctc, read_tiktoken
-from common.encoder import AudioEncoder, CTCHead, OnnxModelError
-from common.settings import (
+from common.audio.vad import VAD_FILE, find_vad_model
+from common.models.ctc import CTCVocabulary, greedy_ctc, read_tiktoken
+from common.models.encoder import AudioEncoder, CTCHead, OnnxModelError
+from common.models.settings import (
     CTC_FILE,
     CTC_INT8_FILE,
     CTC_VOCAB_FILE,
@@ -30,7 +31,6 @@ from common.settings import (
     SETTINGS_FILE,
     ModelSettings,
 )
-from common.vad import VAD_FILE, find_vad_model
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = ROOT / "01_export_onnx.py"

@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.audio import AudioError, audio_duration, iter_audio_blocks, load_audio
-from common.features import (
+from common.audio.features import (
     FrontendConfig,
     apply_lfr,
     audio_token_count,
@@ -26,6 +25,7 @@ from common.features import (
     fbank,
     lfr_frame_count,
 )
+from common.audio.load import AudioError, audio_duration, iter_audio_blocks, load_audio
 from tests.audio_fixtures import espeak_wav, have_espeak, make_aac_m4a, make_tone_wav, tone_signal
 
 TOL = 1e-4

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.checkpoint import FULL, expected_shapes, shape_for, write_release_files
+from testing.checkpoint import FULL, expected_shapes, shape_for, write_release_files
 
 
 def test_funasr_transcribes_builder_checkpoint_deterministically(tiny_ckpt: Path, zh_mp3: Path, oracle_factory):

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.audio import load_audio
-from common.prompt import PromptOptions
-from common.transcriber import TranscribeOptions
+from common.audio.load import load_audio
+from common.engine import TranscribeOptions
+from common.models.prompt import PromptOptions
 from tests.exported import parity_engine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,7 +59,7 @@ def _check_parity(engine, oracle, audio: Path, options: PromptOptions) -> None:
     wave = load_audio(audio)
 
     prepared = engine.prepare(wave, options)
-    ours_prompt = prepared.before_ids + [0] * prepared.audio_rows.shape[0] + prepared.after_ids
+    ours_prompt = prepared.prefix_ids + [0] * prepared.audio_rows.shape[0] + prepared.suffix_ids
     assert ours_prompt == ref.prompt_ids, "prompt token layout differs from funasr's"
     assert prepared.audio_rows.shape[0] == ref.audio_len
 
@@ -70,7 +70,7 @@ def _check_parity(engine, oracle, audio: Path, options: PromptOptions) -> None:
     bound = TOLERANCE * float(want.std())
     assert diff <= bound, f"max |logit diff| {diff:.3g} > {bound:.3g} (1e-3 of std)"
 
-    transcript = engine.transcribe(wave, TranscribeOptions(prompt=options, max_new_tokens=STEPS))
+    transcript = engine.transcribe(wave, TranscribeOptions(prompt=options, max_new_tokens=STEPS, vad="none"))
     assert transcript.segments[0].token_ids == ref.token_ids
     assert transcript.text == ref.text
 
@@ -90,15 +90,15 @@ def test_f16_gguf_tokens_equal_or_explained(tiny_models, tiny2_models, tiny_ckpt
                                             oracle_factory):
     """f16 weights round the bf16 checkpoint's values differently; tokens must match unless funasr's
     own top-2 logits were closer than the f16 error at the step where we differ."""
-    from common.transcriber import Transcriber
+    from common.engine import Engine
 
     for models, ckpt in ((tiny_models, tiny_ckpt), (tiny2_models, tiny2_ckpt)):
         oracle = oracle_factory(ckpt)
-        engine = Transcriber(models, gguf_path=models / "qwen3-0.6b-asr.gguf")
+        engine = Engine(models, gguf_path=models / "qwen3-0.6b-asr.gguf")
         try:
             for audio in (zh_mp3, en_wav):
                 ref = oracle.run(audio, max_new_tokens=STEPS)
-                ours = engine.transcribe(audio, TranscribeOptions(max_new_tokens=STEPS)).segments[0].token_ids
+                ours = engine.transcribe(audio, TranscribeOptions(max_new_tokens=STEPS, vad="none")).segments[0].token_ids
                 if ours == ref.token_ids:
                     continue
                 k = next(i for i, (a, b) in enumerate(zip(ours, ref.token_ids)) if a != b)
@@ -124,7 +124,7 @@ def test_long_input_is_cut_into_segments_that_cover_it(engines, tiny_ckpt, zh_mp
     clip = load_audio(zh_mp3)
     reps = int(np.ceil(75 * 16000 / clip.shape[0]))
     wave = np.tile(clip, reps)[: 75 * 16000]
-    transcript = engine.transcribe(wave, TranscribeOptions(max_new_tokens=8))
+    transcript = engine.transcribe(wave, TranscribeOptions(max_new_tokens=8, vad="none"))
     segs = transcript.segments
     assert len(segs) == 3
     assert segs[0].start == 0.0 and segs[-1].end == pytest.approx(75.0)
@@ -157,16 +157,16 @@ def _run_script(script: str, *args: str, env_extra: dict | None = None) -> subpr
     ("03_inference_gpu.py", "FunASR_Nano_Encoder.onnx", "qwen3-0.6b-asr.gguf"),
 ])
 def test_scripts_print_what_the_engine_computes(script, encoder, gguf, tiny_models, zh_mp3):
-    from common.llm import DecoderOptions
-    from common.transcriber import Transcriber
+    from common.engine import Engine
+    from common.models.llm import DecoderOptions
 
     proc = _run_script(script, str(zh_mp3), "--model-dir", str(tiny_models), "--max-new-tokens", "12",
                        "--threads", "2", "--vad", "none")
     assert proc.returncode == 0, proc.stderr
-    engine = Transcriber(tiny_models, encoder_path=tiny_models / encoder, gguf_path=tiny_models / gguf,
+    engine = Engine(tiny_models, encoder_path=tiny_models / encoder, gguf_path=tiny_models / gguf,
                          decoder_options=DecoderOptions(threads=2))
     try:
-        expected = engine.transcribe(zh_mp3, TranscribeOptions(max_new_tokens=12)).text
+        expected = engine.transcribe(zh_mp3, TranscribeOptions(max_new_tokens=12, vad="none")).text
     finally:
         engine.close()
     assert proc.stdout == expected + "\n"
@@ -211,7 +211,7 @@ def test_tokens_equal_funasr_as_shipped_with_bf16_rounded_rope(engines, tiny_ckp
         oracle = oracle_factory(ckpt, rope="as_loaded")
         for audio in (zh_mp3, en_wav):
             ref = oracle.run(audio, max_new_tokens=STEPS)
-            got = engines[name].transcribe(audio, TranscribeOptions(max_new_tokens=STEPS))
+            got = engines[name].transcribe(audio, TranscribeOptions(max_new_tokens=STEPS, vad="none"))
             assert got.segments[0].token_ids == ref.token_ids
             ours = engines[name].teacher_forced_logits(load_audio(audio), PromptOptions(), ref.token_ids)
             want = oracle.teacher_forced_logits(ref.prompt_embeds, ref.token_ids)

@@ -18,15 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.audio import load_audio
-from common.batch_decode import decode_batch, finish
-from common.llm import DecoderOptions
-from common.prompt import PromptOptions
-from common.repetition import NO_GUARD, RepetitionGuard
-from common.segments import Span
-from common.subtitles import render_srt, render_vtt, split_sentences, transcript_cues
-from common.transcriber import STAGES, TranscribeOptions, Transcriber
-from common.vad import (
+from common.audio.load import load_audio
+from common.audio.vad import (
     VAD_FILE,
     SileroVad,
     SpeechSegmenter,
@@ -35,6 +28,14 @@ from common.vad import (
     find_vad_model,
     speech_spans,
 )
+from common.decoding import Job, StopRule
+from common.decoding.repetition import NO_GUARD, RepetitionGuard
+from common.engine import BenchmarkHooks, Engine, TranscribeOptions
+from common.models.llm import DecoderOptions
+from common.models.prompt import PromptOptions
+from common.output.subtitles import render_srt, render_vtt, split_sentences, transcript_cues
+from testing import reference
+from testing.drafts import make_draft
 from tests.audio_fixtures import espeak_wav, have_espeak
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,8 +71,8 @@ def test_guard_needs_a_full_window_and_finds_loops():
     few = varied[:5] + [int(x) for x in np.random.default_rng(0).integers(1, 4, 40)]  # 3 ids, no period
     assert guard.period(few) == 0 and guard.trim(few) == few
     assert not NO_GUARD.looping([7] * 100)
-    assert finish([7] * 40, guard).looped and finish([7] * 40, guard).tokens == [7]
-    assert finish([7] * 40, guard, min_new_tokens=40).tokens == [7] * 40  # benchmarks force a length
+    assert StopRule(64, 0, guard).finish([7] * 40) == ([7], True)
+    assert StopRule(64, 40, guard).finish([7] * 40)[0] == [7] * 40  # benchmarks force a length
 
 
 # --------------------------------------------------------------------------- batched decoding
@@ -82,18 +83,26 @@ ENGINES = {
 }
 
 
-def _engine(models: Path, cfg: dict, n_seq: int) -> Transcriber:
+def _engine(models: Path, cfg: dict, n_seq: int, **kwargs) -> Engine:
     options = DecoderOptions(threads=2, n_ctx=512, n_seq_max=n_seq, kv_f32=cfg["kv_f32"],
                              flash_attn=cfg["flash_attn"], kv_unified=cfg["kv_unified"])
-    return Transcriber(models, gguf_path=models / cfg["gguf"], decoder_options=options)
+    return Engine(models, gguf_path=models / cfg["gguf"], decoder_options=options, **kwargs)
 
 
-def _one_by_one(engine: Transcriber, pieces, max_new: int, guard: RepetitionGuard) -> list[list[int]]:
-    out = []
-    for piece in pieces:
-        prepared = engine.prepare(piece, PromptOptions())
-        tokens = engine.decoder.greedy(engine.prefill(prepared), prepared.length, max_new, guard=guard)
-        out.append(finish(tokens, guard).tokens)
+def _one_by_one(engine: Engine, pieces, rule: StopRule) -> list[list[int]]:
+    """Each piece decoded alone by the independent reference, the guard's trim applied."""
+    prepared = [engine.prepare(piece, PromptOptions()) for piece in pieces]
+    return engine.scheduler.call(lambda d, _: [rule.finish(reference.decode_alone(
+        d, p, rule.max_new_tokens, rule.min_new_tokens, rule.guard))[0] for p in prepared])
+
+
+def _decode_all(engine: Engine, pieces, rule: StopRule, drafts=None):
+    """Every piece through the scheduler at once (one stream), results in input order."""
+    jobs = [Job(engine.prepare(p, PromptOptions()).prompt, rule, None if drafts is None else drafts[i])
+            for i, p in enumerate(pieces)]
+    out = [None] * len(jobs)
+    for index, decoded in engine.scheduler.stream(jobs):
+        out[index] = decoded
     return out
 
 
@@ -104,9 +113,8 @@ def test_batched_tokens_equal_one_by_one(name, tiny_models, clip):
     single = _engine(tiny_models, cfg, 1)
     batched = _engine(tiny_models, cfg, 4)  # 5 segments: a group of 4, then 1 (prefix reused)
     try:
-        want = _one_by_one(single, pieces, 20, NO_GUARD)
-        prompts = [batched.prepare(p, PromptOptions()) for p in pieces]
-        got = [d.tokens for d in decode_batch(batched.decoder, prompts, 20)]
+        want = _one_by_one(single, pieces, StopRule(20, 0, NO_GUARD))
+        got = [d.tokens for d in _decode_all(batched, pieces, StopRule(20, 0, NO_GUARD))]
     finally:
         single.close()
         batched.close()
@@ -114,81 +122,54 @@ def test_batched_tokens_equal_one_by_one(name, tiny_models, clip):
     assert got == want
 
 
-def test_repetition_guard_stops_both_paths_alike(tiny_models, clip, capfd):
+def test_repetition_guard_stops_both_paths_alike(tiny_models, clip, caplog):
     """Random weights loop on one token: both paths stop early, at the same token, and say so once."""
+    from concurrent.futures import ThreadPoolExecutor
+
     cfg = ENGINES["f16-split"]
     pieces = [clip[int(a * SR): int(b * SR)] for a, b in CUTS[:3]]
     single = _engine(tiny_models, cfg, 1)
     batched = _engine(tiny_models, cfg, 3)
-    guard = RepetitionGuard()
+    rule = StopRule(64, 0, RepetitionGuard())
     try:
-        want = _one_by_one(single, pieces, 64, guard)
-        prompts = [batched.prepare(p, PromptOptions()) for p in pieces]
-        decoded = decode_batch(batched.decoder, prompts, 64, guard=guard)
-        # the transcriber's batched path on the same pieces: same tokens, one warning per looping segment
-        timings = dict.fromkeys(STAGES, 0.0)
-        segments = list(batched._transcribe_pieces([(Span(0, len(p)), p) for p in pieces],
-                                                   TranscribeOptions(max_new_tokens=64), timings))
+        want = _one_by_one(single, pieces, rule)
+        decoded = _decode_all(batched, pieces, rule)
+        # the engine on the same pieces, three callers at once sharing the batch: same tokens, one warning each
+        options = TranscribeOptions(max_new_tokens=64, vad="none")
+        with caplog.at_level("WARNING", logger="common"), ThreadPoolExecutor(3) as pool:
+            segments = [t.segments[0] for t in pool.map(lambda p: batched.transcribe(p, options), pieces)]
     finally:
         single.close()
         batched.close()
     assert [d.tokens for d in decoded] == want
     assert any(d.looped for d in decoded) and all(len(d.tokens) < 64 for d in decoded if d.looped)
     assert [s.token_ids for s in segments] == want
-    err = capfd.readouterr().err
-    assert err.count("decoding loop detected") == sum(d.looped for d in decoded)
+    assert sum("decoding loop detected" in r.getMessage() for r in caplog.records) == sum(d.looped for d in decoded)
 
 
 @pytest.mark.parametrize("name", ["f32-split", "f16-split"])
-def test_freed_sequences_take_the_next_segment_with_the_same_tokens(name, tiny_models, clip, monkeypatch):
+def test_freed_sequences_take_the_next_segment_with_the_same_tokens(name, tiny_models, clip):
     """Continuous batching: 8 segments through 3 sequences, finishing at different rounds.
 
     Drafts make some sequences finish in a few rounds while others take one token per round, so
     a freed sequence takes the next segment (keeping its copy of the prompt prefix) while the
     others go on, sequence 0 among them; at the end, sequences move down into freed ids. Every
-    segment must still get the tokens of decoding it alone.
+    segment must still get the tokens of decoding it alone. The scheduler's observer shows it.
     """
-    import common.batch_decode as batch_module
-    from common.speculative import make_draft
-
     cfg = ENGINES[name]
     cuts = CUTS + [(0.5, 4.0), (3.0, 8.0), (6.0, 10.0)]
     pieces = [clip[int(a * SR): int(b * SR)] for a, b in cuts]
     n_tokens = 24
-    single = _engine(tiny_models, cfg, 1)
-    batched = _engine(tiny_models, cfg, 3)
     events: list[tuple[str, object]] = []
-    admit, decode_round = batch_module.admit, batch_module.decode_round
-
-    def recording_admit(decoder, prompt, before, seq, holders):
-        events.append(("admit", seq))
-        return admit(decoder, prompt, before, seq, holders)
-
-    def recording_round(decoder, live, *args):
-        events.append(("round", tuple(sorted(s.seq for s in live if not s.done))))
-        return decode_round(decoder, live, *args)
-
-    compact = batch_module.compact
-
-    def recording_compact(decoder, live, free, holders):
-        before = set(live)
-        compact(decoder, live, free, holders)
-        events.append(("moved", len(before - set(live))))
-
-    monkeypatch.setattr(batch_module, "admit", recording_admit)
-    monkeypatch.setattr(batch_module, "decode_round", recording_round)
-    monkeypatch.setattr(batch_module, "compact", recording_compact)
+    single = _engine(tiny_models, cfg, 1)
+    batched = _engine(tiny_models, cfg, 3, observer=lambda event, detail: events.append((event, detail)))
     try:
-        want = []
-        for piece in pieces:
-            prepared = single.prepare(piece, PromptOptions())
-            want.append(single.decoder.greedy(single.prefill(prepared), prepared.length, n_tokens,
-                                              min_new_tokens=n_tokens))
+        want = _one_by_one(single, pieces, StopRule.forced(n_tokens))
         rng = np.random.default_rng(0)
         kinds = ["own", None, "half", "own", None, "own", "random", None]
         drafts = [None if k is None else make_draft(w, k, rng, batched.decoder.n_vocab) for w, k in zip(want, kinds)]
-        prompts = [batched.prepare(p, PromptOptions()) for p in pieces]
-        got = decode_batch(batched.decoder, prompts, n_tokens, min_new_tokens=n_tokens, drafts=drafts)
+        events.clear()
+        got = _decode_all(batched, pieces, StopRule.forced(n_tokens), drafts)
     finally:
         single.close()
         batched.close()
@@ -207,22 +188,27 @@ def test_freed_sequences_take_the_next_segment_with_the_same_tokens(name, tiny_m
         beside_live_zero += seq != 0 and 0 in going_on
     assert into_zero >= 1 and beside_live_zero >= 1, events
     # at the end, with no segment left, live sequences moved down to close the gaps
-    assert sum(n for kind, n in events if kind == "moved") >= 1, events
+    assert any(kind == "move" for kind, _ in events), events
+    # rows always in increasing sequence order
+    assert all(list(what) == sorted(what) for kind, what in events if kind == "round")
 
 
 def test_forced_token_rate_gives_each_segment_its_own_length(tiny_models, clip):
     """The benchmark's forcing by duration: segment lengths follow the audio, batched output = one by one."""
     cfg = ENGINES["f16-split"]
-    options = TranscribeOptions(vad="none", max_segment_seconds=2.0, forced_tokens_per_second=4.0, speculative=False)
-    single = _engine(tiny_models, cfg, 1)
-    batched = _engine(tiny_models, cfg, 3)
+    options = TranscribeOptions(vad="none", max_segment_seconds=2.0, speculative=False)
+    rate = BenchmarkHooks(tokens_per_second=4.0)
+    single = _engine(tiny_models, cfg, 1, hooks=rate)
+    batched = _engine(tiny_models, cfg, 3, hooks=rate)
+    fixed = _engine(tiny_models, cfg, 3, hooks=dataclasses.replace(rate, refill=False))
     try:
         alone = single.transcribe(clip, options)
         together = batched.transcribe(clip, options)
-        grouped = batched.transcribe(clip, dataclasses.replace(options, refill=False))
+        grouped = fixed.transcribe(clip, options)
     finally:
         single.close()
         batched.close()
+        fixed.close()
     counts = [len(s.token_ids) for s in together.segments]
     assert len(counts) >= 5 and len(set(counts)) > 1
     assert all(abs(n - 4.0 * (s.end - s.start)) <= 1 for n, s in zip(counts, together.segments))
@@ -344,7 +330,7 @@ def test_transcriber_decodes_the_vad_segments_batched(tiny_models, layout, tmp_p
         got = batched.transcribe(path, TranscribeOptions(max_new_tokens=10, vad="silero"))
         silent = batched.transcribe(np.zeros(20 * SR, np.float32), TranscribeOptions(vad="silero"))
         alone = [single.transcribe(wave[int(round(s.start * SR)): int(round(s.end * SR))],
-                                   TranscribeOptions(max_new_tokens=10)).segments[0].token_ids
+                                   TranscribeOptions(max_new_tokens=10, vad="none")).segments[0].token_ids
                  for s in got.segments]
     finally:
         batched.close()
@@ -438,48 +424,49 @@ def test_cli_writes_subtitles(tiny_models, clip, tmp_path):
 
 def test_transcriber_aligns_sentences_on_the_ctc_posteriors(tiny_models, clip):
     """With the CTC head: each segment's text is forced-aligned on the head's log-probs (its own run)."""
-    from common.alignment import char_times, sentence_times
+    from common.output.alignment import char_times, sentence_times
 
     engine = _engine(tiny_models, ENGINES["f16-split"], 2)
     try:
         wave = np.concatenate([clip, np.zeros(SR, np.float32), clip[: 6 * SR]])
         got = engine.transcribe(wave, TranscribeOptions(max_new_tokens=6, vad="silero", timestamps=True))
         plain = engine.transcribe(wave, TranscribeOptions(max_new_tokens=6, vad="silero"))
-        ctc = engine.drafter()
-        assert got.extra["timestamps"] == "ctc" and "timestamps" not in plain.extra
+        ctc = engine.ctc
+        assert got.timestamps == "ctc" and plain.timestamps is None
         assert [s.token_ids for s in got.segments] == [s.token_ids for s in plain.segments]
         assert len(got.segments) >= 2 and all(not s.sentences and s.char_times is None for s in plain.segments)
         aligned = 0
         for seg in got.segments:
             piece = wave[int(round(seg.start * SR)): int(round(seg.end * SR))]
-            log_probs = ctc.head.run(engine.prepare(piece, PromptOptions()).encoder_out, log_probs=True)
+            log_probs = ctc.log_probs(engine.prepare(piece, PromptOptions()).encoder_out)
             want = char_times(seg.text, log_probs, ctc.vocab, engine.settings.ctc.frame_shift_ms, seg.start, seg.end)
             assert seg.char_times == want
             aligned += want is not None
             sentences = [(s.start, s.end, s.text) for s in sentence_times(seg.text, seg.start, seg.end, want)]
-            assert [(x["start"], x["end"], x["text"]) for x in seg.sentences] == \
+            assert [(x.start, x.end, x.text) for x in seg.sentences] == \
                 [(round(a, 3), round(b, 3), t) for a, b, t in sentences]
             for x in seg.sentences:
-                assert seg.start <= x["start"] <= x["end"] <= seg.end
+                assert seg.start <= x.start <= x.end <= seg.end
         assert aligned >= 1
         dumped = got.to_dict()
         assert dumped["timestamps"] == "ctc" and "char_times" not in dumped["segments"][0]
-        assert dumped["segments"][0]["sentences"] == got.segments[0].sentences
+        assert dumped["segments"][0]["sentences"] == [s.to_dict() for s in got.segments[0].sentences]
     finally:
         engine.close()
 
 
-def test_without_ctc_sentence_times_come_from_the_segments_and_it_says_so(tiny2_models, clip, capfd):
-    engine = Transcriber(tiny2_models)
+def test_without_ctc_sentence_times_come_from_the_segments_and_it_says_so(tiny2_models, clip, caplog):
+    engine = Engine(tiny2_models)
     try:
         options = TranscribeOptions(max_new_tokens=6, vad="silero", timestamps=True)
-        first = engine.transcribe(clip, options)
-        engine.transcribe(clip, options)
+        with caplog.at_level("INFO", logger="common"):
+            first = engine.transcribe(clip, options)
+            engine.transcribe(clip, options)
     finally:
         engine.close()
-    assert first.extra["timestamps"] == "segments"
+    assert first.timestamps == "segments"
     seg = first.segments[0]
     assert seg.char_times is None and seg.sentences
-    assert seg.sentences[0]["start"] == seg.start and seg.sentences[-1]["end"] == seg.end
-    err = capfd.readouterr().err
-    assert err.count("has no CTC head") == 1  # said once per engine, not once per file
+    assert seg.sentences[0].start == seg.start and seg.sentences[-1].end == seg.end
+    said = [r for r in caplog.records if "has no CTC head" in r.getMessage()]
+    assert len(said) == 1  # said once per engine, not once per file

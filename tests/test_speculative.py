@@ -6,6 +6,8 @@ Two levels:
   the loop guard, rejected rows removed from the cache, several sequences in one batch;
 - the tiny exported models check the real llama.cpp path (f32 parity set-up, f16 and q8_0
   defaults): multi-row verification batches must give the same argmax as one-row greedy steps.
+
+The reference is `testing.reference.greedy`, written independently of `common.decoding`.
 """
 
 from __future__ import annotations
@@ -18,26 +20,30 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.audio import load_audio
-from common.llm import DecoderOptions, LlamaDecoder
-from common.prompt import PromptOptions
-from common.repetition import RepetitionGuard
-from common.speculative import (
-    CPU_ROW_COSTS,
-    AcceptanceRecord,
-    CTCDrafter,
-    SeqState,
-    SpeculativeConfig,
-    choose_k,
-    make_draft,
-    realign,
-    speculative_decode,
-)
-from common.transcriber import TranscribeOptions, Transcriber
+from common.audio.load import load_audio
+from common.decoding import Job, RepetitionGuard, SpeculativeConfig, StopRule
+from common.decoding.rounds import decode_to_end
+from common.decoding.sequence import SequenceState
+from common.decoding.speculation import CPU_ROW_COSTS, AcceptanceRecord, Draft, choose_k
+from common.engine import Engine, TranscribeOptions
+from common.models.llm import DecoderOptions
+from common.models.prompt import PromptOptions
+from testing import reference
+from testing.drafts import make_draft
 
 ROOT = Path(__file__).resolve().parent.parent
 N_TOKENS = 40
 KINDS = ("own", "third", "random", "empty")
+
+
+def _state(seq: int, pos: int, logits: np.ndarray, draft: list[int], max_new: int, min_new: int = 0,
+           guard: RepetitionGuard | None = None) -> SequenceState:
+    rule = StopRule(max_new, min_new, guard or RepetitionGuard(window=0))
+    return SequenceState(seq=seq, pos=pos, logits=logits, rule=rule, draft=Draft(list(draft)) if draft else None)
+
+
+def _counts(state: SequenceState) -> tuple[int, int]:
+    return (state.draft.proposed, state.draft.accepted) if state.draft else (0, 0)
 
 
 # ---------------------------------------------------------------------------- fake decoder
@@ -89,8 +95,6 @@ class FakeDecoder:
         self.decode_many([token], [pos], [seq], [True])
         return self._rows[0]
 
-    greedy = LlamaDecoder.greedy
-
 
 def _fake_greedy(seed: int, prompt: list[int], max_new: int, min_new: int, guard=None, **kw) -> list[int]:
     return _fake_greedy_cache(seed, prompt, max_new, min_new, guard, **kw)[0]
@@ -99,7 +103,7 @@ def _fake_greedy(seed: int, prompt: list[int], max_new: int, min_new: int, guard
 def _fake_greedy_cache(seed: int, prompt: list[int], max_new: int, min_new: int, guard=None, **kw):
     """Greedy's tokens and the cache it leaves behind."""
     fake = FakeDecoder(seed=seed, **kw)
-    return fake.greedy(fake.prompt(0, prompt), len(prompt), max_new, 0, min_new, guard), fake.kv[0]
+    return reference.greedy(fake, fake.prompt(0, prompt), len(prompt), max_new, 0, min_new, guard), fake.kv[0]
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -111,15 +115,16 @@ def test_fake_single_sequence_equals_greedy(seed: int, kind: str) -> None:
         want, cache = _fake_greedy_cache(seed, prompt, max_new, min_new, stop_bias=bias)
         own = _fake_greedy(seed, prompt, N_TOKENS, N_TOKENS, stop_bias=bias)  # a long draft
         fake = FakeDecoder(seed=seed, stop_bias=bias)
-        state = SeqState(seq=0, pos=len(prompt), logits=fake.prompt(0, prompt),
-                         draft=make_draft(own, kind, np.random.default_rng(seed), fake.n_vocab))
-        speculative_decode(fake, [state], max_new, min_new)
+        state = _state(0, len(prompt), fake.prompt(0, prompt),
+                       make_draft(own, kind, np.random.default_rng(seed), fake.n_vocab), max_new, min_new)
+        decode_to_end(fake, [state])
         assert state.tokens == want, (max_new, min_new, bias)
         # the cache holds what greedy's holds (prompt and fed tokens), no rejected draft rows
         assert fake.kv[0] == cache
-        assert 0 <= state.accepted <= state.proposed
+        proposed, accepted = _counts(state)
+        assert 0 <= accepted <= proposed
         if kind == "own" and max_new == min_new == N_TOKENS:
-            assert state.accepted == state.proposed and state.rounds < N_TOKENS // 3
+            assert accepted == proposed and state.rounds < N_TOKENS // 3
 
 
 def test_fake_own_draft_takes_few_rounds_and_empty_draft_is_plain_greedy() -> None:
@@ -127,14 +132,15 @@ def test_fake_own_draft_takes_few_rounds_and_empty_draft_is_plain_greedy() -> No
     own = _fake_greedy(0, prompt, N_TOKENS, N_TOKENS)
     for draft in (own, []):
         fake = FakeDecoder()
-        state = SeqState(seq=0, pos=3, logits=fake.prompt(0, prompt), draft=list(draft))
-        speculative_decode(fake, [state], N_TOKENS, N_TOKENS)
+        state = _state(0, 3, fake.prompt(0, prompt), list(draft), N_TOKENS, N_TOKENS)
+        decode_to_end(fake, [state])
         assert state.tokens == own
         assert fake.calls == state.rounds
+        proposed, accepted = _counts(state)
         if draft:  # proposals grow 3, 7, 15 tokens: 40 tokens in a handful of decodes, all kept
-            assert state.rounds <= 6 and state.accepted == state.proposed == N_TOKENS - 1 - state.rounds
+            assert state.rounds <= 6 and accepted == proposed == N_TOKENS - 1 - state.rounds
         else:
-            assert state.rounds == N_TOKENS - 1 and state.proposed == 0
+            assert state.rounds == N_TOKENS - 1 and proposed == 0
 
 
 def test_fake_loop_guard_stops_where_greedy_stops() -> None:
@@ -143,8 +149,8 @@ def test_fake_loop_guard_stops_where_greedy_stops() -> None:
         want = _fake_greedy(seed, [9, 9], 60, 0, guard, vocab=6)
         fake = FakeDecoder(seed=seed, vocab=6)
         own = _fake_greedy(seed, [9, 9], 60, 60, vocab=6)
-        state = SeqState(seq=0, pos=2, logits=fake.prompt(0, [9, 9]), draft=own)
-        speculative_decode(fake, [state], 60, 0, guard=guard)
+        state = _state(0, 2, fake.prompt(0, [9, 9]), own, 60, 0, guard)
+        decode_to_end(fake, [state])
         assert state.tokens == want
 
 
@@ -156,9 +162,9 @@ def test_fake_batched_sequences_each_with_its_draft() -> None:
     for seq, kind in enumerate(kinds):
         own = _fake_greedy(3, prompts[seq], N_TOKENS, N_TOKENS)
         wants.append(_fake_greedy(3, prompts[seq], N_TOKENS, N_TOKENS))
-        states.append(SeqState(seq=seq, pos=3, logits=fake.prompt(seq, prompts[seq]),
-                               draft=make_draft(own, kind, np.random.default_rng(seq), fake.n_vocab)))
-    speculative_decode(fake, states, N_TOKENS, N_TOKENS)
+        states.append(_state(seq, 3, fake.prompt(seq, prompts[seq]),
+                             make_draft(own, kind, np.random.default_rng(seq), fake.n_vocab), N_TOKENS, N_TOKENS))
+    decode_to_end(fake, states)
     for state, want in zip(states, wants):
         assert state.tokens == want
 
@@ -189,43 +195,39 @@ def test_acceptance_record_learns_where_the_draft_goes_wrong() -> None:
 
 
 def test_realign_guesses_substitutions_then_recovers() -> None:
-    state = SeqState(seq=0, pos=0, logits=np.zeros(4), draft=[10, 11, 12, 13, 14, 15])
-    state.tokens = [10, 11, 99]  # the decoder writes 99 where the draft has 12
-    state.draft_pos = 2
-    realign(state)
-    assert state.aligned and state.draft_pos == 3  # taken for a substitution: go on after 12
-    state.guess_failed = True  # the guessed proposal (13, ...) was rejected: the decoder wrote 12
-    state.tokens.append(12)  # so 99 was an insertion (punctuation): back to the draft's 12
-    realign(state)
-    assert state.aligned and state.draft_pos == 3
-    state.tokens += [13, 14]  # the 2-gram (13, 14) is found even when the expected place is wrong
-    state.draft_pos = 0
-    realign(state)
-    assert state.aligned and state.draft_pos == 5
-    state.tokens.append(77)
-    state.misses = 2  # guesses failed twice in a row: propose nothing until the draft matches again
-    realign(state)
-    assert not state.aligned
+    draft = Draft([10, 11, 12, 13, 14, 15])
+    out = [10, 11, 99]  # the decoder writes 99 where the draft has 12
+    draft.pos = 2
+    draft.realign(out)
+    assert draft.aligned and draft.pos == 3  # taken for a substitution: go on after 12
+    draft.guess_failed = True  # the guessed proposal (13, ...) was rejected: the decoder wrote 12
+    out.append(12)  # so 99 was an insertion (punctuation): back to the draft's 12
+    draft.realign(out)
+    assert draft.aligned and draft.pos == 3
+    out += [13, 14]  # the 2-gram (13, 14) is found even when the expected place is wrong
+    draft.pos = 0
+    draft.realign(out)
+    assert draft.aligned and draft.pos == 5
+    out.append(77)
+    draft.misses = 2  # guesses failed twice in a row: propose nothing until the draft matches again
+    draft.realign(out)
+    assert not draft.aligned
 
 
 # ---------------------------------------------------------------------------- real llama.cpp, tiny models
 
 
-def _engine(models: Path, gguf: str, n_seq_max: int = 1) -> Transcriber:
+def _engine(models: Path, gguf: str, n_seq_max: int = 1) -> Engine:
     f32 = gguf.endswith(".f32.gguf")
-    return Transcriber(models, gguf_path=models / gguf,
-                       decoder_options=DecoderOptions(kv_f32=f32, flash_attn=False if f32 else None,
-                                                      n_seq_max=n_seq_max))
+    return Engine(models, gguf_path=models / gguf,
+                  decoder_options=DecoderOptions(kv_f32=f32, flash_attn=False if f32 else None, n_seq_max=n_seq_max))
 
 
-def _prefill(engine: Transcriber, prepared, seq: int) -> np.ndarray:
-    """The prompt into sequence `seq`, decoded whole (no prefix cache), as a copy of its last logits."""
-    d = engine.decoder
-    d.clear(seq, 0)
-    d.decode_tokens(prepared.before_ids, 0, seq)
-    rows = np.concatenate([prepared.audio_rows, d.token_embeddings(prepared.after_ids)], axis=0)
-    d.decode_embeddings(rows, len(prepared.before_ids), seq)
-    return np.array(d.logits(-1), copy=True)
+def _prompt_state(engine: Engine, prepared, seq: int, draft: list[int], max_new: int, min_new: int) -> SequenceState:
+    """(Inside scheduler.call) the prompt decoded whole into `seq`, as a state ready for rounds."""
+    logits = reference.prompt_logits(engine.decoder, prepared.prefix_ids, prepared.audio_rows, prepared.suffix_ids,
+                                      seq)
+    return _state(seq, prepared.length, logits, draft, max_new, min_new)
 
 
 @pytest.fixture(scope="module")
@@ -236,23 +238,24 @@ def wave(zh_mp3: Path) -> np.ndarray:
 @pytest.mark.parametrize("gguf", ["qwen3-0.6b-asr.f32.gguf", "qwen3-0.6b-asr.gguf", "qwen3-0.6b-asr.q8_0.gguf"])
 def test_tokens_identical_to_greedy_single_sequence(tiny_models: Path, wave: np.ndarray, gguf: str) -> None:
     engine = _engine(tiny_models, gguf)
-    try:
-        prepared = engine.prepare(wave, PromptOptions())
-        d = engine.decoder
-        own = d.greedy(_prefill(engine, prepared, 0), prepared.length, N_TOKENS, min_new_tokens=N_TOKENS)
+
+    def check(d, _prefixes) -> None:
+        own = reference.decode_alone(d, prepared, N_TOKENS, N_TOKENS)
         assert len(set(own)) > 3, "the tiny model should not just repeat one token"
         rng = np.random.default_rng(0)
         for kind in KINDS:
             for k_max in (1, 4, 12):
-                state = SeqState(seq=0, pos=prepared.length, logits=_prefill(engine, prepared, 0),
-                                 draft=make_draft(own, kind, rng, d.n_vocab))
-                speculative_decode(d, [state], N_TOKENS, N_TOKENS, SpeculativeConfig(k_max=k_max))
+                state = _prompt_state(engine, prepared, 0, make_draft(own, kind, rng, d.n_vocab), N_TOKENS, N_TOKENS)
+                decode_to_end(d, [state], SpeculativeConfig(k_max=k_max))
                 assert state.tokens == own, (kind, k_max)
                 if kind == "own":
-                    assert state.accepted == state.proposed == N_TOKENS - 1 - state.rounds
+                    assert _counts(state) == (N_TOKENS - 1 - state.rounds,) * 2
             # greedy again after speculation: the cache left behind is clean
-            again = d.greedy(_prefill(engine, prepared, 0), prepared.length, N_TOKENS, min_new_tokens=N_TOKENS)
-            assert again == own
+            assert reference.decode_alone(d, prepared, N_TOKENS, N_TOKENS) == own
+
+    try:
+        prepared = engine.prepare(wave, PromptOptions())
+        engine.scheduler.call(check)
     finally:
         engine.close()
 
@@ -261,33 +264,35 @@ def test_tokens_identical_to_greedy_single_sequence(tiny_models: Path, wave: np.
 def test_tokens_identical_to_greedy_batched(tiny_models: Path, wave: np.ndarray, gguf: str) -> None:
     """Four segments (different audio) in one verification batch, each with another kind of draft."""
     engine = _engine(tiny_models, gguf, n_seq_max=4)
-    try:
-        d = engine.decoder
-        sr = 16000
-        pieces = [wave[: 4 * sr], wave[2 * sr: 7 * sr], wave[5 * sr:], wave]
-        prepared = [engine.prepare(p, PromptOptions()) for p in pieces]
-        wants = [d.greedy(_prefill(engine, p, seq), p.length, N_TOKENS, seq, N_TOKENS)
-                 for seq, p in enumerate(prepared)]
+    sr = 16000
+
+    def check(d, _prefixes) -> None:
+        wants = [reference.decode_alone(d, p, N_TOKENS, N_TOKENS, seq=seq) for seq, p in enumerate(prepared)]
         assert len({tuple(w) for w in wants}) > 1, "different audio should give different tokens"
         rng = np.random.default_rng(1)
         for shift in range(len(KINDS)):
-            states = []
-            for seq, p in enumerate(prepared):
-                kind = KINDS[(seq + shift) % len(KINDS)]
-                states.append(SeqState(seq=seq, pos=p.length, logits=_prefill(engine, p, seq),
-                                       draft=make_draft(wants[seq], kind, rng, d.n_vocab)))
-            speculative_decode(d, states, N_TOKENS, N_TOKENS)
-            for state, want in zip(states, wants):
-                assert state.tokens == want
+            states = [_prompt_state(engine, p, seq, make_draft(wants[seq], KINDS[(seq + shift) % len(KINDS)], rng,
+                                                               d.n_vocab), N_TOKENS, N_TOKENS)
+                      for seq, p in enumerate(prepared)]
+            decode_to_end(d, states)
+            assert [s.tokens for s in states] == wants
+
+    try:
+        pieces = [wave[: 4 * sr], wave[2 * sr: 7 * sr], wave[5 * sr:], wave]
+        prepared = [engine.prepare(p, PromptOptions()) for p in pieces]
+        engine.scheduler.call(check)
     finally:
         engine.close()
 
 
-def test_transcriber_speculative_matches_plain_greedy(tiny_models: Path, wave: np.ndarray) -> None:
-    engine = _engine(tiny_models, "qwen3-0.6b-asr.q8_0.gguf")
+def test_engine_speculative_matches_plain_greedy(tiny_models: Path, wave: np.ndarray) -> None:
+    from common.engine import BenchmarkHooks
+
+    engine = Engine(tiny_models, gguf_path=tiny_models / "qwen3-0.6b-asr.q8_0.gguf",
+                    decoder_options=DecoderOptions(n_seq_max=1), hooks=BenchmarkHooks(min_new_tokens=N_TOKENS))
     try:
-        assert engine.drafter() is not None
-        base = dict(max_new_tokens=N_TOKENS, min_new_tokens=N_TOKENS)
+        assert engine.ctc is not None
+        base = dict(max_new_tokens=N_TOKENS, vad="none")
         plain = engine.transcribe(wave, TranscribeOptions(speculative=False, **base))
         spec = engine.transcribe(wave, TranscribeOptions(speculative=True, **base))
         assert [s.token_ids for s in spec.segments] == [s.token_ids for s in plain.segments]
@@ -299,13 +304,14 @@ def test_transcriber_speculative_matches_plain_greedy(tiny_models: Path, wave: n
         engine.close()
 
 
-def test_batched_transcriber_speculates_per_segment(tiny_models: Path, wave: np.ndarray) -> None:
+def test_batched_engine_speculates_per_segment(tiny_models: Path, wave: np.ndarray) -> None:
     """Several segments in one context (n_seq_max 4): CTC drafts in the shared batch, greedy's tokens."""
-    from common.batch_decode import decode_batch
+    from common.engine import BenchmarkHooks
 
-    engine = _engine(tiny_models, "qwen3-0.6b-asr.q8_0.gguf", n_seq_max=4)
+    engine = Engine(tiny_models, gguf_path=tiny_models / "qwen3-0.6b-asr.q8_0.gguf",
+                    decoder_options=DecoderOptions(n_seq_max=4), hooks=BenchmarkHooks(min_new_tokens=N_TOKENS))
     try:
-        base = dict(max_new_tokens=N_TOKENS, min_new_tokens=N_TOKENS, vad="none", max_segment_seconds=2.0)
+        base = dict(max_new_tokens=N_TOKENS, vad="none", max_segment_seconds=2.0)
         plain = engine.transcribe(wave, TranscribeOptions(speculative=False, **base))
         spec = engine.transcribe(wave, TranscribeOptions(speculative=True, **base))
         assert len(plain.segments) >= 4
@@ -313,25 +319,23 @@ def test_batched_transcriber_speculates_per_segment(tiny_models: Path, wave: np.
         assert sum(s.draft_proposed for s in spec.segments) > 0
         # the decoder's own output as each segment's draft: every proposal kept, far fewer decodes
         sr = 16000
-        pieces = [wave[i * sr: (i + 2) * sr] for i in range(5)]
-        prompts = [engine.prepare(p, PromptOptions()) for p in pieces]
-        wants = [d.tokens for d in decode_batch(engine.decoder, prompts, N_TOKENS, min_new_tokens=N_TOKENS)]
-        got = decode_batch(engine.decoder, prompts, N_TOKENS, min_new_tokens=N_TOKENS, drafts=wants)
+        prompts = [engine.prepare(wave[i * sr: (i + 2) * sr], PromptOptions()).prompt for i in range(5)]
+        rule = StopRule.forced(N_TOKENS)
+        wants = [f.result().tokens for f in [engine.scheduler.submit(Job(p, rule)) for p in prompts]]
+        got = [f.result() for f in [engine.scheduler.submit(Job(p, rule, w)) for p, w in zip(prompts, wants)]]
         assert [d.tokens for d in got] == wants
         assert all(d.accepted == d.proposed > 0 for d in got)
     finally:
         engine.close()
 
 
-def test_without_ctc_the_engine_decodes_plain_greedy(tiny2_models: Path, wave: np.ndarray, monkeypatch) -> None:
-    def refuse(*args, **kwargs):
-        raise AssertionError("speculative decoding used without a CTC head")
+def test_without_ctc_the_engine_decodes_plain_greedy(tiny2_models: Path, wave: np.ndarray) -> None:
+    from common.engine import BenchmarkHooks
 
-    monkeypatch.setattr(CTCDrafter, "draft", refuse)
-    engine = Transcriber(tiny2_models)
+    engine = Engine(tiny2_models, hooks=BenchmarkHooks(min_new_tokens=8))
     try:
-        assert not engine.settings.has_ctc and engine.drafter() is None
-        out = engine.transcribe(wave, TranscribeOptions(max_new_tokens=8, min_new_tokens=8))
+        assert not engine.settings.has_ctc and engine.ctc is None
+        out = engine.transcribe(wave, TranscribeOptions(max_new_tokens=8, vad="none"))
         assert len(out.segments[0].token_ids) == 8 and out.segments[0].draft_proposed == 0
     finally:
         engine.close()

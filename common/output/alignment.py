@@ -37,7 +37,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.subtitles import split_sentences
+from common.output.results import Sentence
+from common.output.subtitles import split_sentences
 
 # --------------------------------------------------------------------------- pre-tokenization
 
@@ -125,7 +126,7 @@ class BPEEncoder:
 
     @classmethod
     def for_vocabulary(cls, vocab) -> BPEEncoder:
-        """The encoder of a `common.ctc.CTCVocabulary`, built once per vocabulary object.
+        """The encoder of a `common.models.ctc.CTCVocabulary`, built once per vocabulary object.
 
         The vocabulary's pieces are the tiktoken ranks followed by the special tokens' names; the
         names can never be produced from ordinary text (the pattern splits `<|`, letters and `|>`).
@@ -385,7 +386,7 @@ def char_times(text: str, log_probs: np.ndarray, vocab, frame_shift_ms: float, s
 
     `log_probs` (T, V) are the CTC head's outputs for the segment's audio, which starts at `start`
     seconds (frame f starts at start + f * frame_shift_ms / 1000). `vocab` is the
-    `common.ctc.CTCVocabulary` (its pieces and blank id). A token's characters share its frames
+    `common.models.ctc.CTCVocabulary` (its pieces and blank id). A token's characters share its frames
     evenly; characters that are not aligned take the next aligned one's time. None when the text
     has nothing to align, or more tokens than the audio has frames: callers keep proportional times.
     """
@@ -425,15 +426,6 @@ def proportional_char_times(text: str, start: float, end: float) -> list[float]:
         if not ch.isspace():
             seen += 1
     return _bounded(times, start, max(start, end))
-
-
-@dataclass(frozen=True)
-class Sentence:
-    """One sentence of a segment and its time span (seconds)."""
-
-    start: float
-    end: float
-    text: str
 
 
 def sentence_times(text: str, start: float, end: float, times: Sequence[float] | None = None) -> list[Sentence]:

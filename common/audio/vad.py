@@ -13,7 +13,7 @@ From the probabilities to segments (`SpeechSegmenter`, one pass, streaming):
 speech starts at a window with p >= threshold, and ends once p stays below `threshold - 0.15`
 for `min_silence_seconds`; segments shorter than `min_speech_seconds` are dropped, the rest are
 padded by `pad_seconds` on each side, and a segment reaching `max_segment_seconds` is cut at
-the quietest moment of its last seconds (the rule of `common.segments`). Audio is only kept
+the quietest moment of its last seconds (the rule of `common.audio.segments`). Audio is only kept
 for the segment in progress, so an hours-long stream needs bounded memory.
 """
 
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.segments import Span, split_at_quiet_points
+from common.audio.segments import SampleSpan, split_at_quiet_points
 
 VAD_FILE = "silero_vad.onnx"
 SAMPLE_RATE = 16000
@@ -89,7 +89,7 @@ class SileroVad:
     """Speech probability per 32 ms window, streaming: `reset()`, then `feed()` blocks in order."""
 
     def __init__(self, path: Path | str, *, threads: int = 1, silence_floor: float = 1e-4) -> None:
-        from common.encoder import open_session
+        from common.models.encoder import open_session
 
         self.path = Path(path)
         self.silence_floor = silence_floor  # windows quieter than this (peak) skip the model; 0: never
@@ -156,7 +156,7 @@ class SpeechSegmenter:
         self.pad = int(round(min(options.pad_seconds, options.min_silence_seconds / 2) * sr))
         self.limit = max(WINDOW * 4, int(round(options.max_segment_seconds * sr)))
 
-    def segments(self, blocks: Iterable[np.ndarray]) -> Iterator[tuple[Span, np.ndarray]]:
+    def segments(self, blocks: Iterable[np.ndarray]) -> Iterator[tuple[SampleSpan, np.ndarray]]:
         """(span in samples of the whole stream, its audio) for each speech segment, in order."""
         o = self.options
         self.vad.reset()
@@ -198,7 +198,7 @@ class SpeechSegmenter:
                     lo = max(0, start - self.pad)
                     piece = buf[lo - buf_start : lo - buf_start + self.limit + 1]
                     cut = lo + split_at_quiet_points(piece, self.sr, self.limit / self.sr)[0].end
-                    yield Span(lo, cut), buf[lo - buf_start : cut - buf_start].copy()
+                    yield SampleSpan(lo, cut), buf[lo - buf_start : cut - buf_start].copy()
                     start = cut + self.pad  # no padding inside a cut segment
                     if silence_from is not None and silence_from < start - self.pad:
                         silence_from = start - self.pad
@@ -213,13 +213,13 @@ class SpeechSegmenter:
             if span is not None:
                 yield span, buf[span.start - buf_start : span.end - buf_start].copy()
 
-    def _close(self, start: int, end: int, total: int) -> Span | None:
+    def _close(self, start: int, end: int, total: int) -> SampleSpan | None:
         if end - start < self.min_speech:
             return None
-        return Span(max(0, start - self.pad), min(total, end + self.pad))
+        return SampleSpan(max(0, start - self.pad), min(total, end + self.pad))
 
 
 def speech_spans(wave: np.ndarray, vad: SileroVad, options: VadOptions = VadOptions(),
-                 sample_rate: int = SAMPLE_RATE) -> list[Span]:
+                 sample_rate: int = SAMPLE_RATE) -> list[SampleSpan]:
     """Speech segments of a whole waveform (samples, end exclusive); [] when there is no speech."""
     return [span for span, _ in SpeechSegmenter(vad, options, sample_rate).segments([wave])]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.settings import CTCSettings
+from common.models.settings import CTCSettings, ModelSettings
 
 NOSPEECH = "<|nospeech|>"
 
@@ -77,3 +77,32 @@ def read_tiktoken(path: Path | str) -> list[bytes]:
     if sorted(ranks) != list(range(len(ranks))):
         raise ValueError(f"{path}: ranks are not 0..{len(ranks) - 1}")
     return [ranks[i] for i in range(len(ranks))]
+
+
+class CTCModel:
+    """The CTC head and its vocabulary: greedy drafts for speculative decoding, posteriors for alignment."""
+
+    def __init__(self, settings: ModelSettings, *, threads: int = 2, providers: list[str] | None = None) -> None:
+        from common.models.encoder import CTCHead
+
+        if settings.ctc is None:
+            raise ValueError(f"{settings.model_dir}: the model has no CTC head")
+        self.head = CTCHead(settings.path("ctc"), threads=threads, providers=providers)
+        self.vocab = CTCVocabulary(settings.path("ctc_vocab"), settings.ctc)
+        self.frame_shift_ms = settings.ctc.frame_shift_ms
+
+    @classmethod
+    def load(cls, settings: ModelSettings, *, threads: int = 2,
+             providers: list[str] | None = None) -> CTCModel | None:
+        """The model folder's CTC head, or None when it was exported without one."""
+        if settings.has_ctc and "ctc" in settings.files and settings.path("ctc").is_file():
+            return cls(settings, threads=threads, providers=providers)
+        return None
+
+    def text(self, encoder_out: np.ndarray) -> str:
+        """Greedy CTC transcript of one segment's encoder output (funasr's `ctc_text`)."""
+        return self.vocab.ctc_text(self.head.run(encoder_out))
+
+    def log_probs(self, encoder_out: np.ndarray) -> np.ndarray:
+        """Per-frame log-probabilities (T, V), for forced alignment."""
+        return self.head.run(encoder_out, log_probs=True)

@@ -10,7 +10,7 @@ at the tokens generated so far and says when the tail is a loop:
 
 Both need at least `window` generated tokens (32 by default), so short outputs
 (the parity tests decode 16 tokens) are never touched. The same guard serves
-`LlamaDecoder.greedy` (one sequence) and `common.batch_decode` (many at once).
+every sequence the decoding scheduler runs (`common.decoding.sequence.StopRule`).
 """
 
 from __future__ import annotations
@@ -68,5 +68,5 @@ NO_GUARD = RepetitionGuard(window=0)
 
 
 def loop_message(where: str, n_tokens: int) -> str:
-    """The one line logged when a segment is stopped for looping."""
-    return f"warning: {where}: decoding loop detected after {n_tokens} tokens; segment stopped"
+    """The one line logged (as a warning) when a segment is stopped for looping."""
+    return f"{where}: decoding loop detected after {n_tokens} tokens; segment stopped"

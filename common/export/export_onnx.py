@@ -24,8 +24,9 @@ from typing import Any
 
 import torch
 
-from common.release import ReleaseError, llm_dir, load_state_dict, read_config, sub_state_dict
-from common.settings import (
+from common.audio.vad import copy_vad_model
+from common.export.release import ReleaseError, llm_dir, load_state_dict, read_config, sub_state_dict
+from common.models.settings import (
     CTC_FILE,
     CTC_INT8_FILE,
     CTC_VOCAB_FILE,
@@ -35,7 +36,6 @@ from common.settings import (
     SETTINGS_FILE,
     TOKENIZER_DIR,
 )
-from common.vad import copy_vad_model
 
 OPSET = 17
 DEFAULT_CTC_VOCAB_SIZE = 60515  # funasr FunASRNano: kwargs.get("ctc_vocab_size", 60515)
@@ -410,7 +410,7 @@ def frontend_settings(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def settings_dict(model_dir: Path, config: dict[str, Any], mods: NanoModules, files: dict[str, str]) -> dict:
-    """The content of funasr_nano.json (read back by common.settings.ModelSettings)."""
+    """The content of funasr_nano.json (read back by common.models.settings.ModelSettings)."""
     dataset_conf = config.get("dataset_conf") or {}
     return {
         "format_version": FORMAT_VERSION,

@@ -485,7 +485,7 @@ def export_gguf(
     of the bf16 checkpoint); if no such base was requested, a temporary bf16 file
     is written and removed afterwards.
     """
-    from common.release import llm_dir, load_state_dict, read_config, sub_state_dict
+    from common.export.release import llm_dir, load_state_dict, read_config, sub_state_dict
 
     types = parse_types(types)
     model_dir, out_dir = Path(model_dir), Path(out_dir)

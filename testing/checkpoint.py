@@ -11,7 +11,7 @@ load the release.
 The shape table (`expected_shapes`) is written from the architecture, not read
 from funasr, so a test can hold it against funasr's own module tree.
 
-Usage: python -m tests.checkpoint OUT_DIR [--size tiny|full] [--seed N] [--ctc] ...
+Usage: python -m testing.checkpoint OUT_DIR [--size tiny|full] [--seed N] [--ctc] ...
 """
 
 from __future__ import annotations

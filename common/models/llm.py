@@ -14,7 +14,6 @@ text after it go to llama.cpp in one `llama_decode` (one pass over the weights).
 from __future__ import annotations
 
 import ctypes
-import sys
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from pathlib import Path
 import llama_cpp as L
 import numpy as np
 
-from common.repetition import RepetitionGuard
+from common.presets import DEFAULT_BATCH_SIZE, context_per_sequence
 
 IM_END = "<|im_end|>"
 END_OF_TEXT = "<|endoftext|>"
@@ -38,11 +37,11 @@ class DecoderError(RuntimeError):
 class DecoderOptions:
     """llama.cpp context settings. `kv_f32` and `flash_attn=False` are for bit-level parity tests."""
 
-    n_ctx: int = 1280  # per sequence: a 30 s segment with hotwords and 512 new tokens fits; KV memory grows with it
+    n_ctx: int = context_per_sequence()  # cells per sequence: a 30 s segment and 512 new tokens (common.presets)
     n_batch: int = 1024
     threads: int = 2
     n_gpu_layers: int = 0
-    n_seq_max: int = 1
+    n_seq_max: int = DEFAULT_BATCH_SIZE  # sequences decoded together (segments of a batch)
     kv_f32: bool = False
     flash_attn: bool | None = None  # None: llama.cpp decides
     # Several sequences (n_seq_max > 1): by default each gets its own KV stream of n_ctx cells (the
@@ -96,7 +95,7 @@ def _check_gguf_file(path: Path) -> None:
 
 
 class LlamaDecoder:
-    """One llama.cpp model + context. Not thread-safe; one per worker."""
+    """One llama.cpp model + context: the thin binding. Not thread-safe: `common.decoding.Scheduler` owns it."""
 
     def __init__(self, gguf_path: Path | str, options: DecoderOptions = DecoderOptions()) -> None:
         self.path = Path(gguf_path)
@@ -310,34 +309,6 @@ class LlamaDecoder:
             raise DecoderError(f"{self.path}: llama_decode failed with code {rc} ({self._last_error()})")
         return np.ctypeslib.as_array(L.llama_get_logits_ith(self._ctx, -1), shape=(self.n_vocab,))
 
-    def greedy(self, first_logits: np.ndarray, pos: int, max_new_tokens: int, seq: int = 0,
-               min_new_tokens: int = 0, guard: RepetitionGuard | None = None) -> list[int]:
-        """Greedy decoding from the prompt's logits, stopping on <|im_end|> / <|endoftext|>.
-
-        `min_new_tokens` forces a length (benchmarks on random weights): stop tokens are
-        skipped in favour of the next best until that many tokens exist. `guard` stops
-        early when the output has fallen into a loop (the caller trims and reports it).
-        """
-        out: list[int] = []
-        logits = first_logits
-        stop = self.stop_ids
-        while len(out) < max_new_tokens:
-            token = int(np.argmax(logits))
-            if token in stop:
-                if len(out) >= min_new_tokens:
-                    break
-                masked = np.array(logits, copy=True)
-                masked[list(stop)] = -np.inf
-                token = int(np.argmax(masked))
-            out.append(token)
-            if len(out) == max_new_tokens:
-                break
-            if guard is not None and len(out) >= min_new_tokens and guard.looping(out):
-                break
-            logits = self.step(token, pos, seq)
-            pos += 1
-        return out
-
 
 class _EmbeddingTable:
     """Reads single rows of `token_embd.weight` out of a GGUF without loading the whole table.
@@ -423,8 +394,3 @@ def _locate_tensor(path: Path, name: str) -> tuple[int, int, list[int]]:
             raise DecoderError(f"{path}: GGUF has no tensor {name}")
         data_start = (pos + alignment - 1) // alignment * alignment
         return data_start + found[0], found[1], found[2]
-
-
-def warn(message: str) -> None:
-    """One line on stderr: how the engine tells the user about a fallback or a skipped step."""
-    print(message, file=sys.stderr, flush=True)

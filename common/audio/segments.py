@@ -13,8 +13,8 @@ import numpy as np
 
 
 @dataclass(frozen=True)
-class Span:
-    """A segment of the input, in samples (end exclusive)."""
+class SampleSpan:
+    """A stretch of the input in samples (end exclusive): where a segment lies, not the segment itself."""
 
     start: int
     end: int
@@ -29,7 +29,7 @@ def split_at_quiet_points(
     max_seconds: float = 30.0,
     search_seconds: float = 5.0,
     frame_seconds: float = 0.05,
-) -> list[Span]:
+) -> list[SampleSpan]:
     """Contiguous spans covering the whole input, each at most `max_seconds` long.
 
     Each cut is placed at the lowest-energy frame within the last `search_seconds`
@@ -39,17 +39,17 @@ def split_at_quiet_points(
     n = int(wave.shape[0])
     limit = int(round(max_seconds * sample_rate))
     if n <= limit:
-        return [Span(0, n)]
+        return [SampleSpan(0, n)]
     frame = max(1, int(round(frame_seconds * sample_rate)))
     search = min(int(round(search_seconds * sample_rate)), limit - frame)
-    spans: list[Span] = []
+    spans: list[SampleSpan] = []
     start = 0
     while n - start > limit:
         lo, hi = start + limit - search, start + limit
         cut = _quietest_frame_start(wave[lo:hi], frame) + lo
-        spans.append(Span(start, cut))
+        spans.append(SampleSpan(start, cut))
         start = cut
-    spans.append(Span(start, n))
+    spans.append(SampleSpan(start, n))
     return spans
 
 

@@ -13,8 +13,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from common.subtitles import DEFAULT_MAX_CUE_SECONDS, render_srt, render_vtt, transcript_cues
-from common.transcriber import Transcript
+from common.output.results import Transcript
+from common.output.subtitles import DEFAULT_MAX_CUE_SECONDS, render_srt, render_vtt, transcript_cues
 
 FORMATS = ("txt", "json", "srt", "vtt")
 

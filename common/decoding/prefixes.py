@@ -1,0 +1,116 @@
+"""Prompts into llama.cpp sequences, reusing the KV cache of the text before the audio.
+
+A prompt is three parts: the text before the audio (system turn and task prompt: language, ITN,
+hotwords), the audio rows, and the text after them. The first part is the same for every segment
+asked with the same options, so each sequence keeps it in its cache and a job that follows with
+the same text decodes only its audio and the text after it. The cache is keyed by that text: the
+sequences of one context may hold different prefixes, so segments with different languages or
+hotwords share one batch.
+
+With llama.cpp's split KV cache (one stream per sequence, the default) a sequence that lacks the
+prefix copies it from a sequence that holds it: the copy takes the whole stream, so whatever
+follows the prefix there is removed again; either way the new rows land in the cells they would
+take if the segment were decoded alone, and the tokens are those of one-by-one decoding.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What one job feeds the decoder: prefix text, audio rows (n, n_embd), token ids after them."""
+
+    prefix: str
+    audio_rows: np.ndarray
+    suffix_ids: Sequence[int]
+
+
+class PrefixDecoder(Protocol):
+    """What the prefix cache needs from the llama.cpp binding (`LlamaDecoder`)."""
+
+    def tokenize(self, text: str) -> list[int]: ...
+
+    def clear(self, seq: int = -1, start: int = 0) -> None: ...
+
+    def copy_sequence(self, src: int, dst: int) -> None: ...
+
+    def decode_tokens(self, tokens: Sequence[int], start: int, seq: int = 0) -> None: ...
+
+    def decode_embeddings(self, rows: np.ndarray, start: int, seq: int = 0) -> None: ...
+
+    def token_embeddings(self, tokens: Sequence[int]) -> np.ndarray: ...
+
+    def logits(self, index: int = -1) -> np.ndarray: ...
+
+
+class PrefixCache:
+    """Which prefix each sequence's cache starts with, and the token ids of recent prefix texts.
+
+    Owned by the scheduler's thread: not thread-safe.
+    """
+
+    def __init__(self, decoder: PrefixDecoder, max_texts: int = 16) -> None:
+        self.decoder = decoder
+        self.max_texts = max_texts
+        self._ids: OrderedDict[str, list[int]] = OrderedDict()
+        self.held: dict[int, str] = {}  # sequence id -> prefix text its cache starts with
+
+    def ids(self, text: str) -> list[int]:
+        """Token ids of a prefix text (tokenized once while it stays among the recent ones)."""
+        ids = self._ids.get(text)
+        if ids is None:
+            ids = self.decoder.tokenize(text)
+            self._ids[text] = ids
+            while len(self._ids) > self.max_texts:
+                self._ids.popitem(last=False)
+        else:
+            self._ids.move_to_end(text)
+        return ids
+
+    def prompt_length(self, prompt: Prompt) -> int:
+        return len(self.ids(prompt.prefix)) + int(prompt.audio_rows.shape[0]) + len(prompt.suffix_ids)
+
+    def admit(self, prompt: Prompt, seq: int) -> np.ndarray:
+        """Put `prompt` into sequence `seq`; returns a copy of the logits after its last position."""
+        d = self.decoder
+        ids = self.ids(prompt.prefix)
+        n = len(ids)
+        if self.held.get(seq) != prompt.prefix:
+            donor = next((s for s, text in self.held.items() if text == prompt.prefix and s != seq), None)
+            self.held.pop(seq, None)
+            d.clear(seq, 0)
+            if n and donor is not None:
+                d.copy_sequence(donor, seq)
+            elif n:
+                d.decode_tokens(ids, 0, seq)
+            self.held[seq] = prompt.prefix
+        d.clear(seq, n)
+        rows = np.concatenate([prompt.audio_rows, d.token_embeddings(list(prompt.suffix_ids))], axis=0)
+        d.decode_embeddings(rows, n, seq)
+        return np.array(d.logits(-1), copy=True)
+
+    def release(self, seq: int) -> None:
+        """Drop what follows the prefix in `seq` (a finished or cancelled job); the prefix stays for reuse."""
+        text = self.held.get(seq)
+        self.decoder.clear(seq, len(self._ids[text]) if text in self._ids else 0)
+        if text not in self._ids:
+            self.held.pop(seq, None)
+
+    def moved(self, src: int, dst: int) -> None:
+        """`src`'s whole stream was copied into `dst` and `src` emptied."""
+        text = self.held.pop(src, None)
+        if text is None:
+            self.held.pop(dst, None)
+        else:
+            self.held[dst] = text
+
+    def forget(self) -> None:
+        """Nothing is known to be in any sequence (someone else used the decoder)."""
+        self.held.clear()

@@ -1,0 +1,127 @@
+"""One decoding round: a single `llama_decode` that advances every live sequence.
+
+Each sequence feeds its last token, plus the draft tokens it proposes (none for plain greedy
+rows), at its own positions; the logits of every row are read, each sequence keeps the longest
+prefix of its proposal that equals greedy's own choice plus the token after it, and the rejected
+rows are removed from its KV cache. Plain greedy decoding is the case with no proposals.
+
+Rows go in increasing sequence order: llama.cpp's split KV cache puts only consecutive sequence
+ids into one micro-batch, so any other order (or a gap) costs another pass over the weights.
+On the CPU backend the logits of a row do not depend on the other rows of its batch (tested), so
+each sequence gets the tokens of decoding it alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+
+from common.decoding.sequence import SequenceState
+from common.decoding.speculation import DEFAULT_CONFIG, SpeculativeConfig
+
+
+class RoundDecoder(Protocol):
+    """What a round needs from the llama.cpp binding (`LlamaDecoder`; tests use a fake)."""
+
+    n_batch: int
+    n_ctx: int
+    stop_ids: frozenset[int]
+
+    def decode_many(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[int],
+                    outputs: Sequence[bool]) -> None: ...
+
+    def logits_rows(self, count: int) -> np.ndarray: ...
+
+    def step(self, token: int, pos: int, seq: int = 0) -> np.ndarray: ...
+
+    def clear(self, seq: int = -1, start: int = 0) -> None: ...
+
+
+def decode_round(decoder: RoundDecoder, states: Sequence[SequenceState],
+                 config: SpeculativeConfig = DEFAULT_CONFIG) -> None:
+    """One llama_decode for the states that are not done (given in increasing sequence order).
+
+    States that do not fit in `n_batch` rows wait for the next round. A round of one plain row
+    takes `decoder.step`, the leanest call (the single-segment case).
+    """
+    n_batch = decoder.n_batch
+    tokens: list[int] = []
+    positions: list[int] = []
+    seqs: list[int] = []
+    plan: list[tuple[SequenceState, list[int]]] = []
+    for state in states:
+        if state.done:
+            continue
+        proposal: list[int] = []
+        if state.draft is not None:
+            room = min(state.rule.max_new_tokens - len(state.tokens) - 1, decoder.n_ctx - state.pos - 1)
+            proposal = state.draft.propose(room, config)
+        rows = 1 + len(proposal)
+        if len(tokens) + rows > n_batch:
+            proposal = proposal[:max(0, n_batch - len(tokens) - 1)]
+            rows = 1 + len(proposal)
+            if len(tokens) + rows > n_batch:
+                break  # this sequence waits for the next round
+        tokens.append(state.tokens[-1])
+        tokens.extend(proposal)
+        positions.extend(range(state.pos, state.pos + rows))
+        seqs.extend([state.seq] * rows)
+        plan.append((state, proposal))
+    if not plan:
+        return
+    if len(tokens) == 1:
+        all_logits = decoder.step(tokens[0], positions[0], seqs[0])[None, :]
+    else:
+        decoder.decode_many(tokens, positions, seqs, [True] * len(tokens))
+        all_logits = decoder.logits_rows(len(tokens))
+    argmaxes = all_logits.argmax(axis=1)
+    row = 0
+    for state, proposal in plan:
+        _advance(decoder, state, proposal, all_logits, argmaxes, row, config)
+        row += 1 + len(proposal)
+
+
+def decode_to_end(decoder: RoundDecoder, states: Sequence[SequenceState],
+                  config: SpeculativeConfig = DEFAULT_CONFIG) -> None:
+    """Rounds until every state is done; each state's prompt must already be in its sequence.
+
+    Afterwards each sequence's cache holds its prompt and the fed output tokens only (rejected
+    draft rows removed).
+    """
+    for state in states:
+        state.start(decoder.stop_ids)
+    ordered = sorted(states, key=lambda s: s.seq)
+    while any(not s.done for s in ordered):
+        decode_round(decoder, ordered, config)
+
+
+def _advance(decoder: RoundDecoder, state: SequenceState, proposal: list[int], all_logits: np.ndarray,
+             argmaxes: np.ndarray, row: int, config: SpeculativeConfig) -> None:
+    """Consume this state's rows of one batch: accept the matching draft prefix plus one token."""
+    k = len(proposal)
+    state.rounds += 1
+    fed = state.pos  # rows hold positions pos .. pos + k; position pos + j is valid once accepted
+    accepted = 0
+    stop_ids = decoder.stop_ids
+    for j in range(k + 1):
+        if not state.emit(all_logits[row + j], int(argmaxes[row + j]), stop_ids):
+            break
+        if j < k and state.tokens[-1] == proposal[j]:
+            accepted += 1
+            continue
+        break
+    valid_end = fed + 1 + accepted  # first position whose KV entry is not part of the output
+    if valid_end < fed + 1 + k:
+        decoder.clear(state.seq, valid_end)
+    state.pos = valid_end
+    draft = state.draft
+    if draft is None:
+        return
+    draft.proposed += k
+    draft.accepted += accepted
+    if state.done:
+        return
+    draft.checked(k, accepted, config)
+    draft.realign(state.tokens)

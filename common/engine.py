@@ -1,0 +1,520 @@
+"""The engine: audio -> features -> ONNX encoder -> prompt with audio rows -> llama.cpp -> text.
+
+One `Engine` holds the loaded models and a decoding `Scheduler` that owns the llama.cpp
+context; it lives as long as the models and may be shared by several threads. Build it from a
+preset or from explicit paths:
+
+    engine = Engine.from_preset("cpu-int8", model_dir="model-gguf")
+    transcript = engine.transcribe("talk.mp3")                  # a typed Transcript
+    for segment in engine.segments("long.mp3"):                 # or segment by segment, lazily
+        print(segment.start, segment.text)
+
+The defaults are the 03 scripts': Silero VAD, 4 segments decoded together, speculative decoding
+when the model folder has the CTC head, a KV cache sized by `common.presets.context_per_sequence`.
+Messages (fallbacks, loops) go to the `common` loggers; the CLI prints them as one line each.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+
+from common.audio.features import FrontendConfig, audio_token_count, compute_features
+from common.audio.load import iter_audio_blocks, load_audio
+from common.audio.segments import SampleSpan, split_at_quiet_points
+from common.audio.vad import SileroVad, SpeechSegmenter, VadOptions, find_vad_model
+from common.decoding import Decoded, Job, Prompt, RepetitionGuard, Scheduler, StopRule
+from common.decoding.repetition import loop_message
+from common.decoding.scheduler import Observer
+from common.models.ctc import CTCModel
+from common.models.encoder import AudioEncoder
+from common.models.llm import DecoderOptions, LlamaDecoder
+from common.models.prompt import PromptOptions, build_prompt
+from common.models.settings import ModelSettings
+from common.output.alignment import char_times, sentence_times
+from common.output.results import STAGES, Segment, Sentence, Timings, Transcript
+from common.presets import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_MAX_SEGMENT_SECONDS,
+    PRESETS,
+    context_per_sequence,
+)
+
+log = logging.getLogger(__name__)
+
+VAD_CHOICES = ("silero", "none")
+VAD_BLOCK_SECONDS = 60.0  # audio decoded at a time on the VAD path; the segmenter holds about three blocks
+# Segments quieter than this RMS (about -80 dBFS: digital silence, at most 16-bit dither) are not
+# decoded: given nothing to hear, the real model hallucinates text or loops until max_new_tokens.
+SILENCE_RMS = 1e-4
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class TranscribeOptions:
+    """Per-call choices; the defaults are the 03 scripts'."""
+
+    prompt: PromptOptions = PromptOptions()
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    max_segment_seconds: float = DEFAULT_MAX_SEGMENT_SECONDS
+    # "silero": decode only the speech Silero VAD finds (no speech: empty transcript), streaming the
+    # file in blocks; "none": the whole input, cut at quiet points into max_segment_seconds pieces.
+    vad: str = "silero"
+    vad_options: VadOptions | None = None  # None: VadOptions(max_segment_seconds=max_segment_seconds)
+    guard: RepetitionGuard = RepetitionGuard()  # stops a segment caught in a decoding loop
+    # verify the CTC head's greedy transcript as a draft (common/decoding/speculation.py): same tokens,
+    # fewer decoder passes; ignored (plain greedy) when the model folder has no CTC graph
+    speculative: bool = True
+    # per-sentence times: CTC forced alignment of each segment's text (common/output/alignment.py) when the
+    # model folder has the CTC graph, else the segment's span shared out by characters. Costs one more CTC
+    # head run per segment, so only outputs that show times (json, srt, vtt) ask for it.
+    timestamps: bool = False
+
+
+@dataclass(frozen=True)
+class BenchmarkHooks:
+    """Switches for benchmarks on random weights (which never stop), in one place; not for users.
+
+    `min_new_tokens`: every segment decodes at least this many tokens (stop tokens passed over);
+    `tokens_per_second`: every segment decodes exactly this many tokens per second of its audio, as
+    real speech would give (0: off); `refill=False`: a freed sequence waits until its whole group
+    has ended (fixed groups, the comparison for continuous batching).
+    """
+
+    min_new_tokens: int = 0
+    tokens_per_second: float = 0.0
+    refill: bool = True
+
+    def rule(self, options: TranscribeOptions, seconds: float) -> StopRule:
+        """The stop rule of one segment of `seconds` of audio."""
+        if self.tokens_per_second > 0:
+            return StopRule.forced(max(1, round(self.tokens_per_second * seconds)))
+        return StopRule(max(options.max_new_tokens, self.min_new_tokens), self.min_new_tokens, options.guard)
+
+
+NO_HOOKS = BenchmarkHooks()
+
+
+@dataclass
+class PreparedPrompt:
+    """One segment's prompt: the shared text before the audio, the audio rows, the text after them."""
+
+    prefix: str
+    prefix_ids: list[int]
+    audio_rows: np.ndarray  # (n, hidden): adaptor output cut to the official count
+    suffix_ids: list[int]
+    encoder_out: np.ndarray | None = None  # (T, enc_dim): full encoder output, the CTC head's input
+
+    @property
+    def length(self) -> int:
+        return len(self.prefix_ids) + self.audio_rows.shape[0] + len(self.suffix_ids)
+
+    @property
+    def prompt(self) -> Prompt:
+        return Prompt(self.prefix, self.audio_rows, self.suffix_ids)
+
+
+@dataclass
+class _Piece:
+    """One (span, audio) piece on its way through decoding: prompt until decoded, then its segment."""
+
+    span: SampleSpan
+    prepared: PreparedPrompt | None
+    segment: Segment | None = None
+
+
+def _timed(items: Iterator[T], clock: dict[str, float], stage: str) -> Iterator[T]:
+    """`items`, adding the time spent producing each one to `clock[stage]` (lazy pipelines)."""
+    while True:
+        t0 = time.perf_counter()
+        item = next(items, None)
+        clock[stage] += time.perf_counter() - t0
+        if item is None:
+            return
+        yield item
+
+
+def is_digital_silence(wave: np.ndarray) -> bool:
+    """Whether a segment holds nothing to transcribe (RMS below SILENCE_RMS); it gets empty text."""
+    return wave.size == 0 or float(np.sqrt(np.mean(np.square(wave, dtype=np.float64)))) < SILENCE_RMS
+
+
+def clean_text(raw: str) -> str:
+    """funasr's post-processing of the decoded text: `/sil` -> space, whitespace runs collapsed."""
+    return re.sub(r"\s+", " ", raw.replace("/sil", " "))
+
+
+def join_texts(parts: list[str]) -> str:
+    """Join segment texts: a space between Latin-script words, nothing between CJK characters.
+
+    A single segment is returned untouched, exactly as the official code would print it.
+    """
+    if len(parts) == 1:
+        return parts[0]
+    out = ""
+    for part in (p.strip() for p in parts):
+        if not part:
+            continue
+        if out and out[-1].isascii() and out[-1].isalnum() and part[0].isascii() and part[0].isalnum():
+            out += " "
+        elif out and out[-1] in ".,!?;:" and part[0].isascii():
+            out += " "
+        out += part
+    return out
+
+
+class SegmentStream:
+    """The segments of one input as they are decoded, in input order; `transcript` once exhausted."""
+
+    def __init__(self, segments: Iterator[Segment], finish: Callable[[list[Segment]], Transcript],
+                 total: int = 0) -> None:
+        self._segments = segments
+        self.total = total  # segments expected (0: unknown while the VAD reads the input)
+        self._finish = finish
+        self.done: list[Segment] = []
+        self.transcript: Transcript | None = None
+
+    def __iter__(self) -> Iterator[Segment]:
+        for segment in self._segments:
+            self.done.append(segment)
+            yield segment
+        self.transcript = self._finish(self.done)
+
+    def close(self) -> None:
+        """Stop early: the segments not yet decoded are cancelled."""
+        close = getattr(self._segments, "close", None)
+        if close is not None:
+            close()
+
+
+class Engine:
+    """Loaded models for one model folder (model-gguf/) and the scheduler that decodes for every caller."""
+
+    def __init__(
+        self,
+        model_dir: Path | str,
+        *,
+        encoder_path: Path | str | None = None,
+        gguf_path: Path | str | None = None,
+        threads: int = 2,
+        providers: list[str] | None = None,
+        decoder_options: DecoderOptions | None = None,
+        hooks: BenchmarkHooks = NO_HOOKS,
+        observer: Observer | None = None,
+    ) -> None:
+        from common.presets import GGUF_F16
+
+        self.settings = ModelSettings.load(model_dir)
+        self.frontend = FrontendConfig.from_dict(self.settings.frontend)
+        self.hooks = hooks
+        t0 = time.perf_counter()
+        self.encoder = AudioEncoder(Path(encoder_path or self.settings.path("encoder")), threads=threads,
+                                    providers=providers)
+        options = decoder_options or DecoderOptions(threads=threads)
+        self.decoder = LlamaDecoder(Path(gguf_path) if gguf_path else Path(model_dir) / GGUF_F16, options)
+        if self.decoder.n_embd != self.settings.adaptor_dim:
+            self.decoder.close()
+            raise ValueError(
+                f"{self.decoder.path}: LLM width {self.decoder.n_embd} does not match the encoder's "
+                f"adaptor output {self.settings.adaptor_dim}; export both from the same release"
+            )
+        self.scheduler = Scheduler(self.decoder, refill=hooks.refill, observer=observer)
+        self.load_seconds = time.perf_counter() - t0
+        self._vad: SileroVad | None | bool = None  # False: not found (said once)
+        self._no_ctc_said = False
+        self._threads, self._providers = threads, providers
+        self._ctc: CTCModel | None | bool = None  # False: no CTC head in the model folder
+
+    @classmethod
+    def from_preset(
+        cls,
+        name: str = "cpu-int8",
+        model_dir: Path | str = "model-gguf",
+        *,
+        threads: int = 2,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        max_segment_seconds: float = DEFAULT_MAX_SEGMENT_SECONDS,
+        hotwords: str = "",
+        encoder_path: Path | str | None = None,
+        gguf_path: Path | str | None = None,
+        hooks: BenchmarkHooks = NO_HOOKS,
+    ) -> Engine:
+        """The models of a preset (`common.presets.PRESETS`), the KV cache sized for these limits.
+
+        `max_new_tokens`, `max_segment_seconds` and `hotwords` size each sequence's cache; calls may
+        ask for less, not more. A GPU preset offloads what this machine can and logs what it cannot.
+        """
+        preset = PRESETS[name]
+        model_dir = Path(model_dir)
+        n_gpu_layers, providers = gpu_setup() if preset.gpu else (0, None)
+        n_ctx = context_per_sequence(max(max_new_tokens, hooks.min_new_tokens), max_segment_seconds, hotwords)
+        options = DecoderOptions(threads=threads, n_gpu_layers=n_gpu_layers, n_seq_max=batch_size, n_ctx=n_ctx)
+        return cls(model_dir, encoder_path=encoder_path or model_dir / preset.encoder_file,
+                   gguf_path=gguf_path or model_dir / preset.gguf_file, threads=threads, providers=providers,
+                   decoder_options=options, hooks=hooks)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.scheduler.close()
+        self.decoder.close()
+
+    # ------------------------------------------------------------------ transcription
+
+    def transcribe(self, audio: str | Path | np.ndarray, options: TranscribeOptions = TranscribeOptions(),
+                   progress: Callable[[int, int], None] | None = None) -> Transcript:
+        """Transcribe a file path or a 16 kHz mono float32 waveform. `progress(done, total)` per segment
+        (total 0 while the VAD is still reading the input)."""
+        stream = self.segments(audio, options)
+        for _ in stream:
+            if progress is not None:
+                progress(len(stream.done), stream.total)
+        assert stream.transcript is not None
+        return stream.transcript
+
+    def segments(self, audio: str | Path | np.ndarray, options: TranscribeOptions = TranscribeOptions()
+                 ) -> SegmentStream:
+        """The segments of one input, decoded lazily (several at once) and yielded in input order.
+
+        Opening errors surface here; the transcript is `stream.transcript` once the stream is exhausted.
+        """
+        if options.vad not in VAD_CHOICES:
+            raise ValueError(f"unknown VAD {options.vad!r}; choose from {', '.join(VAD_CHOICES)}")
+        clock = dict.fromkeys(STAGES, 0.0)
+        t_start = time.perf_counter()
+        sr = self.frontend.sample_rate
+        source = str(audio) if isinstance(audio, (str, Path)) else "<waveform>"
+        vad = self._silero() if options.vad == "silero" else None
+        n_samples = 0
+        if vad is not None:
+            if isinstance(audio, (str, Path)):
+                blocks = iter_audio_blocks(audio, VAD_BLOCK_SECONDS, sr)  # opening errors surface here
+            else:
+                blocks = iter([np.asarray(audio, dtype=np.float32).reshape(-1)])
+
+            def counted(items: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+                nonlocal n_samples
+                for block in items:
+                    n_samples += len(block)
+                    yield block
+
+            vad_options = options.vad_options or VadOptions(max_segment_seconds=options.max_segment_seconds)
+            spans = SpeechSegmenter(vad, vad_options, sr).segments(counted(_timed(blocks, clock, "load_audio")))
+            pieces: Iterator[tuple[SampleSpan, np.ndarray]] = _timed(spans, clock, "vad")
+        else:
+            wave = load_audio(audio, sr) if isinstance(audio, (str, Path)) else np.asarray(audio, dtype=np.float32)
+            clock["load_audio"] = time.perf_counter() - t_start
+            n_samples = wave.shape[0]
+            cuts = split_at_quiet_points(wave, sr, options.max_segment_seconds)
+            pieces = ((span, wave[span.start:span.end]) for span in cuts)
+
+        def finish(segments: list[Segment]) -> Transcript:
+            if vad is not None:
+                clock["vad"] = max(0.0, clock["vad"] - clock["load_audio"])  # the VAD pulls the audio
+            clock["total"] = time.perf_counter() - t_start
+            return Transcript(
+                source=source,
+                text=join_texts([s.text for s in segments]) if segments else "",
+                duration=n_samples / sr,
+                segments=segments,
+                timings=Timings.from_clock(clock),
+                n_tokens=sum(len(s.token_ids) for s in segments),
+                language=options.prompt.language,
+                vad="silero" if vad is not None else None,
+                timestamps=self._timestamp_note() if options.timestamps else None,
+            )
+
+        total = 0 if vad is not None else len(cuts)
+        return SegmentStream(self._decode_pieces(pieces, options, clock), finish, total)
+
+    def prepare(self, wave: np.ndarray, prompt: PromptOptions, clock: dict[str, float] | None = None
+                ) -> PreparedPrompt | None:
+        """Features, encoder and prompt for one segment; None when it is shorter than one frame."""
+        clock = clock if clock is not None else dict.fromkeys(STAGES, 0.0)
+        t0 = time.perf_counter()
+        feats = compute_features(wave, self.frontend)
+        t1 = time.perf_counter()
+        clock["features"] += t1 - t0
+        if feats.shape[0] == 0:
+            return None
+        encoder_out, adaptor_out = self.encoder.run(feats)
+        clock["encoder"] += time.perf_counter() - t1
+        n_rows = audio_token_count(feats.shape[0]) if self.settings.use_low_frame_rate else feats.shape[0]
+        parts = build_prompt(prompt, sys_prompt=self.settings.sys_prompt, do_think=self.settings.do_think)
+        return PreparedPrompt(
+            prefix=parts.before,
+            prefix_ids=self.decoder.tokenize(parts.before),
+            audio_rows=adaptor_out[:n_rows],
+            suffix_ids=self.decoder.tokenize(parts.after),
+            encoder_out=encoder_out,
+        )
+
+    def teacher_forced_logits(self, wave: np.ndarray, prompt: PromptOptions, tokens: list[int]) -> np.ndarray:
+        """Logits after the prompt and after each of `tokens` fed in turn (parity tests)."""
+        prepared = self.prepare(wave, prompt)
+        if prepared is None:
+            raise ValueError("audio shorter than one frame has no prompt")
+
+        def forced(decoder: LlamaDecoder, prefixes) -> np.ndarray:
+            rows = [prefixes.admit(prepared.prompt, 0)]
+            pos = prepared.length
+            for token in tokens:
+                rows.append(np.array(decoder.step(token, pos), copy=True))
+                pos += 1
+            return np.stack(rows)
+
+        return self.scheduler.call(forced)
+
+    # ------------------------------------------------------------------ models loaded on first use
+
+    @property
+    def ctc(self) -> CTCModel | None:
+        """The CTC head (drafts and alignment), loaded on first use; None without CTC weights."""
+        if self._ctc is None:
+            self._ctc = CTCModel.load(self.settings, threads=self._threads, providers=self._providers) or False
+        return self._ctc or None
+
+    def timestamp_source(self) -> str:
+        """Where sentence times come from: "ctc" (forced alignment) or "segments" (VAD/segment spans)."""
+        return "ctc" if self.ctc is not None else "segments"
+
+    def _timestamp_note(self) -> str:
+        source = self.timestamp_source()
+        if source == "segments" and not self._no_ctc_said:
+            log.info("%s has no CTC head: sentence times are shared out over the VAD segments, not aligned to "
+                     "the audio", self.settings.model_dir)
+            self._no_ctc_said = True
+        return source
+
+    def _silero(self) -> SileroVad | None:
+        """The VAD model, loaded once; None (and one warning) when neither the model folder nor silero-vad has it."""
+        if self._vad is None:
+            path = find_vad_model(self.settings.model_dir)
+            if path is None:
+                log.warning("silero_vad.onnx not found in the model folder (re-run 01_export_onnx.py with "
+                            "silero-vad installed): cutting at quiet points instead (--vad none)")
+                self._vad = False
+            else:
+                self._vad = SileroVad(path)
+        return self._vad or None
+
+    # ------------------------------------------------------------------ internals
+
+    def _decode_pieces(self, pieces: Iterable[tuple[SampleSpan, np.ndarray]], options: TranscribeOptions,
+                       clock: dict[str, float]) -> Iterator[Segment]:
+        """Segments of (span, audio) pairs, in input order, as many decoding at once as the context has sequences.
+
+        The scheduler pulls the jobs lazily, so each piece is encoded only when a sequence is free
+        for it: memory holds a few prepared segments plus the finished ones waiting for an earlier,
+        longer one to end.
+        """
+        order: deque[_Piece] = deque()  # input order
+        by_job: list[_Piece] = []
+        sr = self.frontend.sample_rate
+
+        def jobs() -> Iterator[Job]:
+            for span, audio in pieces:
+                prepared = None if is_digital_silence(audio) else self.prepare(audio, options.prompt, clock)
+                piece = _Piece(span, prepared)
+                order.append(piece)
+                if prepared is None:
+                    piece.segment = Segment(*self._seconds(span), "", [], 0)
+                    continue
+                by_job.append(piece)
+                yield Job(prepared.prompt, self.hooks.rule(options, len(audio) / sr),
+                          self._draft(prepared, options, clock), clock)
+
+        results = self.scheduler.stream(jobs())
+        try:
+            for index, decoded in results:
+                piece = by_job[index]
+                assert piece.prepared is not None
+                piece.segment = self._segment(piece.span, piece.prepared, decoded, options, clock)
+                piece.prepared = None  # the encoder output is no longer needed
+                while order and order[0].segment is not None:
+                    yield order.popleft().segment
+        finally:
+            results.close()  # stopped early: the remaining jobs are cancelled
+        while order:  # trailing silent pieces
+            segment = order.popleft().segment
+            assert segment is not None
+            yield segment
+
+    def _seconds(self, span: SampleSpan) -> tuple[float, float]:
+        start, end = span.seconds(self.frontend.sample_rate)
+        return round(start, 3), round(end, 3)
+
+    def _segment(self, span: SampleSpan, prepared: PreparedPrompt, decoded: Decoded, options: TranscribeOptions,
+                 clock: dict[str, float]) -> Segment:
+        """The text (and sentence times) of one decoded piece."""
+        start, end = self._seconds(span)
+        if decoded.looped:
+            log.warning(loop_message(f"segment {start:.2f}-{end:.2f} s", len(decoded.tokens)))
+        text = clean_text(self.decoder.detokenize(decoded.tokens))
+        segment = Segment(start, end, text, decoded.tokens, int(prepared.audio_rows.shape[0]),
+                          draft_proposed=decoded.proposed, draft_accepted=decoded.accepted)
+        if options.timestamps:
+            self._add_times(segment, prepared, clock)
+        return segment
+
+    def _add_times(self, segment: Segment, prepared: PreparedPrompt, clock: dict[str, float]) -> None:
+        """Sentence times of one segment: aligned on the CTC posteriors, or shared out over the segment."""
+        t0 = time.perf_counter()
+        ctc = self.ctc
+        times = None
+        if ctc is not None and segment.text and prepared.encoder_out is not None:
+            times = char_times(segment.text, ctc.log_probs(prepared.encoder_out), ctc.vocab, ctc.frame_shift_ms,
+                               segment.start, segment.end)
+        segment.char_times = times
+        segment.sentences = [Sentence(round(s.start, 3), round(s.end, 3), s.text)
+                             for s in sentence_times(segment.text, segment.start, segment.end, times)]
+        clock["align"] = clock.get("align", 0.0) + time.perf_counter() - t0
+
+    def _draft(self, prepared: PreparedPrompt, options: TranscribeOptions,
+               clock: dict[str, float]) -> list[int] | None:
+        """The CTC head's transcript of a segment as Qwen3 tokens; None without speculation or CTC."""
+        ctc = self.ctc if options.speculative else None
+        if ctc is None or prepared.encoder_out is None:
+            return None
+        t0 = time.perf_counter()
+        text = ctc.text(prepared.encoder_out).strip()
+        draft = self.decoder.tokenize(text) if text else []
+        clock["draft"] = clock.get("draft", 0.0) + time.perf_counter() - t0
+        return draft
+
+
+def gpu_setup() -> tuple[int, list[str] | None]:
+    """(n_gpu_layers, ONNX providers): offload everything that has a GPU backend; log what runs on the CPU."""
+    import onnxruntime as ort
+
+    from common.models.llm import gpu_offload_supported
+
+    llama_gpu = gpu_offload_supported()
+    available = ort.get_available_providers()
+    gpu_providers = [p for p in ("CUDAExecutionProvider", "ROCMExecutionProvider", "DmlExecutionProvider",
+                                 "CoreMLExecutionProvider") if p in available]
+    if not llama_gpu and not gpu_providers:
+        log.warning("no GPU found (llama.cpp has no GPU backend, onnxruntime no GPU provider): running on the CPU")
+    elif not llama_gpu:
+        log.warning("this llama.cpp build has no GPU backend: the decoder runs on the CPU")
+    elif not gpu_providers:
+        log.warning("onnxruntime has no GPU execution provider: the encoder runs on the CPU")
+    providers = gpu_providers + ["CPUExecutionProvider"] if gpu_providers else None
+    return (-1 if llama_gpu else 0), providers
+
+
+__all__ = ["BenchmarkHooks", "Engine", "PreparedPrompt", "SegmentStream", "TranscribeOptions"]

@@ -1,0 +1,1 @@
+"""Export of the official release (torch and funasr live only here): ONNX encoder + CTC head, GGUF decoder."""

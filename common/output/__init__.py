@@ -1,0 +1,1 @@
+"""What a transcription gives back: typed results, CTC alignment, subtitles and the file writers."""

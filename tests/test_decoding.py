@@ -1,0 +1,133 @@
+"""The decoding scheduler shared by many callers: each job gets the tokens of decoding it alone.
+
+Jobs with different prompts (language, ITN, hotwords: different cached prefixes) come from
+several threads at once, and from asyncio; a cancelled job frees its sequence for the next one
+and leaves the others untouched. The reference is `testing.reference`, independent of
+`common.decoding`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import CancelledError
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.audio.load import load_audio
+from common.decoding import Job, StopRule
+from common.engine import Engine
+from common.models.llm import DecoderOptions
+from common.models.prompt import PromptOptions
+from testing import reference
+
+SR = 16000
+PROMPTS = [PromptOptions(), PromptOptions(language="中文"), PromptOptions(itn=False),
+           PromptOptions(hotwords=("通义", "魔搭")), PromptOptions(language="英文", itn=False), PromptOptions()]
+CUTS = [(0.0, 3.0), (2.0, 7.5), (4.0, 10.0), (1.0, 2.5), (5.0, 9.0), (0.5, 6.0)]
+
+
+@pytest.fixture(scope="module")
+def clip(zh_mp3: Path) -> np.ndarray:
+    return load_audio(zh_mp3)
+
+
+def _engine(models: Path, n_seq: int, **kwargs) -> Engine:
+    return Engine(models, gguf_path=models / "qwen3-0.6b-asr.gguf",
+                  decoder_options=DecoderOptions(threads=2, n_ctx=512, n_seq_max=n_seq), **kwargs)
+
+
+def _prepared(engine: Engine, clip: np.ndarray):
+    return [engine.prepare(clip[int(a * SR): int(b * SR)], options) for (a, b), options in zip(CUTS, PROMPTS)]
+
+
+def _alone(engine: Engine, prepared, rules: list[StopRule]) -> list[list[int]]:
+    return engine.scheduler.call(lambda d, _: [reference.decode_alone(d, p, r.max_new_tokens, r.min_new_tokens)
+                                               for p, r in zip(prepared, rules)])
+
+
+def test_threads_with_different_prompts_get_the_tokens_of_decoding_alone(tiny_models, clip):
+    rules = [StopRule.forced(n) for n in (12, 30, 20, 8, 25, 16)]
+    events: list[tuple[str, object]] = []
+    engine = _engine(tiny_models, 3, observer=lambda event, detail: events.append((event, detail)))
+    try:
+        prepared = _prepared(engine, clip)
+        assert len({p.prefix for p in prepared}) == 5  # five different cached prefixes
+        want = _alone(engine, prepared, rules)
+        assert len({tuple(w) for w in want}) > 3
+        events.clear()
+        got: list[list[int] | None] = [None] * len(prepared)
+        start = threading.Barrier(len(prepared))
+
+        def caller(i: int) -> None:
+            start.wait()
+            got[i] = engine.scheduler.submit(Job(prepared[i].prompt, rules[i])).result(timeout=300).tokens
+
+        threads = [threading.Thread(target=caller, args=(i,)) for i in range(len(prepared))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        engine.close()
+    assert got == want
+    rounds = [seqs for event, seqs in events if event == "round"]
+    assert max(len(seqs) for seqs in rounds) == 3  # jobs of different prompts shared rounds
+    assert all(list(seqs) == sorted(seqs) for seqs in rounds)
+
+
+def test_asyncio_callers_await_the_same_scheduler(tiny_models, clip):
+    rules = [StopRule.forced(10)] * 4
+    engine = _engine(tiny_models, 2)
+    try:
+        prepared = _prepared(engine, clip)[:4]
+        want = _alone(engine, prepared, rules)
+
+        async def main() -> list[list[int]]:
+            futures = [asyncio.wrap_future(engine.scheduler.submit(Job(p.prompt, r))) for p, r in zip(prepared, rules)]
+            return [d.tokens for d in await asyncio.gather(*futures)]
+
+        got = asyncio.run(main())
+    finally:
+        engine.close()
+    assert got == want
+
+
+def test_a_cancelled_job_frees_its_sequence_and_the_others_are_unaffected(tiny_models, clip):
+    rules = [StopRule.forced(n) for n in (150, 150, 150, 10)]
+    events: list[tuple[str, object]] = []
+    all_live = threading.Event()
+
+    def observe(event: str, detail: object) -> None:
+        events.append((event, detail))
+        if event == "round" and len(detail) == 3:
+            all_live.set()
+
+    engine = _engine(tiny_models, 3, observer=observe)
+    try:
+        prepared = _prepared(engine, clip)[:4]
+        want = _alone(engine, prepared, rules)
+        events.clear()
+        long_a, long_b, long_c = (engine.scheduler.submit(Job(p.prompt, r)) for p, r in zip(prepared[:3], rules))
+        assert all_live.wait(timeout=120)
+        waiting = engine.scheduler.submit(Job(prepared[3].prompt, rules[3]))  # no free sequence yet
+        assert long_b.cancel()
+        with pytest.raises(CancelledError):
+            long_b.result()
+        got_waiting = waiting.result(timeout=300).tokens
+        a_still_running = not long_a.done()  # the waiting job did not wait for a long one to end
+        got_a, got_c = long_a.result(timeout=300).tokens, long_c.result(timeout=300).tokens
+        # a job cancelled before it starts never takes a sequence
+        queued = engine.scheduler.submit(Job(prepared[0].prompt, StopRule.forced(150)))
+        queued.cancel()
+        after = engine.scheduler.submit(Job(prepared[3].prompt, rules[3])).result(timeout=300).tokens
+    finally:
+        engine.close()
+    assert got_a == want[0] and got_c == want[2] and got_waiting == want[3] and after == want[3]
+    assert a_still_running
+    cancelled = [seq for event, seq in events if event == "cancel"]
+    assert len(cancelled) == 1
+    admitted_after = [seq for event, seq in events[[e for e, _ in events].index("cancel"):] if event == "admit"]
+    assert admitted_after[0] == cancelled[0]  # the waiting job took the cancelled job's sequence
