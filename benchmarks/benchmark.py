@@ -13,7 +13,7 @@ Random weights give meaningless text, so every run is forced to generate exactly
 `--tokens` tokens (stop tokens suppressed), the same in every engine compared.
 
 Every engine runs in its own child process (so its peak RSS is its own) with the same
-thread count: our Transcriber per 03 preset, funasr's AutoModel in fp32 and with
+thread count: our Engine per 03 preset, funasr's AutoModel in fp32 and with
 llm_dtype=bf16, and llama.cpp generating from a text prompt of the same length on the
 same GGUFs (the ceiling for our decode speed). Stage times are medians of `--runs`
 runs after `--warmup` runs; the warm-up leaves the constant prompt prefix in the KV
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import datetime
 import fcntl
 import json
@@ -48,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from common.cli import GGUF_F16, GGUF_Q8_0, PRESETS, context_per_sequence  # noqa: E402  (stdlib-only import)
+from common.presets import GGUF_F16, GGUF_Q8_0, PRESETS, context_per_sequence  # noqa: E402  (a light import)
 
 DEFAULT_AUDIO = ROOT.parent / "shared" / "audio" / "zh_news_10s.mp3"
 DEFAULT_CACHE = Path.home() / ".cache" / "funasr-nano-bench"
@@ -115,20 +114,23 @@ def child_build(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def child_variant(spec: dict[str, Any]) -> dict[str, Any]:
-    """One 03 preset through common.engine.Transcriber, in-process."""
-    from common.engine import TranscribeOptions, Transcriber
+    """One 03 preset through common.engine.Engine, in-process.
+
+    The whole clip as one segment (no VAD) in a one-sequence context of 1280 cells: the set-up every
+    earlier result in RESULTS.md was measured with, so that runs compare across commits.
+    """
+    from common.engine import BenchmarkHooks, Engine, TranscribeOptions
     from common.models.llm import DecoderOptions
 
     threads, n = spec["threads"], spec["tokens"]
-    engine = Transcriber(
+    engine = Engine(
         spec["model_dir"], encoder_path=spec["encoder"], gguf_path=spec["gguf"], threads=threads,
-        providers=spec.get("providers"),
-        decoder_options=DecoderOptions(threads=threads, n_gpu_layers=spec.get("n_gpu_layers", 0)),
+        providers=spec.get("providers"), hooks=BenchmarkHooks(min_new_tokens=n),
+        decoder_options=DecoderOptions(threads=threads, n_gpu_layers=spec.get("n_gpu_layers", 0), n_ctx=1280,
+                                       n_seq_max=1),
     )
-    extra: dict[str, Any] = {}
-    if "speculative" in {f.name for f in dataclasses.fields(TranscribeOptions)}:
-        extra["speculative"] = bool(spec.get("speculative", False))
-    options = TranscribeOptions(max_new_tokens=n, min_new_tokens=n, **extra)
+    extra: dict[str, Any] = {"speculative": bool(spec.get("speculative", False))}
+    options = TranscribeOptions(max_new_tokens=n, vad="none", **extra)
     audio = spec["audio"]
 
     warm = [engine.transcribe(audio, options) for _ in range(max(1, spec["warmup"]))]
@@ -139,12 +141,14 @@ def child_variant(spec: dict[str, Any]) -> dict[str, Any]:
 
     wave = load_audio(audio, engine.frontend.sample_rate)
     prepared = engine.prepare(wave, options.prompt)
-    uncached = []
-    for _ in range(spec["runs"]):
-        engine._cached_before = None  # forget the cached prefix: the next prefill decodes it again
+
+    def prefill_uncached(_decoder: Any, prefixes: Any) -> float:
+        prefixes.forget()  # the next admission decodes the prefix again
         t0 = time.perf_counter()
-        engine.prefill(prepared)
-        uncached.append(time.perf_counter() - t0)
+        prefixes.admit(prepared.prompt, 0)
+        return time.perf_counter() - t0
+
+    uncached = [engine.scheduler.call(prefill_uncached) for _ in range(spec["runs"])]
     engine.close()
 
     def stage(name: str) -> float:
@@ -173,7 +177,7 @@ def child_variant(spec: dict[str, Any]) -> dict[str, Any]:
         "duration_s": runs[0].duration,
         "n_tokens": n_tokens,
         "prompt_positions": prepared.length,
-        "prompt_prefix_tokens": len(prepared.before_ids),
+        "prompt_prefix_tokens": len(prepared.prefix_ids),
         "audio_rows": int(prepared.audio_rows.shape[0]),
         "peak_rss": peak_rss_bytes(),
         "all_totals_s": [round(t.timings["total"], 4) for t in runs],
@@ -193,7 +197,7 @@ def child_raw(spec: dict[str, Any]) -> dict[str, Any]:
 
     Two ways: llama-cpp-python's high-level `Llama` API (with llama.cpp's own C-side timings,
     llama_perf_context: the ceiling) and our LlamaDecoder (same context settings and greedy
-    loop as the Transcriber, no audio).
+    loop as the engine, no audio).
     """
     import gc
 
@@ -239,9 +243,12 @@ def child_raw(spec: dict[str, Any]) -> dict[str, Any]:
     del llm
     gc.collect()
 
-    # --- our decoder, same options as the Transcriber
+    # --- our decoder, the same context settings as the preset runs, a plain greedy loop
+    from testing.reference import greedy
+
     t0 = time.perf_counter()
-    dec = LlamaDecoder(gguf, DecoderOptions(threads=threads, n_gpu_layers=spec.get("n_gpu_layers", 0)))
+    dec = LlamaDecoder(gguf, DecoderOptions(threads=threads, n_gpu_layers=spec.get("n_gpu_layers", 0), n_ctx=1280,
+                                            n_seq_max=1))
     load_s = time.perf_counter() - t0
     prompt = _raw_prompt(dec.tokenize, length)
     prefills, decodes, totals, counts = [], [], [], []
@@ -251,7 +258,7 @@ def child_raw(spec: dict[str, Any]) -> dict[str, Any]:
         dec.decode_tokens(prompt, 0)
         logits = dec.logits(-1)
         t1 = time.perf_counter()
-        tokens = dec.greedy(logits, len(prompt), n, min_new_tokens=n)
+        tokens = greedy(dec, logits, len(prompt), n, min_new_tokens=n)
         t2 = time.perf_counter()
         if i < spec["warmup"]:
             continue
@@ -386,15 +393,14 @@ def child_speculative(spec: dict[str, Any]) -> dict[str, Any]:
     Random weights make the real CTC draft meaningless, so the drafts are made from the decoder's
     own greedy output: all right (the upper bound), every second token wrong, random tokens.
     """
-    from common.speculative import bench_speculative
-
+    from benchmarks.speculative import bench_speculative
     from common.audio.load import load_audio
-    from common.engine import Transcriber
+    from common.engine import Engine
     from common.models.llm import DecoderOptions
 
     threads = spec["threads"]
-    engine = Transcriber(spec["model_dir"], encoder_path=spec["encoder"], gguf_path=spec["gguf"], threads=threads,
-                         decoder_options=DecoderOptions(threads=threads))
+    engine = Engine(spec["model_dir"], encoder_path=spec["encoder"], gguf_path=spec["gguf"], threads=threads,
+                    decoder_options=DecoderOptions(threads=threads, n_ctx=1280, n_seq_max=1))
     wave = load_audio(spec["audio"], engine.frontend.sample_rate)
     bench_speculative(engine, wave, spec["tokens"], draft_kinds=("own",), repeats=1)  # warm-up
     result = bench_speculative(engine, wave, spec["tokens"], draft_kinds=tuple(spec["kinds"]),
@@ -405,25 +411,25 @@ def child_speculative(spec: dict[str, Any]) -> dict[str, Any]:
 
 def child_long(spec: dict[str, Any]) -> dict[str, Any]:
     """One long file through the VAD path, `n_seq_max` segments decoded at a time (issue 7)."""
-    from common.engine import TranscribeOptions, Transcriber
+    from common.engine import BenchmarkHooks, Engine, TranscribeOptions
     from common.models.llm import DecoderOptions
 
     threads, n = spec["threads"], spec["tokens"]
     rate = spec.get("rate", 0.0)  # tokens per second of segment audio instead of a fixed count
     if rate:
         n = math.ceil(rate * 30.0) + 1  # the VAD's longest segment
-    engine = Transcriber(spec["model_dir"], encoder_path=spec["encoder"], gguf_path=spec["gguf"], threads=threads,
-                         decoder_options=DecoderOptions(threads=threads, n_seq_max=spec["n_seq_max"],
-                                                        n_ctx=context_per_sequence(n)))
-    options = TranscribeOptions(max_new_tokens=n, min_new_tokens=0 if rate else n, vad="silero", speculative=False,
-                                forced_tokens_per_second=rate, refill=spec.get("refill", True))
+    hooks = BenchmarkHooks(min_new_tokens=0 if rate else n, tokens_per_second=rate, refill=spec.get("refill", True))
+    engine = Engine(spec["model_dir"], encoder_path=spec["encoder"], gguf_path=spec["gguf"], threads=threads,
+                    decoder_options=DecoderOptions(threads=threads, n_seq_max=spec["n_seq_max"],
+                                                   n_ctx=context_per_sequence(n)), hooks=hooks)
+    options = TranscribeOptions(max_new_tokens=n, vad="silero", speculative=False)
     t0 = time.perf_counter()
     transcript = engine.transcribe(spec["audio"], options)
     wall = time.perf_counter() - t0
     engine.close()
     return {
         "wall_s": wall, "duration_s": transcript.duration, "segments": len(transcript.segments),
-        "n_tokens": transcript.n_tokens, "timings": transcript.timings, "peak_rss": peak_rss_bytes(),
+        "n_tokens": transcript.n_tokens, "timings": transcript.timings.to_dict(), "peak_rss": peak_rss_bytes(),
         "transcript_bytes": len(json.dumps(transcript.to_dict(), ensure_ascii=False).encode()),
         "n_seq_max": spec["n_seq_max"], "tokens_per_segment": f"{rate:g}/s" if rate else n,
     }

@@ -27,14 +27,15 @@ def greedy(decoder, logits: np.ndarray, pos: int, max_new_tokens: int, seq: int 
     """Greedy tokens from the prompt's logits: stop tokens end it (unless `min_new_tokens` forces more:
     then the best other token), `max_new_tokens` caps it, a loop the guard sees stops it (untrimmed)."""
     out: list[int] = []
-    stop = sorted(decoder.stop_ids)
+    stop_ids = decoder.stop_ids
     while len(out) < max_new_tokens:
-        row = np.array(logits, copy=True)
-        if len(out) < min_new_tokens:
-            row[stop] = -np.inf
-        token = int(np.argmax(row))
-        if token in decoder.stop_ids:
-            break
+        token = int(np.argmax(logits))
+        if token in stop_ids:
+            if len(out) >= min_new_tokens:
+                break
+            masked = np.array(logits, copy=True)
+            masked[sorted(stop_ids)] = -np.inf
+            token = int(np.argmax(masked))
         out.append(token)
         if len(out) == max_new_tokens:
             break
