@@ -245,6 +245,7 @@ def test_metadata_matches_llama_cpp_converter(gguf_paths: dict[str, Path], relea
         "tokenizer.ggml.padding_token_id": 151643,
         "tokenizer.ggml.bos_token_id": 151643,
         "tokenizer.ggml.add_bos_token": False,
+        "tokenizer.ggml.add_eos_token": False,  # llama.cpp's converter writes both for Qwen3
     }
     for key, value in expected.items():
         assert kv[key] == value, key

@@ -359,6 +359,10 @@ def _add_metadata(writer: Any, params: Qwen3Params, vocab: Vocab, out_type: str)
     writer.add_tokenizer_pre("qwen2")  # Qwen2/2.5/3 share this pre-tokenizer regex in llama.cpp
     writer.add_token_list(vocab.tokens)
     writer.add_token_types(vocab.token_types)
+    # Qwen3's tokenizer_config.json states add_bos_token (false) but not add_eos_token; llama.cpp's own
+    # converter writes both, false: a prompt tokenized by llama.cpp then gets no BOS/EOS appended.
+    for kind in ("bos", "eos"):
+        vocab.special.add_special_token.setdefault(kind, False)
     vocab.special.add_to_gguf(writer, quiet=True)
 
 
