@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
-import mmap
-import struct
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +19,6 @@ import llama_cpp
 import numpy as np
 
 _backend_ready = False
-_keepalive: list[Any] = []  # ctypes callbacks must outlive their registration
 
 
 def _ensure_backend() -> None:
@@ -34,23 +30,12 @@ def _ensure_backend() -> None:
 
 @contextlib.contextmanager
 def capture_llama_log() -> Iterator[list[str]]:
-    """Collect everything llama.cpp logs inside the block (instead of printing it), then restore the old logger."""
+    """Collect everything llama.cpp logs inside the block (through the project's one log hook)."""
+    from common.models import llama_log
+
     lines: list[str] = []
-    previous = llama_cpp.llama_log_callback()
-    previous_data = ctypes.c_void_p()
-    llama_cpp.llama_log_get(ctypes.byref(previous), ctypes.byref(previous_data))
-
-    @llama_cpp.llama_log_callback
-    def _callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        if text:
-            lines.append(text.decode("utf-8", errors="replace"))
-
-    _keepalive.append(_callback)
-    llama_cpp.llama_log_set(_callback, ctypes.c_void_p(0))
-    try:
+    with llama_log.capture(lambda _level, text: lines.append(text)):
         yield lines
-    finally:
-        llama_cpp.llama_log_set(previous, previous_data)
 
 
 class GGUFModel:
@@ -205,105 +190,3 @@ class GGUFModel:
 
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
-
-
-# --------------------------------------------------------------------------- GGUF reading
-
-_SCALARS = {
-    0: "<B",
-    1: "<b",
-    2: "<H",
-    3: "<h",
-    4: "<I",
-    5: "<i",
-    6: "<f",
-    7: "<?",
-    10: "<Q",
-    11: "<q",
-    12: "<d",
-}
-_STRING, _ARRAY = 8, 9
-
-
-@dataclasses.dataclass(frozen=True)
-class GGUFTensor:
-    name: str
-    ggml_type: int
-    shape: tuple[int, ...]  # numpy order (outermost first), as written from the torch shape
-    offset: int  # absolute file offset of the data
-
-
-@dataclasses.dataclass
-class GGUFContents:
-    kv: dict[str, Any]
-    tensors: dict[str, GGUFTensor]
-    path: Path
-
-    def raw(self, name: str, nbytes: int) -> bytes:
-        with open(self.path, "rb") as f:
-            f.seek(self.tensors[name].offset)
-            return f.read(nbytes)
-
-
-def read_gguf(path: Path | str) -> GGUFContents:
-    """Parse a GGUF header (metadata + tensor table) in well under a second.
-
-    gguf-py's GGUFReader builds numpy views per array element and needs ~20 s
-    for a 151,936-token vocabulary; this reader is also independent of the
-    writer under test.
-    """
-    path = Path(path)
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        buf = memoryview(mm)
-        try:
-            pos = 0
-
-            def take(fmt: str) -> Any:
-                nonlocal pos
-                (value,) = struct.unpack_from(fmt, buf, pos)
-                pos += struct.calcsize(fmt)
-                return value
-
-            def string() -> str:
-                nonlocal pos
-                n = take("<Q")
-                s = bytes(buf[pos : pos + n]).decode("utf-8")
-                pos += n
-                return s
-
-            def value(vtype: int) -> Any:
-                nonlocal pos
-                if vtype in _SCALARS:
-                    return take(_SCALARS[vtype])
-                if vtype == _STRING:
-                    return string()
-                if vtype == _ARRAY:
-                    itype, n = take("<I"), take("<Q")
-                    if itype in _SCALARS:
-                        dt = np.dtype(_SCALARS[itype].replace("?", "b1"))
-                        arr = np.frombuffer(buf, dtype=dt, count=n, offset=pos).copy()
-                        pos += n * dt.itemsize
-                        return arr.tolist()
-                    return [value(itype) for _ in range(n)]
-                raise ValueError(f"{path}: unknown GGUF value type {vtype}")
-
-            if bytes(buf[:4]) != b"GGUF":
-                raise ValueError(f"{path}: not a GGUF file")
-            pos = 4
-            take("<I")  # version
-            n_tensors, n_kv = take("<Q"), take("<Q")
-            kv: dict[str, Any] = {}
-            for _ in range(n_kv):
-                key = string()
-                kv[key] = value(take("<I"))
-            infos = []
-            for _ in range(n_tensors):
-                name = string()
-                dims = [take("<Q") for _ in range(take("<I"))]
-                infos.append((name, take("<I"), tuple(reversed(dims)), take("<Q")))
-            align = int(kv.get("general.alignment", 32))
-            data_start = (pos + align - 1) // align * align
-        finally:
-            buf.release()
-    tensors = {n: GGUFTensor(n, t, s, data_start + off) for n, t, s, off in infos}
-    return GGUFContents(kv=kv, tensors=tensors, path=path)

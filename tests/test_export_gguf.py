@@ -27,7 +27,8 @@ from common.export.export_gguf import (
     read_qwen3_params,
 )
 from common.export.release import load_state_dict, sub_state_dict
-from tests.llama_helpers import GGUFModel, capture_llama_log, read_gguf
+from common.models.gguf_file import read_gguf
+from tests.llama_helpers import GGUFModel, capture_llama_log
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

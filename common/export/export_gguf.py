@@ -415,29 +415,11 @@ def write_base_gguf(
 
 @contextlib.contextmanager
 def _llama_log(verbose: bool) -> Iterator[None]:
-    """Route llama.cpp's log to stderr only when verbose (quantization logs a line per tensor), then restore."""
-    import ctypes
+    """llama.cpp's log on stderr only when verbose (quantization logs a line per tensor)."""
+    from common.models import llama_log
 
-    import llama_cpp
-
-    previous = llama_cpp.llama_log_callback()
-    previous_data = ctypes.c_void_p()
-    llama_cpp.llama_log_get(ctypes.byref(previous), ctypes.byref(previous_data))
-
-    @llama_cpp.llama_log_callback
-    def _callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        if verbose and text:
-            sys.stderr.write(text.decode("utf-8", errors="replace"))
-
-    _callback_keepalive.append(_callback)  # ctypes frees the thunk with the object; keep it for the process
-    llama_cpp.llama_log_set(_callback, ctypes.c_void_p(0))
-    try:
+    with llama_log.capture(lambda _level, text: sys.stderr.write(text) if verbose else None):
         yield
-    finally:
-        llama_cpp.llama_log_set(previous, previous_data)
-
-
-_callback_keepalive: list[Any] = []
 
 
 def quantize_gguf(

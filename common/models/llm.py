@@ -14,7 +14,6 @@ text after it go to llama.cpp in one `llama_decode` (one pass over the weights).
 from __future__ import annotations
 
 import ctypes
-import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +21,12 @@ from pathlib import Path
 import llama_cpp as L
 import numpy as np
 
+from common.models import llama_log
+from common.models.gguf_file import GGUF_MAGIC, read_gguf
 from common.presets import DEFAULT_BATCH_SIZE, context_per_sequence
 
 IM_END = "<|im_end|>"
 END_OF_TEXT = "<|endoftext|>"
-_GGUF_MAGIC = b"GGUF"
 
 
 class DecoderError(RuntimeError):
@@ -50,35 +50,9 @@ class DecoderOptions:
     kv_unified: bool = False
 
 
-_log_lock = threading.Lock()
-_log_lines: list[str] = []
-_log_callback_ref = None  # keep the ctypes callback alive for the process lifetime
-
-
-def _install_quiet_logger() -> None:
-    """Keep llama.cpp's chatter (model card, tensor lists) off the user's terminal.
-
-    Warnings and errors are remembered so a failure message can include them.
-    """
-    global _log_callback_ref
-    if _log_callback_ref is not None:
-        return
-
-    @ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
-    def _callback(level: int, text: bytes | None, _user: ctypes.c_void_p) -> None:
-        if text and level in (3, 4):  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR
-            with _log_lock:
-                _log_lines.append(text.decode("utf-8", "replace").rstrip())
-                del _log_lines[:-50]
-
-    _log_callback_ref = _callback
-    L.llama_log_set(_callback, ctypes.c_void_p())
-
-
 def llama_warnings() -> list[str]:
     """Warnings and errors llama.cpp logged so far in this process (last 50)."""
-    with _log_lock:
-        return list(_log_lines)
+    return llama_log.recent_warnings()
 
 
 def gpu_offload_supported() -> bool:
@@ -90,7 +64,7 @@ def _check_gguf_file(path: Path) -> None:
     if not path.is_file():
         raise DecoderError(f"{path}: GGUF file not found")
     with open(path, "rb") as f:
-        if f.read(4) != _GGUF_MAGIC:
+        if f.read(4) != GGUF_MAGIC:
             raise DecoderError(f"{path}: not a GGUF file")
 
 
@@ -101,7 +75,7 @@ class LlamaDecoder:
         self.path = Path(gguf_path)
         self.options = options
         _check_gguf_file(self.path)
-        _install_quiet_logger()
+        llama_log.install()
         L.llama_backend_init()
 
         mparams = L.llama_model_default_params()
@@ -314,17 +288,19 @@ class _EmbeddingTable:
     """Reads single rows of `token_embd.weight` out of a GGUF without loading the whole table.
 
     gguf-py's GGUFReader parses every metadata value into Python objects (seconds
-    for a 150k-token vocabulary), so the header is walked here with struct, skipping
-    values, and the tensor is memory-mapped.
+    for a 150k-token vocabulary), so the header is walked by `common.models.gguf_file`,
+    skipping values, and the tensor is memory-mapped.
     """
 
     def __init__(self, path: Path) -> None:
         from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
         from gguf.quants import dequantize
 
-        offset, qtype, dims = _locate_tensor(path, "token_embd.weight")
-        self._type = GGMLQuantizationType(qtype)
-        n_embd, n_rows = dims[0], dims[1]
+        tensor = read_gguf(path, values=False).tensors.get("token_embd.weight")
+        if tensor is None:
+            raise DecoderError(f"{path}: GGUF has no tensor token_embd.weight")
+        offset, self._type = tensor.offset, GGMLQuantizationType(tensor.ggml_type)
+        n_rows, n_embd = tensor.shape
         block, type_size = GGML_QUANT_SIZES[self._type]
         row_bytes = n_embd // block * type_size
         self._data = np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=(n_rows, row_bytes))
@@ -337,60 +313,3 @@ class _EmbeddingTable:
         if self._type.name == "F16":
             return raw.view(np.float16).astype(np.float32)
         return self._dequantize(raw, self._type).astype(np.float32)
-
-
-# GGUF metadata value types -> struct format of a scalar (8: string, 9: array)
-_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-
-
-def _locate_tensor(path: Path, name: str) -> tuple[int, int, list[int]]:
-    """(absolute data offset, ggml type, dims) of one tensor, from the GGUF header alone."""
-    import mmap
-    import struct
-
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        if buf[:4] != _GGUF_MAGIC:
-            raise DecoderError(f"{path}: not a GGUF file")
-        _version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
-        pos = 24
-        alignment = 32
-
-        def read_str(p: int) -> tuple[str, int]:
-            (n,) = struct.unpack_from("<Q", buf, p)
-            return buf[p + 8 : p + 8 + n].decode("utf-8", "replace"), p + 8 + n
-
-        def skip_value(p: int, vtype: int) -> int:
-            if vtype == 8:
-                (n,) = struct.unpack_from("<Q", buf, p)
-                return p + 8 + n
-            if vtype == 9:
-                itype, count = struct.unpack_from("<IQ", buf, p)
-                p += 12
-                if itype in _GGUF_SCALARS:
-                    return p + count * struct.calcsize(_GGUF_SCALARS[itype])
-                for _ in range(count):
-                    p = skip_value(p, itype)
-                return p
-            return p + struct.calcsize(_GGUF_SCALARS[vtype])
-
-        for _ in range(n_kv):
-            key, pos = read_str(pos)
-            (vtype,) = struct.unpack_from("<I", buf, pos)
-            pos += 4
-            if key == "general.alignment" and vtype == 4:
-                (alignment,) = struct.unpack_from("<I", buf, pos)
-            pos = skip_value(pos, vtype)
-        found: tuple[int, int, list[int]] | None = None
-        for _ in range(n_tensors):
-            tname, pos = read_str(pos)
-            (n_dims,) = struct.unpack_from("<I", buf, pos)
-            dims = list(struct.unpack_from(f"<{n_dims}Q", buf, pos + 4))
-            pos += 4 + 8 * n_dims
-            qtype, offset = struct.unpack_from("<IQ", buf, pos)
-            pos += 12
-            if tname == name:
-                found = (offset, qtype, dims)
-        if found is None:
-            raise DecoderError(f"{path}: GGUF has no tensor {name}")
-        data_start = (pos + alignment - 1) // alignment * alignment
-        return data_start + found[0], found[1], found[2]
