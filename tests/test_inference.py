@@ -203,6 +203,35 @@ def test_no_torch_transformers_or_funasr_at_inference(tiny_models, zh_mp3):
     assert "HEAVY []" in proc.stdout, proc.stdout
 
 
+HEAVY = ("torch", "transformers", "funasr", "testing")
+INFERENCE_PACKAGES = ("audio", "models", "decoding", "output")
+
+
+def test_inference_modules_never_import_torch_transformers_or_funasr():
+    """Only common/export/ may import torch; every other module of common/ is on the inference path.
+
+    Static (every import statement, lazy ones included) and dynamic (importing each module in a fresh
+    interpreter loads none of them).
+    """
+    import ast
+
+    common = ROOT / "common"
+    modules = [p for p in common.rglob("*.py") if "export" not in p.relative_to(common).parts]
+    assert {p.parent.name for p in modules} >= set(INFERENCE_PACKAGES)
+    for path in modules:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            bad = [n for n in names if n.split(".")[0] in HEAVY]
+            assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+    names = sorted(".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__") for p in modules)
+    code = (f"import importlib, sys\nfor m in {names!r}:\n    importlib.import_module(m)\n"
+            "print('HEAVY', sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'funasr')))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY []" in proc.stdout, proc.stdout
+
+
 def test_tokens_equal_funasr_as_shipped_with_bf16_rounded_rope(engines, tiny_ckpt, tiny2_ckpt, zh_mp3, en_wav,
                                                                oracle_factory):
     """funasr as shipped rounds the RoPE frequencies to bf16 (see README): the tokens must still agree;
@@ -218,3 +247,28 @@ def test_tokens_equal_funasr_as_shipped_with_bf16_rounded_rope(engines, tiny_ckp
             drift = float(np.abs(ours - want).max() / want.std())
             print(f"{name} {audio.name}: as-shipped RoPE drift {drift:.2e} of the logits' std")
             assert drift < 0.05
+
+
+def test_cli_default_path_equals_funasr_on_each_segment(tiny_models, tiny_ckpt, zh_mp3, tmp_path, oracle_factory):
+    """The 03 script as users run it (Silero VAD, batch 4, speculation from the CTC head): funasr run on
+    each segment the JSON reports gives that segment's tokens and text."""
+    import soundfile
+
+    clip = load_audio(zh_mp3)
+    silence = np.zeros(16000, np.float32)
+    path = tmp_path / "two_takes.wav"
+    soundfile.write(str(path), np.concatenate([silence, clip, silence, clip[: 6 * 16000], silence]), 16000)
+    proc = _run_script("03_inference_cpu.py", str(path), "--model-dir", str(tiny_models), "--max-new-tokens",
+                       str(STEPS), "--threads", "2", "--format", "json", "--gguf",
+                       str(tiny_models / "qwen3-0.6b-asr.f32.gguf"))
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["vad"] == "silero" and len(data["segments"]) >= 2
+    assert sum(s["draft_proposed"] for s in data["segments"]) > 0  # speculation was on
+    wave = load_audio(path)
+    oracle = oracle_factory(tiny_ckpt)
+    for seg in data["segments"]:
+        piece = wave[int(round(seg["start"] * 16000)): int(round(seg["end"] * 16000))]
+        ref = oracle.run(piece, max_new_tokens=STEPS)
+        assert seg["token_ids"] == ref.token_ids, (seg["start"], seg["end"])
+        assert seg["text"] == ref.text
