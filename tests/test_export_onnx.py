@@ -158,7 +158,7 @@ def _has_ctc(exported: Exported) -> bool:
 
 
 def test_ctc_text_matches_funasr(exported: Exported, funasr_run) -> None:
-    """Greedy CTC text from our graphs + common/ctc.py equals funasr's `ctc_text` exactly."""
+    """Greedy CTC text from our graphs + common/models/ctc.py equals funasr's `ctc_text` exactly."""
     _, result, feats = funasr_run
     if not _has_ctc(exported):
         assert result.ctc_text is None

@@ -316,13 +316,13 @@ def test_streaming_gives_the_segments_of_the_whole_and_respects_the_limit(vad, c
     assert max(s.end - s.start for s, _ in uncut) > 8 * SR and len(whole) > len(uncut)
 
 
-def test_transcriber_decodes_the_vad_segments_batched(tiny_models, layout, tmp_path):
+def test_engine_decodes_the_vad_segments_batched(tiny_models, layout, tmp_path):
     import soundfile
 
     wave, truth = layout
     path = tmp_path / "three.wav"
     soundfile.write(str(path), wave, SR)
-    wave = load_audio(path)  # as the transcriber reads it (16-bit)
+    wave = load_audio(path)  # as the engine reads it (16-bit)
     cfg = ENGINES["f16-split"]
     batched = _engine(tiny_models, cfg, 4)
     single = _engine(tiny_models, cfg, 1)
@@ -422,7 +422,7 @@ def test_cli_writes_subtitles(tiny_models, clip, tmp_path):
 # --------------------------------------------------------------------------- timestamps
 
 
-def test_transcriber_aligns_sentences_on_the_ctc_posteriors(tiny_models, clip):
+def test_engine_aligns_sentences_on_the_ctc_posteriors(tiny_models, clip):
     """With the CTC head: each segment's text is forced-aligned on the head's log-probs (its own run)."""
     from common.output.alignment import char_times, sentence_times
 
