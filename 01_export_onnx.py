@@ -1,6 +1,6 @@
 """Export Fun-ASR-Nano's audio encoder + adaptor (and CTC head) to ONNX for onnxruntime.
 
-    python 01_export_onnx.py [--model-dir DIR] [--out-dir model-gguf] [--quiet]
+    python 01_export_onnx.py [--release-dir DIR] [--model-dir DIR] [--no-int8] [--quiet]
 
 Writes FunASR_Nano_Encoder.onnx and .int8.onnx (plus FunASR_Nano_CTC[.int8].onnx and
 ctc_vocab.tiktoken when the release has the CTC head), tokenizer/ and funasr_nano.json.
@@ -11,30 +11,24 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from common.export.release import DEFAULT_RELEASE_DIR, ReleaseError, ensure_release
+from common.cli import OneLineParser, add_folder_options, export_folders
+from common.export.release import ReleaseError
 
 EXAMPLES = """\
 examples:
-  python 01_export_onnx.py                                  # ./Fun-ASR-Nano-2512 -> model-gguf/ (downloads if absent)
-  python 01_export_onnx.py --model-dir ~/models/Fun-ASR-Nano-2512 --out-dir model-gguf
+  python 01_export_onnx.py                                  # Fun-ASR-Nano-2512/ -> model-gguf/ (downloads if absent)
+  python 01_export_onnx.py --release-dir ~/models/Fun-ASR-Nano-2512 --model-dir ~/models/model-gguf
   python 01_export_onnx.py --no-int8 --quiet
+
+Both folders default to the project folder (the one holding this script), whatever the current directory.
 """
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=EXAMPLES,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--model-dir",
-        type=Path,
-        default=DEFAULT_RELEASE_DIR,
-        help=f"Fun-ASR-Nano release folder, downloaded if absent (default: {DEFAULT_RELEASE_DIR})",
-    )
-    parser.add_argument(
-        "--out-dir", type=Path, default=Path("model-gguf"), help="output folder (default: model-gguf)"
-    )
+    parser = OneLineParser(prog="01_export_onnx.py", description=__doc__.splitlines()[0], epilog=EXAMPLES,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_folder_options(parser, export=True)
     parser.add_argument("--no-int8", action="store_true", help="skip the int8 variants")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     return parser.parse_args(argv)
@@ -44,14 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Resolve the release before importing torch/funasr: a missing folder fails in well under a second.
     try:
-        model_dir = ensure_release(args.model_dir)
+        release_dir, model_dir = export_folders(args)
     except ReleaseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from common.export.export_onnx import ExportError, export_onnx, stderr_log
 
     try:
-        paths = export_onnx(model_dir, args.out_dir, int8=not args.no_int8, log=None if args.quiet else stderr_log)
+        paths = export_onnx(release_dir, model_dir, int8=not args.no_int8, log=None if args.quiet else stderr_log)
     except (ReleaseError, ExportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,6 +1,6 @@
 """Export the Qwen3 decoder of Fun-ASR-Nano to GGUF files for llama.cpp.
 
-    python 02_export_gguf.py [--model-dir DIR] [--out-dir model-gguf] [--types f16,q8_0] [--quiet]
+    python 02_export_gguf.py [--release-dir DIR] [--model-dir DIR] [--types f16,q8_0] [--quiet]
 
 Writes qwen3-0.6b-asr.gguf (f16) and qwen3-0.6b-asr.<type>.gguf for other types.
 All logic lives in common/export_gguf.py; this file only parses arguments.
@@ -10,31 +10,25 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
+from common.cli import OneLineParser, add_folder_options, export_folders
 from common.export.export_gguf import DEFAULT_TYPE, SUPPORTED_TYPES, ExportError, export_gguf, parse_types
-from common.export.release import DEFAULT_RELEASE_DIR, ReleaseError, ensure_release
+from common.export.release import ReleaseError
 
 EXAMPLES = """\
 examples:
   python 02_export_gguf.py                                  # f16: model-gguf/qwen3-0.6b-asr.gguf
   python 02_export_gguf.py --types f16,q8_0                 # + qwen3-0.6b-asr.q8_0.gguf (03_inference_cpu_int8.py)
-  python 02_export_gguf.py --model-dir ~/models/Fun-ASR-Nano-2512 --types q4_k_m --out-dir model-gguf
+  python 02_export_gguf.py --release-dir ~/models/Fun-ASR-Nano-2512 --types q4_k_m --model-dir ~/models/model-gguf
+
+Both folders default to the project folder (the one holding this script), whatever the current directory.
 """
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=EXAMPLES,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--model-dir",
-        type=Path,
-        default=DEFAULT_RELEASE_DIR,
-        help=f"Fun-ASR-Nano release folder, downloaded if absent (default: {DEFAULT_RELEASE_DIR})",
-    )
-    parser.add_argument(
-        "--out-dir", type=Path, default=Path("model-gguf"), help="output folder (default: model-gguf)"
-    )
+    parser = OneLineParser(prog="02_export_gguf.py", description=__doc__.splitlines()[0], epilog=EXAMPLES,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_folder_options(parser, export=True)
     parser.add_argument(
         "--types",
         default=DEFAULT_TYPE,
@@ -49,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     progress = not args.quiet and sys.stderr.isatty()
     try:
         types = parse_types(args.types)
-        model_dir = ensure_release(args.model_dir)
-        paths = export_gguf(model_dir, args.out_dir, types, progress=progress)
+        release_dir, model_dir = export_folders(args)
+        paths = export_gguf(release_dir, model_dir, types, progress=progress)
     except (ReleaseError, ExportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

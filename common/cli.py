@@ -1,10 +1,19 @@
-"""The command line shared by the three 03_inference_*.py scripts; they differ only in their preset.
+"""The command lines: the three 03_inference_*.py scripts (they differ only in their preset), and the
+folder options 01_export_onnx.py and 02_export_gguf.py share with them.
 
-Errors a user can cause (a bad file, a missing model) become one line on stderr
-and an exit code, never a traceback; in a multi-file run the other files are
-still transcribed and a summary lists what failed. C libraries that print to the
-process's stderr themselves (mpg123's notes on a damaged MP3) are silenced while a
-file is decoded; set FUNASR_DEBUG=1 to see them.
+One name per folder, everywhere: `--release-dir` is the official release (read by the exports),
+`--model-dir` the exported models (written by 01 and 02, read by 03). Their defaults,
+`Fun-ASR-Nano-2512/` and `model-gguf/`, are in the project folder (the one holding the scripts),
+whatever the current directory; only the defaults are downloaded or exported into when missing,
+a folder named on the command line must exist.
+
+Everything a run can check cheaply is checked before a model is loaded or exported: option values,
+the language, the output folder (created and test-written), every input file. Errors a user can
+cause (a bad file, a missing model) become one line on stderr and an exit code (1: an input
+failed, 2: options, folders or models), never a traceback; in a multi-file run the other files are
+still transcribed and a summary lists what failed. C libraries that print to the process's stderr
+themselves (mpg123's notes on a damaged MP3) are silenced while a file is decoded; set
+FUNASR_DEBUG=1 to see them.
 """
 
 from __future__ import annotations
@@ -12,23 +21,101 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from common.presets import PRESETS, Preset
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL_DIR = Path("model-gguf")
-DEFAULT_RELEASE_DIR = Path("Fun-ASR-Nano-2512")
+ROOT = Path(__file__).resolve().parent.parent  # the project folder: the scripts, model-gguf/, the release
+DEFAULT_MODEL_DIR = ROOT / "model-gguf"
+DEFAULT_RELEASE_DIR = ROOT / "Fun-ASR-Nano-2512"
+RELEASE_ID = "FunAudioLLM/Fun-ASR-Nano-2512"
 
 EXIT_OK, EXIT_FAILED_INPUTS, EXIT_SETUP = 0, 1, 2
+SUBTITLE_FORMATS = ("srt", "vtt")
 
 
 class SetupError(RuntimeError):
     """Something about the models or the options, not about one input file."""
+
+
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its errors on one `error:` line (exit 2), like every other error of the scripts."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_SETUP, f"error: {message} (see {self.prog} --help)\n")
+
+
+def positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
+    """An argparse type: a whole number >= 1 (`int`) or a finite number > 0 (`float`); errors say the value."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{'a whole' if kind is int else 'a'} number is needed, not {text!r}") from None
+        if kind is int and value < 1:
+            raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
+        if not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be a number above 0, not {text}")
+        return value
+
+    return parse
+
+
+def _project_default(path: Path) -> str:
+    return f"{path.name} in the project folder, {path.parent}"
+
+
+def add_folder_options(parser: argparse.ArgumentParser, *, export: bool) -> None:
+    """`--release-dir` and `--model-dir`, with the same meaning in 01, 02 and 03; None when not given."""
+    if export:
+        release_help = ("official Fun-ASR-Nano release folder to export (default: "
+                        f"{_project_default(DEFAULT_RELEASE_DIR)}; downloaded when absent)")
+        model_help = f"where the exported models go (default: {_project_default(DEFAULT_MODEL_DIR)})"
+    else:
+        release_help = ("official release folder, exported from when the model folder is empty (default: "
+                        f"{_project_default(DEFAULT_RELEASE_DIR)}; downloaded when absent)")
+        model_help = (f"exported models (default: {_project_default(DEFAULT_MODEL_DIR)}; exported there on first "
+                      "use)")
+    parser.add_argument("--release-dir", type=Path, default=None, metavar="DIR", help=release_help)
+    parser.add_argument("--model-dir", type=Path, default=None, metavar="DIR", help=model_help)
+
+
+def export_commands(model_dir: Path) -> str:
+    """The two commands that fill `model_dir`, for messages."""
+    target = "" if model_dir == DEFAULT_MODEL_DIR else f" --model-dir {model_dir}"
+    return f"python 01_export_onnx.py{target} && python 02_export_gguf.py{target} --types f16,q8_0"
+
+
+def export_folders(args: argparse.Namespace) -> tuple[Path, Path]:
+    """(release folder, model folder) for 01 and 02: the release found or downloaded, the target checked.
+
+    A release folder named on the command line must exist (an existing empty one is downloaded
+    into); only the default is downloaded when absent. A --model-dir that holds a release (what
+    --model-dir meant in 01 and 02 before) is refused: exporting into it would mix the two.
+    Raises ReleaseError with a one-line message.
+    """
+    from common.export.release import ReleaseError, ensure_release
+
+    model_dir = args.model_dir if args.model_dir is not None else DEFAULT_MODEL_DIR
+    if (model_dir / "config.yaml").is_file() and (model_dir / "model.pt").is_file():
+        raise ReleaseError(f"{model_dir}: this is a release folder (config.yaml, model.pt): pass it as --release-dir; "
+                           "--model-dir is where the exported models go")
+    if model_dir.exists() and not model_dir.is_dir():
+        raise ReleaseError(f"{model_dir}: not a folder (--model-dir)")
+    given = args.release_dir
+    release = ensure_release(given if given is not None else DEFAULT_RELEASE_DIR,
+                             download=given is None or given.exists())
+    return release, model_dir
 
 
 def build_parser(preset: Preset) -> argparse.ArgumentParser:
@@ -36,34 +123,45 @@ def build_parser(preset: Preset) -> argparse.ArgumentParser:
         examples:
           python {preset.script} talk.mp3
           python {preset.script} a.wav b.flac --format json --output-dir out/
-          python {preset.script} meeting.m4a --language 中文 --hotwords "通义,魔搭"
+          python {preset.script} meeting.m4a --language zh --hotwords "通义,魔搭"
           python {preset.script} clip.mp3 --gguf model-gguf/qwen3-0.6b-asr.f32.gguf
+
+        Several inputs on stdout: txt gives a "==> file <==" line before each transcript, json one
+        JSON object per line (JSON Lines); srt and vtt need --output-dir. With --output-dir, inputs
+        from several folders keep their sub-folders and same-named inputs keep their extension
+        (a.mp3.txt, a.wav.txt). Two runs on one --output-dir do not coordinate: both transcribe
+        everything and the last one to finish a file wins (each file is written whole).
         """)
-    p = argparse.ArgumentParser(
+    from common.models.prompt import language_choices
+
+    p = OneLineParser(
         prog=preset.script, description=f"Transcribe audio with Fun-ASR-Nano. {preset.description}.",
         epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("audio", nargs="+", help="audio files (mp3, wav, flac, ogg, m4a, ...; any rate and channels)")
-    p.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR, help="exported models (default: model-gguf)")
-    p.add_argument("--release-dir", type=Path, default=DEFAULT_RELEASE_DIR,
-                   help="official release folder, used to export when --model-dir is empty (default: Fun-ASR-Nano-2512)")
-    p.add_argument("--language", default=None, help="ask for this output language, e.g. 中文, 英文, 日文")
+    add_folder_options(p, export=False)
+    p.add_argument("--language", default=None,
+                   help=f"the language to write: {language_choices()} (default: the model decides)")
     p.add_argument("--no-itn", action="store_true", help="no inverse text normalization (numbers stay spelled out)")
     p.add_argument("--hotwords", default=None, help='comma-separated words to favour, e.g. "通义,魔搭"')
     p.add_argument("--format", choices=("txt", "json", "srt", "vtt"), default="txt",
                    help="output format: text, json with segments, or srt/vtt subtitles (default: txt)")
-    p.add_argument("--max-cue-seconds", type=float, default=6.0,
+    p.add_argument("--max-cue-seconds", type=positive(float), default=6.0,
                    help="longest subtitle cue in seconds, srt/vtt (default: 6)")
     p.add_argument("--vad", choices=("silero", "none"), default="silero",
                    help="silero: transcribe only the speech Silero VAD finds; none: the whole input, cut "
                         "at quiet points (default: silero)")
-    p.add_argument("--batch-size", type=int, default=4,
+    p.add_argument("--batch-size", type=positive(int), default=4,
                    help="segments decoded together in one llama.cpp context (default: 4; 1: one at a time)")
-    p.add_argument("--output-dir", type=Path, default=None, help="write one file per input here instead of stdout")
+    p.add_argument("--output-dir", type=Path, default=None,
+                   help="write one file per input here instead of stdout (created if needed)")
     p.add_argument("--overwrite", action="store_true", help="re-transcribe inputs whose output file exists")
-    p.add_argument("--threads", type=int, default=max(1, min(os.cpu_count() or 2, 8)), help="CPU threads")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="cap on generated tokens per segment (default: 512)")
-    p.add_argument("--max-segment", type=float, default=30.0, help="longest segment in seconds (default: 30)")
+    p.add_argument("--threads", type=positive(int), default=max(1, min(os.cpu_count() or 2, 8)),
+                   help="CPU threads")
+    p.add_argument("--max-new-tokens", type=positive(int), default=512,
+                   help="cap on generated tokens per segment (default: 512)")
+    p.add_argument("--max-segment", type=positive(float), default=30.0,
+                   help="longest segment in seconds (default: 30)")
     p.add_argument("--encoder", type=Path, default=None, help="ONNX encoder to use instead of the preset's")
     p.add_argument("--gguf", type=Path, default=None, help="GGUF decoder to use instead of the preset's")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -77,6 +175,7 @@ def build_parser(preset: Preset) -> argparse.ArgumentParser:
 def main(preset_name: str, argv: list[str] | None = None) -> int:
     preset = PRESETS[preset_name]
     args = build_parser(preset).parse_args(argv)
+    log_to_stderr()
     try:
         return _run(preset, args)
     except SetupError as exc:
@@ -87,30 +186,129 @@ def main(preset_name: str, argv: list[str] | None = None) -> int:
         return 130
 
 
+@dataclass
+class _Job:
+    """One input of a run and where its transcript goes (None: stdout)."""
+
+    source: str
+    target: Path | None
+
+
 def _run(preset: Preset, args: argparse.Namespace) -> int:
-    from common.engine import BenchmarkHooks, Engine, TranscribeOptions
-    from common.models.llm import DecoderError
-    from common.models.prompt import PromptOptions, parse_hotwords
-    from common.output.writers import output_path, render, write_atomic
-
-    _show_engine_messages()
-
-    if args.max_new_tokens < 1 or args.threads < 1 or args.max_segment <= 0:
-        raise SetupError("--max-new-tokens, --threads and --max-segment must be positive")
-    if args.batch_size < 1 or args.max_cue_seconds <= 0:
-        raise SetupError("--batch-size and --max-cue-seconds must be positive")
-    encoder_path, gguf_path = _model_files(preset, args)
+    from common.audio.load import AudioError, check_audio_file
+    from common.models.prompt import LanguageError, PromptOptions, parse_hotwords, resolve_language
+    from common.output.writers import WriteError, check_writable
 
     try:
-        engine = Engine.from_preset(
-            preset_name_of(preset), args.model_dir, threads=args.threads, batch_size=args.batch_size,
+        language = resolve_language(args.language)
+    except LanguageError as exc:
+        raise SetupError(f"--language: {exc}") from exc
+    sources = _distinct(args.audio)
+    if args.output_dir is None and len(sources) > 1 and args.format in SUBTITLE_FORMATS:
+        raise SetupError(f"--format {args.format} with {len(sources)} inputs needs --output-dir "
+                         "(one subtitle file per input)")
+    _check_folders(args)
+    if args.output_dir is not None:
+        try:
+            check_writable(args.output_dir)
+        except WriteError as exc:
+            raise SetupError(str(exc)) from exc
+    targets = _targets(sources, args)
+
+    failures: list[str] = []
+    jobs: list[_Job] = []
+    for source, target in zip(sources, targets):
+        try:
+            check_audio_file(source)
+        except AudioError as exc:
+            _error(str(exc))
+            failures.append(source)
+            continue
+        if target is not None and target.exists() and not args.overwrite:
+            _note(f"{source}: skipped, {target} exists (use --overwrite)", args.quiet)
+            continue
+        jobs.append(_Job(source, target))
+    if not jobs:  # nothing to transcribe: no model is loaded, let alone exported
+        return _summary(failures, len(sources), write_failed=False)
+
+    options = PromptOptions(language=language, itn=not args.no_itn, hotwords=parse_hotwords(args.hotwords))
+    engine = _load_engine(preset, args)
+    write_failed = False
+    try:
+        write_failed = _transcribe_all(engine, jobs, options, args, failures, several=len(sources) > 1)
+    finally:
+        engine.close()
+    return _summary(failures, len(sources), write_failed)
+
+
+def _distinct(audio: list[str]) -> list[str]:
+    """The inputs with repeats of one file (however spelled) dropped, and a warning for each."""
+    seen: dict[str, str] = {}
+    out = []
+    for source in audio:
+        key = os.path.realpath(source)
+        if key in seen:
+            _error(f"warning: {source}: given twice (as {seen[key]}), transcribed once")
+            continue
+        seen[key] = source
+        out.append(source)
+    return out
+
+
+def _targets(sources: list[str], args: argparse.Namespace) -> list[Path | None]:
+    """Each input's output file (None: stdout), with a warning where names had to be told apart."""
+    from common.output.writers import output_path, output_paths
+
+    if args.output_dir is None:
+        return [None] * len(sources)
+    targets = output_paths(sources, args.output_dir, args.format)
+    plain = [output_path(s, args.output_dir, args.format) for s in sources]
+    if len(sources) > 1 and targets != plain:
+        renamed = [f"{s} -> {t}" for s, t, p in zip(sources, targets, plain) if t != p]
+        _error(f"warning: inputs share a name; so that none overwrites another: {'; '.join(renamed)}")
+    return targets
+
+
+def _check_folders(args: argparse.Namespace) -> None:
+    """Folders named on the command line must exist: a typo is an error, not a download or an export."""
+    for option, path in (("--model-dir", args.model_dir), ("--release-dir", args.release_dir)):
+        if path is not None and not path.exists():
+            raise SetupError(f"{path}: no such folder ({option})")
+        if path is not None and not path.is_dir():
+            raise SetupError(f"{path}: not a folder ({option})")
+    for option, path in (("--encoder", args.encoder), ("--gguf", args.gguf)):
+        if path is not None and not path.is_file():
+            raise SetupError(f"{path}: {'not a file' if path.exists() else 'no such file'} ({option})")
+
+
+def _load_engine(preset: Preset, args: argparse.Namespace):
+    """The Engine for this preset; the models are exported first when the model folder is empty."""
+    from common.engine import BenchmarkHooks, Engine
+    from common.models.llm import DecoderError
+
+    model_dir = args.model_dir if args.model_dir is not None else DEFAULT_MODEL_DIR
+    encoder_path, gguf_path = _model_files(preset, args, model_dir)
+    try:
+        return Engine.from_preset(
+            preset_name_of(preset), model_dir, threads=args.threads, batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens, max_segment_seconds=args.max_segment, hotwords=args.hotwords or "",
             encoder_path=encoder_path, gguf_path=gguf_path, hooks=BenchmarkHooks(min_new_tokens=args.force_tokens))
     except (DecoderError, ValueError, RuntimeError, OSError) as exc:
         raise SetupError(_one_line(exc)) from exc
 
+
+def preset_name_of(preset: Preset) -> str:
+    return next(name for name, p in PRESETS.items() if p == preset)
+
+
+def _transcribe_all(engine, jobs: list[_Job], prompt, args: argparse.Namespace, failures: list[str], *,
+                    several: bool) -> bool:
+    """Transcribe and write every job; a failing input is listed in `failures`. True if a write failed."""
+    from common.engine import TranscribeOptions
+    from common.output.writers import WriteError, render, render_json, write_atomic
+
     options = TranscribeOptions(
-        prompt=PromptOptions(language=args.language, itn=not args.no_itn, hotwords=parse_hotwords(args.hotwords)),
+        prompt=prompt,
         max_new_tokens=args.max_new_tokens,
         max_segment_seconds=args.max_segment,
         speculative=not args.no_speculative,
@@ -118,57 +316,64 @@ def _run(preset: Preset, args: argparse.Namespace) -> int:
         timestamps=args.format != "txt",
     )
     show_progress = not args.quiet and sys.stderr.isatty()
-    failures: list[str] = []
-    bar = _progress_bar(len(args.audio), show_progress)
-    for source in args.audio:
+    write_failed = False
+    printed = 0
+    bar = _progress_bar(len(jobs), show_progress)
+    for job in jobs:
         try:
-            if args.output_dir is not None:
-                target = output_path(source, args.output_dir, args.format)
-                if target.exists() and not args.overwrite:
-                    _note(f"{source}: skipped, {target} exists (use --overwrite)", args.quiet)
-                    continue
             with _native_stderr_silenced():
                 # one long input: a segment counter, shown only once decoding takes a while
-                segment_bar = _SegmentBar() if show_progress and len(args.audio) == 1 else None
+                segment_bar = _SegmentBar() if show_progress and len(jobs) == 1 else None
                 try:
-                    transcript = engine.transcribe(source, options, progress=segment_bar)
+                    transcript = engine.transcribe(job.source, options, progress=segment_bar)
                 finally:
                     if segment_bar is not None:
                         segment_bar.close()
             if transcript.duration == 0:  # shorter than one frame is fine (empty text), nothing at all is not
-                raise ValueError(f"{source}: no audio samples (the file holds no audio data)")
-            if args.output_dir is not None:
-                write_atomic(target, render(transcript, args.format, max_cue_seconds=args.max_cue_seconds))
-            elif args.format != "txt":
-                print(render(transcript, args.format, max_cue_seconds=args.max_cue_seconds), end="", flush=True)
-            else:
+                raise ValueError(f"{job.source}: no audio samples (the file holds no audio data)")
+            if job.target is not None:
+                write_atomic(job.target, render(transcript, args.format, max_cue_seconds=args.max_cue_seconds))
+            elif args.format == "txt" and several:  # head(1)'s layout: an empty transcript keeps its header
+                print(f"{chr(10) if printed else ''}==> {job.source} <==\n{transcript.text}", flush=True)
+            elif args.format == "txt":
                 print(transcript.text, flush=True)
+            elif args.format == "json":  # several inputs: JSON Lines, one object per line
+                print(render_json(transcript, compact=several), end="", flush=True)
+            else:
+                print(render(transcript, args.format, max_cue_seconds=args.max_cue_seconds), end="", flush=True)
+            printed += 1
         except KeyboardInterrupt:
             raise
+        except WriteError as exc:  # the output folder, not the input: exit 2, but the other inputs go on
+            _error(str(exc))
+            failures.append(job.source)
+            write_failed = True
         except Exception as exc:  # one bad input must not stop the batch
             message = _one_line(exc)
-            if not message.startswith(str(source)):
-                message = f"{source}: {message}"
+            if not message.startswith(str(job.source)):
+                message = f"{job.source}: {message}"
             _error(message)
-            failures.append(str(source))
+            failures.append(job.source)
         finally:
             if bar is not None:
                 bar.update(1)
     if bar is not None:
         bar.close()
-    engine.close()
-    if failures:
-        if len(args.audio) > 1:  # a single input's own error line says it all
-            _error(f"{len(failures)} of {len(args.audio)} inputs failed: {', '.join(failures)}")
-        return EXIT_FAILED_INPUTS
-    return EXIT_OK
+    return write_failed
 
 
-def _model_files(preset: Preset, args: argparse.Namespace) -> tuple[Path, Path]:
+def _summary(failures: list[str], n_inputs: int, write_failed: bool) -> int:
+    if not failures:
+        return EXIT_OK
+    if n_inputs > 1:  # a single input's own error line says it all
+        _error(f"{len(failures)} of {n_inputs} inputs failed: {', '.join(failures)}")
+    return EXIT_SETUP if write_failed else EXIT_FAILED_INPUTS
+
+
+def _model_files(preset: Preset, args: argparse.Namespace, model_dir: Path) -> tuple[Path, Path]:
     """The encoder and GGUF to load; exports them first when the model folder is empty."""
     from common.models.settings import SETTINGS_FILE
 
-    model_dir: Path = args.model_dir
     encoder = args.encoder or model_dir / preset.encoder_file
     gguf = args.gguf or model_dir / preset.gguf_file
     empty = not model_dir.exists() or not any(p for p in model_dir.iterdir() if p.name != "README.md")
@@ -177,52 +382,27 @@ def _model_files(preset: Preset, args: argparse.Namespace) -> tuple[Path, Path]:
     missing = [p for p in (model_dir / SETTINGS_FILE, encoder, gguf) if not p.is_file()]
     if missing:
         names = ", ".join(str(p) for p in missing)
-        raise SetupError(
-            f"missing {names}; export with: python 01_export_onnx.py --out-dir {model_dir} && "
-            f"python 02_export_gguf.py --out-dir {model_dir} --types f16,q8_0"
-        )
+        raise SetupError(f"missing {names}; export with: {export_commands(model_dir)}")
     return encoder, gguf
 
 
-def _export(model_dir: Path, release_dir: Path, quiet: bool) -> None:
+def _export(model_dir: Path, release_dir: Path | None, quiet: bool) -> None:
     """First use: fetch the release if needed and run 01 and 02, in child processes (torch stays out of here)."""
-    _note(f"{model_dir} is empty: exporting the model from {release_dir} (first use only)", quiet)
+    release = release_dir if release_dir is not None else DEFAULT_RELEASE_DIR
+    _note(f"{model_dir} is empty: exporting the model from {release} (first use only)", quiet)
+    folders = ["--model-dir", str(model_dir)] + (["--release-dir", str(release_dir)] if release_dir else [])
     steps = [
-        [sys.executable, str(ROOT / "01_export_onnx.py"), "--model-dir", str(release_dir), "--out-dir", str(model_dir)],
-        [sys.executable, str(ROOT / "02_export_gguf.py"), "--model-dir", str(release_dir), "--out-dir", str(model_dir),
-         "--types", "f16,q8_0"],
+        [sys.executable, str(ROOT / "01_export_onnx.py"), *folders],
+        [sys.executable, str(ROOT / "02_export_gguf.py"), *folders, "--types", "f16,q8_0"],
     ]
     for cmd in steps:
         if quiet:
             cmd.append("--quiet")
         if subprocess.run(cmd).returncode != 0:
             raise SetupError(
-                f"{model_dir}: export failed; get the release with `modelscope download --model "
-                f"FunAudioLLM/Fun-ASR-Nano-2512 --local_dir {release_dir}`, then run 01_export_onnx.py "
-                f"and 02_export_gguf.py"
+                f"{model_dir}: export failed; get the release with `modelscope download --model {RELEASE_ID} "
+                f"--local_dir {release}` and pass that folder as --release-dir"
             )
-
-
-def preset_name_of(preset: Preset) -> str:
-    return next(name for name, p in PRESETS.items() if p == preset)
-
-
-class _StderrHandler(logging.Handler):
-    """The engine's log records as today's one-line messages, on whatever sys.stderr is at the time."""
-
-    PREFIXES = {logging.WARNING: "warning: ", logging.INFO: "note: ", logging.ERROR: "error: "}
-
-    def emit(self, record: logging.LogRecord) -> None:
-        print(self.PREFIXES.get(record.levelno, "") + record.getMessage(), file=sys.stderr, flush=True)
-
-
-def _show_engine_messages() -> None:
-    """Route the `common` loggers' notes and warnings to stderr, one line each (once per process)."""
-    logger = logging.getLogger("common")
-    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
-        logger.addHandler(_StderrHandler())
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
 
 
 class _SegmentBar:
@@ -284,6 +464,29 @@ def _native_stderr_silenced():
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+
+
+class _StderrLines(logging.Handler):
+    """Notes and warnings of our modules as `note: ...` / `warning: ...` lines on whatever sys.stderr is.
+
+    A StreamHandler would keep the stderr of its creation, which `_native_stderr_silenced` mutes.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            prefix = "note" if record.levelno == logging.INFO else record.levelname.lower()
+            print(f"{prefix}: {record.getMessage()}", file=sys.stderr, flush=True)
+        except Exception:  # logging must never break a run
+            self.handleError(record)
+
+
+def log_to_stderr() -> None:
+    """Route the `common.*` loggers (engine notes, damaged-audio warnings, ...) to stderr lines, once per process."""
+    logger = logging.getLogger("common")
+    if not any(isinstance(h, _StderrLines) for h in logger.handlers):
+        logger.addHandler(_StderrLines(logging.INFO))
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def _one_line(exc: BaseException) -> str:

@@ -10,13 +10,19 @@ The rules chosen here:
   and an empty transcript would hide the problem; 1 to 399 samples (less than one 25 ms frame) is
   valid audio that holds no speech, and gives empty text;
 - an MP3 truncated inside its header (200 bytes) is broken; one truncated after a few whole frames
-  (2 KB) is valid short audio.
+  (2 KB) is valid short audio, with a warning that it decoded to less than its header announces.
+
+The tests under "what a new user hits" (issue 15) each run the scripts as a user would and check
+the exit code, the message and the files left on disk.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -31,10 +37,12 @@ SCRIPTS = ("01_export_onnx.py", "02_export_gguf.py", "03_inference_cpu.py", "03_
 FAST = ("--max-new-tokens", "4", "--threads", "2")
 
 
-def run(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def run(script: str | Path, *args: str, timeout: float = 300, cwd: Path = ROOT, umask: int | None = None
+        ) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "FUNASR_DEBUG"}
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env=env)
+    preexec = None if umask is None else (lambda: os.umask(umask))
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=env, preexec_fn=preexec)
 
 
 def transcribe(models: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -198,7 +206,7 @@ def test_code_running_model_pt_is_refused_unexecuted(script, protocol, tiny_ckpt
     with open(release / "model.pt", "wb") as f:
         pickle.dump({"model": {"weight": _RunsCode(marker)}}, f, protocol=protocol)
 
-    proc = run(script, "--model-dir", release, "--out-dir", tmp_path / "out", "--quiet")
+    proc = run(script, "--release-dir", release, "--model-dir", tmp_path / "out", "--quiet")
     assert not marker.exists(), "the pickle's code ran"
     line = assert_one_error_line(proc, release / "model.pt", "refused, not a weights-only checkpoint", 2)
     assert "Weights only load failed" not in line  # torch's boilerplate is dropped, its reason kept
@@ -220,7 +228,7 @@ def test_audio_shorter_than_one_frame_gives_empty_text(tiny_models, tmp_path):
     for extra in ((), ("--vad", "none")):
         proc = transcribe(tiny_models, *paths, *extra)
         assert_clean_success(proc)
-        assert proc.stdout == "\n" * len(paths)
+        assert proc.stdout == "\n".join(f"==> {p} <==\n\n" for p in paths)  # each header, then its empty text
 
 
 @pytest.mark.parametrize("extra", [(), ("--vad", "none"), ("--vad", "none", "--batch-size", "1")],
@@ -391,3 +399,296 @@ def test_context_holds_the_longest_segment_with_its_prompt(hotwords, max_segment
     assert cells % 256 == 0
     if not hotwords:  # hotwords are counted generously; without them, no more than llama.cpp's padding to spare
         assert cells - (prepared.length + max_new) < 256 + 64
+
+
+# --------------------------------------------------------------------------- what a new user hits (issue 15)
+
+
+def _files(folder: Path) -> list[str]:
+    """Every file under `folder`, relative, sorted (hidden temporaries included)."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def _stderr_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc.stderr.strip().splitlines()
+
+
+def test_1_same_named_inputs_each_keep_their_transcript(speech, tiny_models, tmp_path):
+    (tmp_path / "sub").mkdir()
+    a_wav = _write_wav(tmp_path / "a.wav", speech, 16000)
+    sub_wav = _write_wav(tmp_path / "sub" / "a.wav", speech[16000:], 16000)
+    a_flac = _write_wav(tmp_path / "a.flac", speech[8000:], 16000)
+    a_again = tmp_path / "sub" / ".." / "a.wav"
+    out = tmp_path / "out"
+    proc = transcribe(tiny_models, a_wav, sub_wav, a_flac, a_again, "--output-dir", out, "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    lines = _stderr_lines(proc)
+    assert lines[0] == f"warning: {a_again}: given twice (as {a_wav}), transcribed once"
+    assert lines[1].startswith("warning: inputs share a name") and f"{a_wav} -> {out / 'a.wav.json'}" in lines[1]
+    assert f"{a_flac} -> {out / 'a.flac.json'}" in lines[1] and len(lines) == 2
+    assert _files(out) == ["a.flac.json", "a.wav.json", "sub/a.json"]
+    for name, source in (("a.wav.json", a_wav), ("sub/a.json", sub_wav), ("a.flac.json", a_flac)):
+        assert json.loads((out / name).read_text(encoding="utf-8"))["source"] == str(source)
+
+    again = transcribe(tiny_models, a_wav, sub_wav, a_flac, "--output-dir", out, "--format", "json")
+    assert again.returncode == 0 and again.stderr.count("skipped") == 3, again.stderr
+    forced = transcribe(tiny_models, a_wav, sub_wav, a_flac, "--output-dir", out, "--format", "json", "--overwrite")
+    assert forced.returncode == 0, forced.stderr
+    assert _files(out) == ["a.flac.json", "a.wav.json", "sub/a.json"]
+    assert json.loads((out / "a.flac.json").read_text(encoding="utf-8"))["source"] == str(a_flac)
+
+
+@pytest.mark.parametrize("case", ["under_a_file", "exists_as_a_file", "sysfs"])
+def test_2_unwritable_output_dir_is_a_setup_error_before_any_model_work(case, speech, tmp_path):
+    audio = _write_wav(tmp_path / "clip.wav", speech, 16000)
+    (tmp_path / "file").write_text("x")
+    out = {"under_a_file": tmp_path / "file" / "out", "exists_as_a_file": tmp_path / "file",
+           "sysfs": Path("/sys/funasr-out")}[case]
+    if case == "sysfs" and not Path("/sys/kernel").is_dir():
+        pytest.skip("no sysfs (not Linux)")
+    empty_models = tmp_path / "models"  # reaching the model step would start an export here
+    empty_models.mkdir()
+    proc = transcribe(empty_models, audio, "--output-dir", out)
+    (line,) = _stderr_lines(proc)
+    assert proc.returncode == 2 and line.startswith(f"error: {out}: "), line
+    assert ".part" not in line and "write-test" not in line
+    assert ("not a folder" in line) if case == "exists_as_a_file" else ("cannot" in line)
+    assert proc.stdout == "" and not list(empty_models.iterdir())
+    assert _files(tmp_path) == ["clip.wav", "file"]
+
+
+def test_2_a_write_that_fails_late_names_the_output_not_a_temporary(speech, tiny_models, tmp_path):
+    audio = [_write_wav(tmp_path / f"{name}.wav", speech[: 2 * 16000], 16000) for name in ("a", "b")]
+    out = tmp_path / "out"
+    (out / "a.txt").mkdir(parents=True)  # a folder where a's transcript should go: the rename fails
+    proc = transcribe(tiny_models, *audio, "--output-dir", out, "--overwrite")
+    assert proc.returncode == 2
+    assert _stderr_lines(proc) == [f"error: {out / 'a.txt'}: cannot write (Is a directory)",
+                                   f"error: 1 of 2 inputs failed: {audio[0]}"]
+    assert _files(out) == ["b.txt"]  # the other input is written, no temporary is left
+
+
+def _damaged_mp3(zh_mp3: Path, path: Path) -> Path:
+    """The clip with a sixth of its bytes, from a third in, replaced by noise: mpg123 gives up at about 2.7 s."""
+    data = zh_mp3.read_bytes()
+    start, size = len(data) // 3, len(data) // 6
+    noise = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes()
+    path.write_bytes(data[:start] + noise + data[start + size:])
+    return path
+
+
+def test_3_mp3_damaged_midway_is_finished_by_ffmpeg_with_a_warning(tiny_models, zh_mp3, tmp_path):
+    import soundfile
+
+    path = _damaged_mp3(zh_mp3, tmp_path / "damaged.mp3")
+    with soundfile.SoundFile(str(path)) as f, pytest.raises(RuntimeError):  # libsndfile alone fails midway
+        while len(f.read(65536)):
+            pass
+    out = tmp_path / "out"
+    proc = transcribe(tiny_models, path, "--format", "json", "--output-dir", out)
+    assert proc.returncode == 0, proc.stderr
+    (line,) = _stderr_lines(proc)
+    assert line.startswith(f"warning: {path}: damaged audio: libsndfile stopped at "), line
+    assert "FFmpeg decoded the rest" in line and "damaged packets skipped" in line
+    assert line.endswith("of the 10.00 s its header gives"), line
+    decoded = float(line.split("; ")[-1].split(" s decoded")[0])
+    result = json.loads((out / "damaged.json").read_text(encoding="utf-8"))
+    assert 6.0 < decoded < 9.5 and result["duration"] == pytest.approx(decoded, abs=0.01)
+    assert result["text"], "the tiny model always says something about real speech"
+    assert _files(out) == ["damaged.json"]
+
+
+def test_4_truncated_mp3_warns_with_seconds_decoded_and_announced(tiny_models, zh_mp3, tmp_path):
+    path = tmp_path / "cut.mp3"
+    path.write_bytes(zh_mp3.read_bytes()[:4000])
+    out = tmp_path / "out"
+    proc = transcribe(tiny_models, path, "--output-dir", out)
+    assert proc.returncode == 0, proc.stderr
+    (line,) = _stderr_lines(proc)
+    assert line.startswith(f"warning: {path}: truncated or damaged audio: 0."), line
+    assert line.endswith("s decoded of the 10.00 s its header gives"), line
+    assert _files(out) == ["cut.txt"]
+    ok = transcribe(tiny_models, _write_wav(tmp_path / "whole.wav", np.zeros(4000, np.float32), 16000))
+    assert ok.returncode == 0 and ok.stderr == ""  # a short file that is whole is not warned about
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_5_output_files_get_the_umask_mode(umask, mode, speech, tiny_models, tmp_path):
+    audio = _write_wav(tmp_path / "clip.wav", speech[: 2 * 16000], 16000)
+    out = tmp_path / "out"
+    proc = run("03_inference_cpu.py", audio, "--model-dir", tiny_models, *FAST, "--output-dir", out, umask=umask)
+    assert_clean_success(proc)
+    assert _files(out) == ["clip.txt"]
+    assert stat.S_IMODE((out / "clip.txt").stat().st_mode) == mode
+
+
+def test_6_readme_and_notebook_run_from_a_clone(tiny_models):
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "../shared" not in readme
+    first_block = readme.split("```bash\n", 1)[1].split("```", 1)[0]
+    command = first_block.strip().split(" && ")[-1].split()
+    assert command[:2] == ["python", "03_inference_cpu_int8.py"], command
+    example = ROOT / command[2]
+    tracked = subprocess.run(["git", "ls-files", "--error-unmatch", command[2]], cwd=ROOT, capture_output=True)
+    assert tracked.returncode == 0, f"{command[2]} is not committed"
+    assert example.stat().st_size < 200_000
+
+    notebook = json.loads((ROOT / "04_inference.ipynb").read_text(encoding="utf-8"))
+    code = "\n".join("".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code")
+    assert "../shared" not in code
+    assert f'os.environ.get("FUNASR_AUDIO", "{command[2]}")' in code  # the notebook's default: the same clip
+
+    proc = run(command[1], *command[2:], "--model-dir", tiny_models, *FAST, cwd=ROOT)
+    assert_clean_success(proc)
+    assert proc.stderr == "" and proc.stdout.strip(), (proc.stdout, proc.stderr)
+
+
+def test_7_inputs_are_checked_before_any_model_step(speech, tiny_models, tmp_path):
+    missing = tmp_path / "typo.mp3"
+    empty_models = tmp_path / "models"  # reaching the model step would start an export here
+    empty_models.mkdir()
+    proc = transcribe(empty_models, missing)
+    assert_one_error_line(proc, missing, "no such file", 1)
+    assert not list(empty_models.iterdir())
+
+    good = _write_wav(tmp_path / "good.wav", speech[: 2 * 16000], 16000)
+    out = tmp_path / "out"
+    proc = transcribe(tiny_models, missing, good, "--output-dir", out)
+    assert proc.returncode == 1
+    assert _stderr_lines(proc) == [f"error: {missing}: no such file", f"error: 1 of 2 inputs failed: {missing}"]
+    assert _files(out) == ["good.txt"]
+
+
+@pytest.mark.parametrize("script", ["01_export_onnx.py", "02_export_gguf.py", "03_inference_cpu.py"])
+def test_8_one_option_name_per_folder_in_every_script(script, tiny_ckpt, tmp_path):
+    help_text = " ".join(run(script, "--help", timeout=120).stdout.split())
+    assert "--release-dir DIR official" in help_text and "release folder" in help_text
+    assert "--model-dir DIR" in help_text and "--out-dir" not in help_text
+    if script != "03_inference_cpu.py":
+        # --model-dir used to name the release here: given one, it is refused before anything is written
+        before = _files(tiny_ckpt)
+        proc = run(script, "--model-dir", tiny_ckpt, "--quiet", timeout=120)
+        (line,) = _stderr_lines(proc)
+        assert proc.returncode == 2 and line.startswith(f"error: {tiny_ckpt}: this is a release folder"), line
+        assert "pass it as --release-dir" in line and _files(tiny_ckpt) == before
+        return
+    # the 03 scripts' export advice names --release-dir and --model-dir, as 01 and 02 spell them
+    not_a_release = tmp_path / "release"
+    not_a_release.mkdir()
+    (not_a_release / "notes.txt").write_text("x")
+    models = tmp_path / "models"
+    models.mkdir()
+    audio = _write_wav(tmp_path / "clip.wav", np.zeros(1600, np.float32), 16000)
+    proc = run(script, audio, "--model-dir", models, "--release-dir", not_a_release, "--quiet", timeout=120)
+    lines = _stderr_lines(proc)
+    assert proc.returncode == 2
+    assert lines[0] == f"error: {not_a_release}: not a Fun-ASR-Nano release folder (missing config.yaml, model.pt)"
+    assert lines[-1].startswith(f"error: {models}: export failed;") and "pass that folder as --release-dir" in lines[-1]
+    assert not list(models.iterdir())
+
+
+def test_9_defaults_are_the_project_folder_and_named_folders_must_exist(speech, tiny_models, tmp_path):
+    project = tmp_path / "project"  # a clone elsewhere, with its model folder exported
+    project.mkdir()
+    shutil.copy(ROOT / "03_inference_cpu.py", project)
+    shutil.copytree(ROOT / "common", project / "common", ignore=shutil.ignore_patterns("__pycache__"))
+    (project / "model-gguf").symlink_to(tiny_models)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    audio = _write_wav(elsewhere / "clip.wav", speech[: 2 * 16000], 16000)
+    env = {k: v for k, v in os.environ.items() if k != "FUNASR_DEBUG"}
+    proc = subprocess.run([sys.executable, str(project / "03_inference_cpu.py"), "clip.wav", *FAST], cwd=elsewhere,
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert_clean_success(proc)
+    assert proc.stderr == "" and proc.stdout.strip()
+
+    proc = transcribe(tmp_path / "model-ggfu", audio)  # a typo: no download, no export, nothing created
+    assert_one_error_line(proc, tmp_path / "model-ggfu", "no such folder (--model-dir)", 2)
+    proc = transcribe(tiny_models, audio, "--release-dir", tmp_path / "Fun-ASR-Nano")
+    assert_one_error_line(proc, tmp_path / "Fun-ASR-Nano", "no such folder (--release-dir)", 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "project"]
+
+
+@pytest.mark.parametrize("option", ["--gguf", "--encoder"])
+def test_10_a_missing_model_file_option_names_the_option(option, tiny_models, tmp_path):
+    audio = _write_wav(tmp_path / "clip.wav", np.zeros(1600, np.float32), 16000)
+    proc = transcribe(tiny_models, audio, option, tmp_path / "nope.model")
+    line = assert_one_error_line(proc, tmp_path / "nope.model", f"no such file ({option})", 2)
+    assert "export" not in line
+    assert proc.stdout == "" and _files(tmp_path) == ["clip.wav"]
+
+
+@pytest.mark.parametrize("option,value,problem", [
+    ("--threads", "0", "must be at least 1, not 0"),
+    ("--max-new-tokens", "-3", "must be at least 1, not -3"),
+    ("--batch-size", "0", "must be at least 1, not 0"),
+    ("--max-segment", "0", "must be a number above 0, not 0"),
+    ("--max-cue-seconds", "inf", "must be a number above 0, not inf"),
+    ("--threads", "two", "a whole number is needed, not 'two'"),
+])
+def test_11_a_bad_option_value_names_the_option_and_the_value(option, value, problem, tmp_path):
+    audio = _write_wav(tmp_path / "clip.wav", np.zeros(1600, np.float32), 16000)
+    proc = run("03_inference_cpu.py", audio, option, value, timeout=60)
+    (line,) = _stderr_lines(proc)
+    assert proc.returncode == 2 and line.startswith(f"error: argument {option}: {problem}"), line
+    assert proc.stdout == "" and _files(tmp_path) == ["clip.wav"]
+
+
+def test_12_language_takes_the_models_names_and_iso_codes_only(speech, tiny_models, tmp_path):
+    audio = _write_wav(tmp_path / "clip.wav", speech[: 2 * 16000], 16000)
+    out = tmp_path / "out"
+    proc = transcribe(tiny_models, audio, "--language", "xx", "--output-dir", out)
+    (line,) = _stderr_lines(proc)
+    assert proc.returncode == 2
+    assert line == "error: --language: unknown language 'xx'; this model takes 中文 (zh), 英文 (en), 日文 (ja), auto"
+    assert not out.exists()
+    for given, prompt_name in (("en", "英文"), ("JA", "日文"), ("中文", "中文"), ("auto", None)):
+        proc = transcribe(tiny_models, audio, "--language", given, "--format", "json")
+        assert_clean_success(proc)
+        assert json.loads(proc.stdout)["language"] == prompt_name
+
+
+def test_13_several_inputs_on_stdout_stay_apart(speech, tiny_models, tmp_path):
+    good = _write_wav(tmp_path / "good.wav", speech[: 2 * 16000], 16000)
+    tiny = _write_wav(tmp_path / "tiny.wav", 0.3 * np.ones(200, np.float32), 16000)  # under a frame: empty text
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"RIFF....WAVEfmt garbage")
+    inputs = (good, broken, tiny)
+
+    txt = transcribe(tiny_models, *inputs)
+    assert txt.returncode == 1
+    lines = txt.stdout.split("\n")  # head(1)'s layout; the failed file has no block, the empty transcript has one
+    assert lines == [f"==> {good} <==", lines[1], "", f"==> {tiny} <==", "", ""], txt.stdout
+    assert lines[1].strip()
+    assert f"error: {broken}:" in txt.stderr
+
+    js = transcribe(tiny_models, *inputs, "--format", "json")
+    assert js.returncode == 1
+    records = [json.loads(line) for line in js.stdout.splitlines()]  # JSON Lines
+    assert [r["source"] for r in records] == [str(good), str(tiny)] and records[1]["text"] == ""
+
+    for fmt in ("srt", "vtt"):
+        proc = transcribe(tiny_models, *inputs, "--format", fmt)
+        (line,) = _stderr_lines(proc)
+        assert proc.returncode == 2 and line == f"error: --format {fmt} with 3 inputs needs --output-dir " \
+                                                "(one subtitle file per input)"
+        assert proc.stdout == ""
+    assert _files(tmp_path) == ["broken.wav", "good.wav", "tiny.wav"]
+
+
+def test_14_two_runs_on_one_output_dir_both_finish_with_whole_files(speech, tiny_models, tmp_path):
+    inputs = [_write_wav(tmp_path / f"c{i}.wav", speech[i * 8000:], 16000) for i in range(3)]
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "FUNASR_DEBUG"}
+    cmd = [sys.executable, str(ROOT / "03_inference_cpu.py"), *map(str, inputs), "--model-dir", str(tiny_models),
+           *FAST, "--output-dir", str(out), "--format", "json"]
+    runs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            for _ in range(2)]
+    results = [r.communicate(timeout=300) for r in runs]
+    for r, (_, stderr) in zip(runs, results):
+        assert r.returncode == 0, stderr
+        assert all(line.endswith("(use --overwrite)") for line in stderr.splitlines()), stderr
+    assert _files(out) == ["c0.json", "c1.json", "c2.json"]  # no temporary left behind
+    for i in range(3):
+        assert json.loads((out / f"c{i}.json").read_text(encoding="utf-8"))["source"] == str(inputs[i])

@@ -448,7 +448,7 @@ def _run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[st
 
 def test_cli_exports_f16_and_q8_0(release_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "model-gguf"
-    proc = _run_cli("--model-dir", str(release_dir), "--out-dir", str(out), "--types", "f16,q8_0", "--quiet")
+    proc = _run_cli("--release-dir", str(release_dir), "--model-dir", str(out), "--types", "f16,q8_0", "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ""
     assert "quantiz" not in proc.stderr.lower()  # llama.cpp's per-tensor log stays off with --quiet
@@ -461,7 +461,7 @@ def test_cli_exports_f16_and_q8_0(release_dir: Path, tmp_path: Path) -> None:
 
 def test_cli_not_a_release_folder(tmp_path: Path) -> None:
     (tmp_path / "junk.txt").write_text("x")
-    proc = _run_cli("--model-dir", str(tmp_path), "--out-dir", str(tmp_path / "o"), "--quiet")
+    proc = _run_cli("--release-dir", str(tmp_path), "--model-dir", str(tmp_path / "o"), "--quiet")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert proc.stderr.startswith("error: ") and "model.pt" in proc.stderr
@@ -471,8 +471,9 @@ def test_cli_not_a_release_folder(tmp_path: Path) -> None:
 def test_cli_missing_model_dir_without_network(tmp_path: Path) -> None:
     """No release and no network: a one-line `error:` (after modelscope's retry warnings), exit 2, no traceback."""
     start = time.monotonic()
+    (tmp_path / "absent").mkdir()  # an existing empty --release-dir is a download target
     proc = _run_cli(
-        "--model-dir", str(tmp_path / "absent"), "--out-dir", str(tmp_path / "o"), "--quiet", timeout=180
+        "--release-dir", str(tmp_path / "absent"), "--model-dir", str(tmp_path / "o"), "--quiet", timeout=180
     )
     elapsed = time.monotonic() - start
     if proc.returncode == 0:

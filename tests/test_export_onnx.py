@@ -53,7 +53,7 @@ def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def exported(any_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Exported:
     out = tmp_path_factory.mktemp("onnx") / any_ckpt.name
-    proc = _cli("--model-dir", str(any_ckpt), "--out-dir", str(out), "--quiet")
+    proc = _cli("--release-dir", str(any_ckpt), "--model-dir", str(out), "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return Exported(any_ckpt, out, proc, ModelSettings.load(out))
 
@@ -256,20 +256,33 @@ def test_cli_missing_release_folder(tmp_path: Path) -> None:
     bad = tmp_path / "release"
     bad.mkdir()
     (bad / "config.yaml").write_text("model: FunASRNano\n")
-    proc = _cli("--model-dir", str(bad), "--out-dir", str(tmp_path / "out"), "--quiet", timeout=60)
+    proc = _cli("--release-dir", str(bad), "--model-dir", str(tmp_path / "out"), "--quiet", timeout=60)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "model.pt" in lines[0], proc.stderr
 
 
 def test_cli_download_impossible(tmp_path: Path) -> None:
-    """A nonexistent --model-dir with no network: it fails (exit 2) with an `error:` line, no traceback."""
-    proc = _cli("--model-dir", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path / "out"), "--quiet",
+    """An empty --release-dir (a download target) with no network: it fails (exit 2) with an `error:` line."""
+    (tmp_path / "empty").mkdir()
+    proc = _cli("--release-dir", str(tmp_path / "empty"), "--model-dir", str(tmp_path / "out"), "--quiet",
                 timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and proc.stderr.strip().splitlines()[-1] == errors[0]
+    assert "then pass --release-dir" in errors[0], errors[0]
+
+
+def test_cli_missing_release_folder_is_not_downloaded(tmp_path: Path) -> None:
+    """A --release-dir that does not exist (a typo) is an error naming the download command, not a download."""
+    proc = _cli("--release-dir", str(tmp_path / "nowhere"), "--model-dir", str(tmp_path / "out"), "--quiet",
+                timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: {tmp_path / 'nowhere'}: release folder not found; get it with `modelscope download")
+    assert "--release-dir" in line
+    assert not (tmp_path / "nowhere").exists() and not (tmp_path / "out").exists()
 
 
 def test_corrupt_onnx_one_line_error(exported: Exported, tmp_path: Path) -> None:

@@ -19,6 +19,13 @@ Why not PyAV for everything: FFmpeg's MP3 decoder and mpg123 differ by ~1e-6 per
 moves log-mel features of quiet high bands by up to 3e-3; FFmpeg's Opus decoder differs from
 libopus much more. libsndfile keeps us equal to funasr on the formats people actually use.
 
+Damaged files: mpg123 (inside libsndfile) gives up at the first stretch of garbage in an MP3 and
+the read fails; FFmpeg skips the bad packets and goes on, as the ``ffmpeg`` CLI funasr calls would.
+So a read that fails mid-file switches to PyAV for the rest (the samples already produced are not
+produced twice), and a file that decodes to clearly less than its header announces (damage,
+truncation) gets one warning through ``logging``: name, what was skipped, seconds decoded vs
+the header's duration. An empty transcript of a cut file then never passes unnoticed.
+
 Everything streams: ``iter_audio_blocks`` decodes, downmixes and resamples chunk by chunk
 (soxr's streaming resampler gives the same samples as its one-shot call), so an hours-long file
 never needs more than a block of memory. ``load_audio`` is the concatenation of the same chunks.
@@ -26,8 +33,10 @@ never needs more than a block of memory. ``load_audio`` is the concatenation of 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +44,12 @@ import numpy as np
 # Source frames decoded per chunk (about 1.4 s at 44.1 kHz): small enough to bound memory for
 # many channels, large enough that Python overhead per chunk is negligible.
 _CHUNK_FRAMES = 65536
+# A file that decodes to less than its header's duration by more than this (seconds, or fraction of
+# the duration, whichever is larger) is reported: MP3 padding and AAC priming stay well below it.
+SHORT_DECODE_SECONDS = 0.5
+SHORT_DECODE_FRACTION = 0.05
+
+logger = logging.getLogger(__name__)
 
 
 class AudioError(Exception):
@@ -46,8 +61,11 @@ class AudioError(Exception):
         super().__init__(f"{self.path}: {self.problem}")
 
 
-def _check_file(path: str | Path) -> Path:
-    """Reject what no decoder can read, with a message a user understands."""
+def check_audio_file(path: str | Path) -> Path:
+    """Reject what no decoder can read (missing, a folder, empty), with a message a user understands.
+
+    Cheap (no decoding): the command line runs it on every input before it loads or exports a model.
+    """
     p = Path(path)
     if not p.exists():
         raise AudioError(path, "no such file")
@@ -115,19 +133,36 @@ class _Resampler:
         return np.asarray(y, dtype=np.float32)
 
 
-def _soundfile_chunks(sf_file, path: str | Path, sample_rate: int) -> Iterator[np.ndarray]:
-    """Chunks from libsndfile: float32 read, channel mean, soxr HQ resampling (funasr's path)."""
+@dataclass
+class _DecodeLog:
+    """What happened while decoding one file; any shortfall becomes one warning at its end."""
+
+    header_seconds: float | None = None  # the duration the container claims, where it says
+    samples: int = 0  # samples produced, at the output rate
+    fallback: str = ""  # libsndfile's error when it gave up mid-file and FFmpeg took over
+    fallback_at: float = 0.0  # seconds produced by libsndfile before that
+    skipped_packets: int = 0  # packets FFmpeg could not decode and skipped
+    stopped: str = ""  # the FFmpeg error that ended the stream before its end
+
+
+def _soundfile_chunks(sf_file, path: str | Path, sample_rate: int, log: _DecodeLog) -> Iterator[np.ndarray]:
+    """Chunks from libsndfile: float32 read, channel mean, soxr HQ resampling (funasr's path).
+
+    A read that fails mid-file (mpg123 gives up on a damaged stretch) hands over to FFmpeg.
+    """
     resampler = _Resampler(path, int(sf_file.samplerate), sample_rate)
     # soundfile.read() stops at the frame count in the header even if more data follows; do the
     # same so the sample count matches funasr's.
     remaining = sf_file.frames if sf_file.frames > 0 else None
+    failure: Exception | None = None
     with sf_file:
         while remaining is None or remaining > 0:
             n = _CHUNK_FRAMES if remaining is None else min(_CHUNK_FRAMES, remaining)
             try:
                 block = sf_file.read(n, dtype="float32", always_2d=True)
-            except (RuntimeError, ValueError, OSError) as e:
-                raise AudioError(path, f"decoding failed ({e})") from e
+            except (RuntimeError, ValueError, OSError) as e:  # LibsndfileError is a RuntimeError
+                failure = e
+                break
             if len(block) == 0:
                 break
             if remaining is not None:
@@ -136,9 +171,62 @@ def _soundfile_chunks(sf_file, path: str | Path, sample_rate: int) -> Iterator[n
             y = resampler.process(np.ascontiguousarray(mono))
             if len(y):
                 yield y
+    if failure is not None:
+        yield from _resume_with_ffmpeg(path, sample_rate, resampler.n_out, failure, log)
+        return
     y = resampler.process(np.zeros(0, np.float32), last=True)
     if len(y):
         yield y
+
+
+def _resume_with_ffmpeg(path: str | Path, sample_rate: int, produced: int, failure: Exception,
+                        log: _DecodeLog) -> Iterator[np.ndarray]:
+    """The rest of a file libsndfile failed on, from FFmpeg, which skips damaged packets.
+
+    FFmpeg decodes from the start and its first `produced` samples (what libsndfile already gave)
+    are dropped, so the two decoders meet where libsndfile stopped.
+    """
+    reason = " ".join(str(failure).split()) or type(failure).__name__
+    log.fallback, log.fallback_at = reason, produced / sample_rate
+    try:
+        chunks = _av_chunks(path, sample_rate, log)
+    except AudioError as e:
+        raise AudioError(path, f"decoding failed at {log.fallback_at:.2f} s ({reason}); FFmpeg: {e.problem}") from e
+    skip = produced
+    for y in chunks:
+        if skip >= len(y):
+            skip -= len(y)
+            continue
+        yield y[skip:]
+        skip = 0
+
+
+def _report_shortfall(path: str | Path, log: _DecodeLog, sample_rate: int) -> None:
+    """One warning when the file was damaged or decoded to clearly less than its header says."""
+    decoded = log.samples / sample_rate
+    header = log.header_seconds
+    short = header is not None and header - decoded > max(SHORT_DECODE_SECONDS, SHORT_DECODE_FRACTION * header)
+    problems = []
+    if log.fallback:
+        problems.append(f"libsndfile stopped at {log.fallback_at:.2f} s ({log.fallback}), FFmpeg decoded the rest")
+    if log.skipped_packets:
+        problems.append(f"{log.skipped_packets} damaged packet{'s' if log.skipped_packets > 1 else ''} skipped")
+    if log.stopped:
+        problems.append(f"decoding ended early ({log.stopped})")
+    if not problems and not short:
+        return
+    amount = f"{decoded:.2f} s decoded" + (f" of the {header:.2f} s its header gives" if header is not None else "")
+    kind = "damaged audio" if problems else "truncated or damaged audio"
+    logger.warning("%s: %s: %s", path, kind, "; ".join([*problems, amount]))
+
+
+def _counted(chunks: Iterator[np.ndarray], path: str | Path, sample_rate: int, log: _DecodeLog
+             ) -> Iterator[np.ndarray]:
+    """`chunks`, counting samples; at the end, the warning if the file fell short."""
+    for y in chunks:
+        log.samples += len(y)
+        yield y
+    _report_shortfall(path, log, sample_rate)
 
 
 def _pcm_chunks(p: Path) -> Iterator[np.ndarray]:
@@ -158,7 +246,7 @@ def _import_av(path: str | Path):
     return av
 
 
-def _av_chunks(path: str | Path, sample_rate: int, sf_reason: str = "") -> Iterator[np.ndarray]:
+def _av_chunks(path: str | Path, sample_rate: int, log: _DecodeLog, sf_reason: str = "") -> Iterator[np.ndarray]:
     """Chunks from FFmpeg via PyAV, as funasr's ``ffmpeg -ac 1 -ar 16000 -f s16le`` produces them.
 
     Opens eagerly (this function is not a generator) so that unreadable files fail at the call.
@@ -174,10 +262,22 @@ def _av_chunks(path: str | Path, sample_rate: int, sf_reason: str = "") -> Itera
     if not container.streams.audio:
         container.close()
         raise AudioError(path, "contains no audio stream")
-    return _av_decode(av, container, path, sample_rate)
+    if log.header_seconds is None:
+        log.header_seconds = _av_duration(av, container)
+    return _av_decode(av, container, path, sample_rate, log)
 
 
-def _av_decode(av, container, path: str | Path, sample_rate: int) -> Iterator[np.ndarray]:
+def _av_duration(av, container) -> float | None:
+    """The container's duration in seconds (its header, or FFmpeg's estimate from the bit rate), or None."""
+    if container.duration is not None:
+        return container.duration / av.time_base
+    stream = container.streams.audio[0] if container.streams.audio else None
+    if stream is not None and stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    return None
+
+
+def _av_decode(av, container, path: str | Path, sample_rate: int, log: _DecodeLog) -> Iterator[np.ndarray]:
     stream = container.streams.audio[0]
     resampler = av.AudioResampler(format="s16", layout="mono", rate=sample_rate)
     decoded = 0
@@ -205,23 +305,30 @@ def _av_decode(av, container, path: str | Path, sample_rate: int) -> Iterator[np
         except av.error.FFmpegError as e:
             if decoded == 0:
                 raise AudioError(path, f"no decodable audio ({e.__class__.__name__})") from e
+            log.stopped = getattr(e, "strerror", None) or e.__class__.__name__
         y = convert(resampler.resample(None))
         decoded += len(y)
         if len(y):
             yield y
+    log.skipped_packets += errors
     if decoded == 0 and errors:
         raise AudioError(path, "no decodable audio (every packet failed to decode)")
 
 
 def _chunks(path: str | Path, sample_rate: int) -> Iterator[np.ndarray]:
     """Open eagerly (errors surface at the call), then stream mono chunks at ``sample_rate``."""
-    p = _check_file(path)
+    p = check_audio_file(path)
+    log = _DecodeLog()
     sf_file, sf_reason = _open_soundfile(p)
     if sf_file is not None:
-        return _soundfile_chunks(sf_file, path, sample_rate)
-    if p.suffix.lower() == ".pcm":
-        return _pcm_chunks(p)
-    return _av_chunks(path, sample_rate, sf_reason)
+        if sf_file.frames > 0 and sf_file.samplerate > 0:
+            log.header_seconds = sf_file.frames / sf_file.samplerate
+        chunks = _soundfile_chunks(sf_file, path, sample_rate, log)
+    elif p.suffix.lower() == ".pcm":
+        chunks = _pcm_chunks(p)
+    else:
+        chunks = _av_chunks(path, sample_rate, log, sf_reason)
+    return _counted(chunks, path, sample_rate, log)
 
 
 def load_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
@@ -274,7 +381,7 @@ def audio_duration(path: str | Path) -> float | None:
 
     An estimate: MP3 headers can be off, and the decoded length is what counts.
     """
-    p = _check_file(path)
+    p = check_audio_file(path)
     sf_file, _ = _open_soundfile(p)
     if sf_file is not None:
         with sf_file:
@@ -286,11 +393,6 @@ def audio_duration(path: str | Path) -> float | None:
         return None
     try:
         with av.open(str(p)) as container:
-            if container.duration is not None:
-                return container.duration / av.time_base
-            stream = container.streams.audio[0] if container.streams.audio else None
-            if stream is not None and stream.duration is not None and stream.time_base is not None:
-                return float(stream.duration * stream.time_base)
+            return _av_duration(av, container)
     except (av.error.FFmpegError, OSError, ValueError):
         return None
-    return None

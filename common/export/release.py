@@ -34,20 +34,24 @@ def ensure_release(model_dir: Path | str | None = None, *, download: bool = True
     path = Path(model_dir) if model_dir is not None else DEFAULT_RELEASE_DIR
     if (path / "config.yaml").is_file() and (path / "model.pt").is_file():
         return path
+    if path.exists() and not path.is_dir():
+        raise ReleaseError(f"{path}: not a folder")
     if path.exists() and any(path.iterdir()):
         missing = [n for n in ("config.yaml", "model.pt") if not (path / n).is_file()]
         raise ReleaseError(f"{path}: not a Fun-ASR-Nano release folder (missing {', '.join(missing)})")
     if not download:
-        raise ReleaseError(f"{path}: release folder not found")
+        raise ReleaseError(f"{path}: release folder not found; {_download_hint(path)}")
     _download(path)
     return path
 
 
+def _download_hint(path: Path) -> str:
+    return (f"get it with `modelscope download --model {MODEL_ID} --local_dir {path}` "
+            f"on a machine with network access, then pass --release-dir {path}")
+
+
 def _download(path: Path) -> None:
-    hint = (
-        f"get it with `modelscope download --model {MODEL_ID} --local_dir {path}` "
-        "on a machine with network access, then pass --model-dir"
-    )
+    hint = _download_hint(path)
     if not _modelscope_reachable():
         raise ReleaseError(f"{path}: release folder not found and modelscope.cn is unreachable; {hint}")
     try:

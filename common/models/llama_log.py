@@ -3,13 +3,16 @@
 llama.cpp prints its model card, tensor lists and per-tensor quantization lines to stderr unless
 a callback takes them. This module installs one callback, once: it keeps the last warnings and
 errors (so that a failure message can quote them) and passes every line to the sinks that
-`capture()` pushes for a while (the exporter's verbose mode, the tests' log checks).
+`capture()` pushes for a while (the exporter's verbose mode, the tests' log checks); with
+FUNASR_DEBUG set, every line also goes to stderr.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -30,11 +33,15 @@ def install() -> None:
     if _callback is not None:
         return
 
+    passthrough = bool(os.environ.get("FUNASR_DEBUG"))  # the whole log on stderr, for crash reports
+
     @L.llama_log_callback
     def callback(level: int, text: bytes | None, _user: ctypes.c_void_p) -> None:
         if not text:
             return
         line = text.decode("utf-8", "replace")
+        if passthrough:
+            sys.stderr.write(line)
         with _lock:
             if level in (WARN, ERROR):
                 _recent.append(line.rstrip())

@@ -19,6 +19,16 @@ HOTWORD_PREAMBLE = (
 )
 THINK_BLOCK = "<think>\n\n</think>\n\n"
 
+# The languages Fun-ASR-Nano-2512 takes in its prompt (`语音转写成{name}`), by ISO 639-1 code: funasr's
+# FunASRNano documents Chinese, English and Japanese for this checkpoint (the 31-language list is
+# Fun-ASR-MLT-Nano's), and its vLLM front end maps the same codes to the same names.
+LANGUAGES: dict[str, str] = {"zh": "中文", "en": "英文", "ja": "日文"}
+AUTO_LANGUAGE = "auto"  # no language in the prompt: the model decides, as with no --language
+
+
+class LanguageError(ValueError):
+    """A language the model does not take; the message lists the ones it does."""
+
 
 @dataclass(frozen=True)
 class PromptOptions:
@@ -62,6 +72,29 @@ def build_prompt(options: PromptOptions, *, sys_prompt: bool = True, do_think: b
     if not do_think:
         after += THINK_BLOCK
     return PromptParts(before=before, after=after)
+
+
+def language_choices() -> str:
+    """The accepted values, for help texts and error messages: `中文 (zh), 英文 (en), 日文 (ja), auto`."""
+    return ", ".join(f"{name} ({code})" for code, name in LANGUAGES.items()) + f", {AUTO_LANGUAGE}"
+
+
+def resolve_language(value: str | None) -> str | None:
+    """The prompt's name for a language given as that name or an ISO code (`en`, `EN`, `en-US`, `英文`).
+
+    None, "" and "auto" give None (no language in the prompt). Anything else raises LanguageError:
+    the prompt would otherwise carry it verbatim and the model would be asked for a language it
+    was never trained to write.
+    """
+    text = (value or "").strip()
+    if not text or text.lower() == AUTO_LANGUAGE:
+        return None
+    if text in LANGUAGES.values():
+        return text
+    code = text.replace("_", "-").split("-", 1)[0].lower()  # a region tag (en-US, zh_CN) does not matter
+    if code in LANGUAGES:
+        return LANGUAGES[code]
+    raise LanguageError(f"unknown language {value!r}; this model takes {language_choices()}")
 
 
 def parse_hotwords(text: str | None) -> tuple[str, ...]:
