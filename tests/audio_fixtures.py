@@ -81,3 +81,28 @@ def make_aac_m4a(path: str | Path, sr: int = 44100, channels: int = 2, seconds: 
         for packet in stream.encode(None):
             out.mux(packet)
     return path
+
+
+SENTENCES = ["Hello there, this is the first sentence.", "Speech recognition works on small computers.",
+             "The last words of the test."]
+SILENCES = [1.5, 1.0, 2.5, 1.2]  # before, between, between, after
+
+def speech_layout(folder: Path) -> tuple[np.ndarray, list[tuple[float, float]]]:
+    """espeak-ng sentences separated by exact silences; truth = first/last audible sample of each."""
+    from common.audio.load import load_audio
+
+    if not have_espeak():
+        raise RuntimeError("espeak-ng is not installed (.ci/run installs it)")
+    SR = 16000
+    parts, truth, t = [], [], 0.0
+    for i, text in enumerate(SENTENCES):
+        parts.append(np.zeros(int(SILENCES[i] * SR), np.float32))
+        t += SILENCES[i]
+        speech = load_audio(espeak_wav(folder / f"s{i}.wav", text, speed=160))
+        loud = np.flatnonzero(np.abs(speech) > 0.01)
+        speech = speech[loud[0]: loud[-1] + 1]
+        parts.append(speech)
+        truth.append((t, t + len(speech) / SR))
+        t += len(speech) / SR
+    parts.append(np.zeros(int(SILENCES[-1] * SR), np.float32))
+    return np.concatenate(parts), truth

@@ -71,3 +71,19 @@ def tiny2_models(tiny2_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def any_models(request: pytest.FixtureRequest) -> tuple[Path, Path]:
     """(checkpoint, exported folder) for each tiny shape."""
     return request.getfixturevalue(f"{request.param}_ckpt"), request.getfixturevalue(f"{request.param}_models")
+
+
+@pytest.fixture(scope="session")
+def clip(zh_mp3: Path):
+    """The shared clip as the engine reads it (16 kHz mono float32)."""
+    from common.audio.load import load_audio
+
+    return load_audio(zh_mp3)
+
+
+@pytest.fixture(scope="session")
+def layout(tmp_path_factory: pytest.TempPathFactory):
+    """espeak-ng sentences separated by exact silences, and where each one is (seconds)."""
+    from tests.audio_fixtures import speech_layout
+
+    return speech_layout(tmp_path_factory.mktemp("espeak"))

@@ -18,6 +18,9 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
+from common.engine import Engine
+from common.models.llm import DecoderOptions
+
 _backend_ready = False
 
 
@@ -190,3 +193,16 @@ class GGUFModel:
 
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+
+# Context set-ups the batching and timestamp tests run on: f32 for bit-level checks, f16 as shipped.
+ENGINES = {
+    "f32-split": dict(gguf="qwen3-0.6b-asr.f32.gguf", kv_f32=True, flash_attn=False, kv_unified=False),
+    "f16-split": dict(gguf="qwen3-0.6b-asr.gguf", kv_f32=False, flash_attn=None, kv_unified=False),
+}
+
+
+def small_engine(models: Path, cfg: dict, n_seq: int, **kwargs) -> Engine:
+    options = DecoderOptions(threads=2, n_ctx=512, n_seq_max=n_seq, kv_f32=cfg["kv_f32"],
+                             flash_attn=cfg["flash_attn"], kv_unified=cfg["kv_unified"])
+    return Engine(models, gguf_path=models / cfg["gguf"], decoder_options=options, **kwargs)

@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.engine import Engine, TranscribeOptions
 from common.models.ctc import CTCVocabulary, greedy_ctc, read_tiktoken
+from common.models.prompt import PromptOptions
 from common.output.alignment import (
     GPT2_PATTERN,
     BPEEncoder,
@@ -32,6 +34,8 @@ from common.output.alignment import (
     target_text,
 )
 from common.output.subtitles import segment_cues
+from tests.llama_helpers import ENGINES
+from tests.llama_helpers import small_engine as _engine
 
 CORPUS = [
     "今天天气很好，我们去公园散步吧！你觉得怎么样？",
@@ -515,3 +519,59 @@ def test_char_times_of_full_ctc_output(tiny_ctc) -> None:
     if times is not None:
         assert len(times) == len(text) and times == sorted(times)
         assert 0.0 <= times[0] and times[-1] <= n_frames * 0.06
+
+
+# --------------------------------------------------------------------------- timestamps
+
+
+SR = 16000
+
+
+def test_engine_aligns_sentences_on_the_ctc_posteriors(tiny_models, clip):
+    """With the CTC head: each segment's text is forced-aligned on the head's log-probs (its own run)."""
+    from common.output.alignment import char_times, sentence_times
+
+    engine = _engine(tiny_models, ENGINES["f16-split"], 2)
+    try:
+        wave = np.concatenate([clip, np.zeros(SR, np.float32), clip[: 6 * SR]])
+        got = engine.transcribe(wave, TranscribeOptions(max_new_tokens=6, vad="silero", timestamps=True))
+        plain = engine.transcribe(wave, TranscribeOptions(max_new_tokens=6, vad="silero"))
+        ctc = engine.ctc
+        assert got.timestamps == "ctc" and plain.timestamps is None
+        assert [s.token_ids for s in got.segments] == [s.token_ids for s in plain.segments]
+        assert len(got.segments) >= 2 and all(not s.sentences and s.char_times is None for s in plain.segments)
+        aligned = 0
+        for seg in got.segments:
+            piece = wave[int(round(seg.start * SR)): int(round(seg.end * SR))]
+            log_probs = ctc.log_probs(engine.prepare(piece, PromptOptions()).encoder_out)
+            want = char_times(seg.text, log_probs, ctc.vocab, engine.settings.ctc.frame_shift_ms, seg.start, seg.end)
+            assert seg.char_times == want
+            aligned += want is not None
+            sentences = [(s.start, s.end, s.text) for s in sentence_times(seg.text, seg.start, seg.end, want)]
+            assert [(x.start, x.end, x.text) for x in seg.sentences] == \
+                [(round(a, 3), round(b, 3), t) for a, b, t in sentences]
+            for x in seg.sentences:
+                assert seg.start <= x.start <= x.end <= seg.end
+        assert aligned >= 1
+        dumped = got.to_dict()
+        assert dumped["timestamps"] == "ctc" and "char_times" not in dumped["segments"][0]
+        assert dumped["segments"][0]["sentences"] == [s.to_dict() for s in got.segments[0].sentences]
+    finally:
+        engine.close()
+
+
+def test_without_ctc_sentence_times_come_from_the_segments_and_it_says_so(tiny2_models, clip, caplog):
+    engine = Engine(tiny2_models)
+    try:
+        options = TranscribeOptions(max_new_tokens=6, vad="silero", timestamps=True)
+        with caplog.at_level("INFO", logger="common"):
+            first = engine.transcribe(clip, options)
+            engine.transcribe(clip, options)
+    finally:
+        engine.close()
+    assert first.timestamps == "segments"
+    seg = first.segments[0]
+    assert seg.char_times is None and seg.sentences
+    assert seg.sentences[0].start == seg.start and seg.sentences[-1].end == seg.end
+    said = [r for r in caplog.records if "has no CTC head" in r.getMessage()]
+    assert len(said) == 1  # said once per engine, not once per file

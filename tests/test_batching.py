@@ -1,0 +1,179 @@
+"""Batched decoding through the scheduler gives the tokens of decoding each segment alone.
+
+Freed sequences take the next segment, forced token rates give each segment its own length, the
+repetition guard stops both paths alike, and the engine decodes Silero's segments of a long file
+batched with the tokens of each decoded alone."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from common.audio.load import load_audio
+from common.decoding import Job, StopRule
+from common.decoding.repetition import NO_GUARD, RepetitionGuard
+from common.engine import BenchmarkHooks, Engine, TranscribeOptions
+from common.models.prompt import PromptOptions
+from testing import reference
+from testing.drafts import make_draft
+from tests.llama_helpers import ENGINES
+from tests.llama_helpers import small_engine as _engine
+
+SR = 16000
+CUTS = [(0.0, 3.0), (2.0, 7.5), (4.0, 10.0), (1.0, 2.5), (5.0, 9.0)]
+
+
+def _one_by_one(engine: Engine, pieces, rule: StopRule) -> list[list[int]]:
+    """Each piece decoded alone by the independent reference, the guard's trim applied."""
+    prepared = [engine.prepare(piece, PromptOptions()) for piece in pieces]
+    return engine.scheduler.call(lambda d, _: [rule.finish(reference.decode_alone(
+        d, p, rule.max_new_tokens, rule.min_new_tokens, rule.guard))[0] for p in prepared])
+
+
+def _decode_all(engine: Engine, pieces, rule: StopRule, drafts=None):
+    """Every piece through the scheduler at once (one stream), results in input order."""
+    jobs = [Job(engine.prepare(p, PromptOptions()).prompt, rule, None if drafts is None else drafts[i])
+            for i, p in enumerate(pieces)]
+    out = [None] * len(jobs)
+    for index, decoded in engine.scheduler.stream(jobs):
+        out[index] = decoded
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(ENGINES))
+def test_batched_tokens_equal_one_by_one(name, tiny_models, clip):
+    cfg = ENGINES[name]
+    pieces = [clip[int(a * SR): int(b * SR)] for a, b in CUTS]
+    single = _engine(tiny_models, cfg, 1)
+    batched = _engine(tiny_models, cfg, 4)  # 5 segments: a group of 4, then 1 (prefix reused)
+    try:
+        want = _one_by_one(single, pieces, StopRule(20, 0, NO_GUARD))
+        got = [d.tokens for d in _decode_all(batched, pieces, StopRule(20, 0, NO_GUARD))]
+    finally:
+        single.close()
+        batched.close()
+    assert len({tuple(t) for t in want}) > 1, "segments should decode differently"
+    assert got == want
+
+
+def test_repetition_guard_stops_both_paths_alike(tiny_models, clip, caplog):
+    """Random weights loop on one token: both paths stop early, at the same token, and say so once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cfg = ENGINES["f16-split"]
+    pieces = [clip[int(a * SR): int(b * SR)] for a, b in CUTS[:3]]
+    single = _engine(tiny_models, cfg, 1)
+    batched = _engine(tiny_models, cfg, 3)
+    rule = StopRule(64, 0, RepetitionGuard())
+    try:
+        want = _one_by_one(single, pieces, rule)
+        decoded = _decode_all(batched, pieces, rule)
+        # the engine on the same pieces, three callers at once sharing the batch: same tokens, one warning each
+        options = TranscribeOptions(max_new_tokens=64, vad="none")
+        with caplog.at_level("WARNING", logger="common"), ThreadPoolExecutor(3) as pool:
+            segments = [t.segments[0] for t in pool.map(lambda p: batched.transcribe(p, options), pieces)]
+    finally:
+        single.close()
+        batched.close()
+    assert [d.tokens for d in decoded] == want
+    assert any(d.looped for d in decoded) and all(len(d.tokens) < 64 for d in decoded if d.looped)
+    assert [s.token_ids for s in segments] == want
+    assert sum("decoding loop detected" in r.getMessage() for r in caplog.records) == sum(d.looped for d in decoded)
+
+
+@pytest.mark.parametrize("name", ["f32-split", "f16-split"])
+def test_freed_sequences_take_the_next_segment_with_the_same_tokens(name, tiny_models, clip):
+    """Continuous batching: 8 segments through 3 sequences, finishing at different rounds.
+
+    Drafts make some sequences finish in a few rounds while others take one token per round, so
+    a freed sequence takes the next segment (keeping its copy of the prompt prefix) while the
+    others go on, sequence 0 among them; at the end, sequences move down into freed ids. Every
+    segment must still get the tokens of decoding it alone. The scheduler's observer shows it.
+    """
+    cfg = ENGINES[name]
+    cuts = CUTS + [(0.5, 4.0), (3.0, 8.0), (6.0, 10.0)]
+    pieces = [clip[int(a * SR): int(b * SR)] for a, b in cuts]
+    n_tokens = 24
+    events: list[tuple[str, object]] = []
+    single = _engine(tiny_models, cfg, 1)
+    batched = _engine(tiny_models, cfg, 3, observer=lambda event, detail: events.append((event, detail)))
+    try:
+        want = _one_by_one(single, pieces, StopRule.forced(n_tokens))
+        rng = np.random.default_rng(0)
+        kinds = ["own", None, "half", "own", None, "own", "random", None]
+        drafts = [None if k is None else make_draft(w, k, rng, batched.decoder.n_vocab) for w, k in zip(want, kinds)]
+        events.clear()
+        got = _decode_all(batched, pieces, StopRule.forced(n_tokens), drafts)
+    finally:
+        single.close()
+        batched.close()
+    assert [d.tokens for d in got] == want
+    # admissions while other sequences were decoding (in the rounds before and after it): into
+    # sequence 0, and into another one while sequence 0 was decoding
+    rounds = [(i, set(what)) for i, (kind, what) in enumerate(events) if kind == "round"]
+    into_zero = beside_live_zero = 0
+    for i, (kind, seq) in enumerate(events):
+        before = [r for j, r in rounds if j < i]
+        after = [r for j, r in rounds if j > i]
+        if kind != "admit" or not before or not after:
+            continue
+        going_on = (before[-1] & after[0]) - {seq}
+        into_zero += seq == 0 and bool(going_on)
+        beside_live_zero += seq != 0 and 0 in going_on
+    assert into_zero >= 1 and beside_live_zero >= 1, events
+    # at the end, with no segment left, live sequences moved down to close the gaps
+    assert any(kind == "move" for kind, _ in events), events
+    # rows always in increasing sequence order
+    assert all(list(what) == sorted(what) for kind, what in events if kind == "round")
+
+
+def test_forced_token_rate_gives_each_segment_its_own_length(tiny_models, clip):
+    """The benchmark's forcing by duration: segment lengths follow the audio, batched output = one by one."""
+    cfg = ENGINES["f16-split"]
+    options = TranscribeOptions(vad="none", max_segment_seconds=2.0, speculative=False)
+    rate = BenchmarkHooks(tokens_per_second=4.0)
+    single = _engine(tiny_models, cfg, 1, hooks=rate)
+    batched = _engine(tiny_models, cfg, 3, hooks=rate)
+    fixed = _engine(tiny_models, cfg, 3, hooks=dataclasses.replace(rate, refill=False))
+    try:
+        alone = single.transcribe(clip, options)
+        together = batched.transcribe(clip, options)
+        grouped = fixed.transcribe(clip, options)
+    finally:
+        single.close()
+        batched.close()
+        fixed.close()
+    counts = [len(s.token_ids) for s in together.segments]
+    assert len(counts) >= 5 and len(set(counts)) > 1
+    assert all(abs(n - 4.0 * (s.end - s.start)) <= 1 for n, s in zip(counts, together.segments))
+    assert [s.token_ids for s in together.segments] == [s.token_ids for s in alone.segments]
+    assert [s.token_ids for s in grouped.segments] == [s.token_ids for s in alone.segments]
+
+
+def test_engine_decodes_the_vad_segments_batched(tiny_models, layout, tmp_path):
+    import soundfile
+
+    wave, truth = layout
+    path = tmp_path / "three.wav"
+    soundfile.write(str(path), wave, SR)
+    wave = load_audio(path)  # as the engine reads it (16-bit)
+    cfg = ENGINES["f16-split"]
+    batched = _engine(tiny_models, cfg, 4)
+    single = _engine(tiny_models, cfg, 1)
+    try:
+        got = batched.transcribe(path, TranscribeOptions(max_new_tokens=10, vad="silero"))
+        silent = batched.transcribe(np.zeros(20 * SR, np.float32), TranscribeOptions(vad="silero"))
+        alone = [single.transcribe(wave[int(round(s.start * SR)): int(round(s.end * SR))],
+                                   TranscribeOptions(max_new_tokens=10, vad="none")).segments[0].token_ids
+                 for s in got.segments]
+    finally:
+        batched.close()
+        single.close()
+    assert len(got.segments) == len(truth)
+    for seg, (t0, t1) in zip(got.segments, truth):
+        assert abs(seg.start - t0) <= 0.2 and abs(seg.end - t1) <= 0.2
+    assert [s.token_ids for s in got.segments] == alone
+    assert got.duration == pytest.approx(len(wave) / SR) and got.timings["vad"] >= 0
+    assert silent.text == "" and silent.segments == [] and silent.n_tokens == 0
