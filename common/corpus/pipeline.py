@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,11 +144,20 @@ def _dataset(todo: list[FileState], settings: WorkerSettings, plan: Plan):
     records = [{"path": s.file.path, "size": s.size, "mtime_ns": s.mtime_ns, "language": s.file.language,
                 "hotwords": s.file.hotwords} for s in todo]
     ds = ray.data.from_items(records, override_num_blocks=min(len(records), MAX_BLOCKS))
-    return ds.map_batches(
-        Transcriber, fn_constructor_args=(settings,), batch_size=1, batch_format="pyarrow",
-        concurrency=(plan.min_actors, plan.max_actors), num_cpus=plan.cpus_per_actor,
-        num_gpus=plan.gpus_per_actor or None, max_restarts=-1, max_task_retries=plan.max_task_retries,
-    )
+    # min..max actors (Ray 2.51+ spells `concurrency=(min, max)` this way); two calls queued per actor
+    # keep it busy while a finished row travels, and no more, so long files spread over the actors
+    pool = ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors,
+                                      max_tasks_in_flight_per_actor=2)
+    with warnings.catch_warnings():
+        # Ray Data documents max_restarts/max_task_retries as map_batches' extra keyword arguments and
+        # warns that these "ray_remote_args" go in Ray 2.64; after that its defaults (-1: restart and
+        # retry for ever) apply, and a file that kills its worker every time is retried for ever.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*", category=DeprecationWarning)
+        return ds.map_batches(
+            Transcriber, fn_constructor_args=(settings,), batch_size=1, batch_format="pyarrow", compute=pool,
+            num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None,
+            max_restarts=-1, max_task_retries=plan.max_task_retries,
+        )
 
 
 class _RowWriter:
