@@ -145,6 +145,18 @@ def test_a_run_with_everything_done_transcribes_nothing(first_run: Path, corpus:
     assert "audio hours per wall hour" in line
 
 
+def test_manifest_languages_are_per_file_and_a_bad_one_fails_only_its_file(cluster, corpus: Path, tiny_models: Path,
+                                                                          tmp_path: Path):
+    clips = sorted(str(p) for p in corpus.glob("clip0[12].wav"))
+    manifest = tmp_path / "list.csv"
+    manifest.write_text(f"path,language,hotwords\n{clips[0]},en,\n{clips[1]},klingon,\n")
+    assert corpus_main([str(manifest), "--output", str(tmp_path / "out"), "--model-dir", str(tiny_models),
+                        *OPTIONS]) == 1
+    english, bad = read_corpus(tmp_path / "out").to_pylist()
+    assert english["language"] == "en" and english["error"] is None and english["text"] is not None
+    assert bad["error"].startswith(clips[1]) and "klingon" in bad["error"]
+
+
 # ---------------------------------------------------------------------------------------- inputs (no Ray)
 
 
