@@ -132,20 +132,34 @@ def build_parser(preset: Preset) -> argparse.ArgumentParser:
         (a.mp3.txt, a.wav.txt). Two runs on one --output-dir do not coordinate: both transcribe
         everything and the last one to finish a file wins (each file is written whole).
         """)
-    from common.models.prompt import language_choices
-
     p = OneLineParser(
         prog=preset.script, description=f"Transcribe audio with Fun-ASR-Nano. {preset.description}.",
         epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("audio", nargs="+", help="audio files (mp3, wav, flac, ogg, m4a, ...; any rate and channels)")
     add_folder_options(p, export=False)
+    p.add_argument("--format", choices=("txt", "json", "srt", "vtt"), default="txt",
+                   help="output format: text, json with segments, or srt/vtt subtitles (default: txt)")
+    p.add_argument("--output-dir", type=Path, default=None,
+                   help="write one file per input here instead of stdout (created if needed)")
+    p.add_argument("--overwrite", action="store_true", help="re-transcribe inputs whose output file exists")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    add_engine_options(p)
+    return p
+
+
+def add_engine_options(p: argparse.ArgumentParser) -> None:
+    """The options that choose how an input is transcribed: prompt, VAD, batching, limits, model files.
+
+    Shared by the 03 scripts and 07_transcribe_corpus.py, so both read a run's settings the same way
+    (`load_engine`, `transcribe_options`).
+    """
+    from common.models.prompt import language_choices
+
     p.add_argument("--language", default=None,
                    help=f"the language to write: {language_choices()} (default: the model decides)")
     p.add_argument("--no-itn", action="store_true", help="no inverse text normalization (numbers stay spelled out)")
     p.add_argument("--hotwords", default=None, help='comma-separated words to favour, e.g. "通义,魔搭"')
-    p.add_argument("--format", choices=("txt", "json", "srt", "vtt"), default="txt",
-                   help="output format: text, json with segments, or srt/vtt subtitles (default: txt)")
     p.add_argument("--max-cue-seconds", type=positive(float), default=6.0,
                    help="longest subtitle cue in seconds, srt/vtt (default: 6)")
     p.add_argument("--vad", choices=("silero", "none"), default="silero",
@@ -153,9 +167,6 @@ def build_parser(preset: Preset) -> argparse.ArgumentParser:
                         "at quiet points (default: silero)")
     p.add_argument("--batch-size", type=positive(int), default=4,
                    help="segments decoded together in one llama.cpp context (default: 4; 1: one at a time)")
-    p.add_argument("--output-dir", type=Path, default=None,
-                   help="write one file per input here instead of stdout (created if needed)")
-    p.add_argument("--overwrite", action="store_true", help="re-transcribe inputs whose output file exists")
     p.add_argument("--threads", type=positive(int), default=max(1, min(os.cpu_count() or 2, 8)),
                    help="CPU threads")
     p.add_argument("--max-new-tokens", type=positive(int), default=512,
@@ -164,12 +175,10 @@ def build_parser(preset: Preset) -> argparse.ArgumentParser:
                    help="longest segment in seconds (default: 30)")
     p.add_argument("--encoder", type=Path, default=None, help="ONNX encoder to use instead of the preset's")
     p.add_argument("--gguf", type=Path, default=None, help="GGUF decoder to use instead of the preset's")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--no-speculative", action="store_true",
                    help="plain greedy decoding: do not verify the CTC head's draft (same text, slower)")
     # Benchmarks on random weights force a length; not for users.
     p.add_argument("--force-tokens", type=int, default=0, help=argparse.SUPPRESS)
-    return p
 
 
 def main(preset_name: str, argv: list[str] | None = None) -> int:
@@ -207,7 +216,7 @@ def _run(preset: Preset, args: argparse.Namespace) -> int:
     if args.output_dir is None and len(sources) > 1 and args.format in SUBTITLE_FORMATS:
         raise SetupError(f"--format {args.format} with {len(sources)} inputs needs --output-dir "
                          "(one subtitle file per input)")
-    _check_folders(args)
+    check_folders(args)
     if args.output_dir is not None:
         try:
             check_writable(args.output_dir)
@@ -232,7 +241,7 @@ def _run(preset: Preset, args: argparse.Namespace) -> int:
         return _summary(failures, len(sources), write_failed=False)
 
     options = PromptOptions(language=language, itn=not args.no_itn, hotwords=parse_hotwords(args.hotwords))
-    engine = _load_engine(preset, args)
+    engine = load_engine(preset, args)
     write_failed = False
     try:
         write_failed = _transcribe_all(engine, jobs, options, args, failures, several=len(sources) > 1)
@@ -269,7 +278,7 @@ def _targets(sources: list[str], args: argparse.Namespace) -> list[Path | None]:
     return targets
 
 
-def _check_folders(args: argparse.Namespace) -> None:
+def check_folders(args: argparse.Namespace) -> None:
     """Folders named on the command line must exist: a typo is an error, not a download or an export."""
     for option, path in (("--model-dir", args.model_dir), ("--release-dir", args.release_dir)):
         if path is not None and not path.exists():
@@ -281,20 +290,34 @@ def _check_folders(args: argparse.Namespace) -> None:
             raise SetupError(f"{path}: {'not a file' if path.exists() else 'no such file'} ({option})")
 
 
-def _load_engine(preset: Preset, args: argparse.Namespace):
-    """The Engine for this preset; the models are exported first when the model folder is empty."""
+def load_engine(preset: Preset, args: argparse.Namespace, *, export: bool = True, hotwords: str | None = None):
+    """The Engine for this preset and these options; SetupError (one line) when the models cannot load.
+
+    `export`: an empty model folder is exported first (the 03 scripts' first use); without it, a
+    missing file is an error naming it (a corpus worker on a node that lacks the folder).
+    `hotwords`: the longest hotwords any input will use, to size the KV cache (default: --hotwords).
+    """
     from common.engine import BenchmarkHooks, Engine
     from common.models.llm import DecoderError
 
     model_dir = args.model_dir if args.model_dir is not None else DEFAULT_MODEL_DIR
-    encoder_path, gguf_path = _model_files(preset, args, model_dir)
+    encoder_path, gguf_path = model_files(preset, args, model_dir, export=export)
     try:
         return Engine.from_preset(
             preset_name_of(preset), model_dir, threads=args.threads, batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens, max_segment_seconds=args.max_segment, hotwords=args.hotwords or "",
+            max_new_tokens=args.max_new_tokens, max_segment_seconds=args.max_segment,
+            hotwords=(args.hotwords or "") if hotwords is None else hotwords,
             encoder_path=encoder_path, gguf_path=gguf_path, hooks=BenchmarkHooks(min_new_tokens=args.force_tokens))
     except (DecoderError, ValueError, RuntimeError, OSError) as exc:
         raise SetupError(_one_line(exc)) from exc
+
+
+def transcribe_options(args: argparse.Namespace, prompt, *, timestamps: bool):
+    """The per-call TranscribeOptions of these command-line options and this prompt (language, hotwords)."""
+    from common.engine import TranscribeOptions
+
+    return TranscribeOptions(prompt=prompt, max_new_tokens=args.max_new_tokens, max_segment_seconds=args.max_segment,
+                             speculative=not args.no_speculative, vad=args.vad, timestamps=timestamps)
 
 
 def preset_name_of(preset: Preset) -> str:
@@ -304,17 +327,9 @@ def preset_name_of(preset: Preset) -> str:
 def _transcribe_all(engine, jobs: list[_Job], prompt, args: argparse.Namespace, failures: list[str], *,
                     several: bool) -> bool:
     """Transcribe and write every job; a failing input is listed in `failures`. True if a write failed."""
-    from common.engine import TranscribeOptions
     from common.output.writers import WriteError, render, render_json, write_atomic
 
-    options = TranscribeOptions(
-        prompt=prompt,
-        max_new_tokens=args.max_new_tokens,
-        max_segment_seconds=args.max_segment,
-        speculative=not args.no_speculative,
-        vad=args.vad,
-        timestamps=args.format != "txt",
-    )
+    options = transcribe_options(args, prompt, timestamps=args.format != "txt")
     show_progress = not args.quiet and sys.stderr.isatty()
     write_failed = False
     printed = 0
@@ -370,14 +385,15 @@ def _summary(failures: list[str], n_inputs: int, write_failed: bool) -> int:
     return EXIT_SETUP if write_failed else EXIT_FAILED_INPUTS
 
 
-def _model_files(preset: Preset, args: argparse.Namespace, model_dir: Path) -> tuple[Path, Path]:
-    """The encoder and GGUF to load; exports them first when the model folder is empty."""
+def model_files(preset: Preset, args: argparse.Namespace, model_dir: Path, *, export: bool = True
+                ) -> tuple[Path, Path]:
+    """The encoder and GGUF to load; exports them first when the model folder is empty (and `export`)."""
     from common.models.settings import SETTINGS_FILE
 
     encoder = args.encoder or model_dir / preset.encoder_file
     gguf = args.gguf or model_dir / preset.gguf_file
     empty = not model_dir.exists() or not any(p for p in model_dir.iterdir() if p.name != "README.md")
-    if empty:
+    if empty and export:
         _export(model_dir, args.release_dir, args.quiet)
     missing = [p for p in (model_dir / SETTINGS_FILE, encoder, gguf) if not p.is_file()]
     if missing:

@@ -1,0 +1,13 @@
+#!/usr/bin/env python3
+"""Transcribe a corpus (folders, globs, manifests) with Fun-ASR-Nano on Ray Data, locally or on a cluster.
+
+Run `python 07_transcribe_corpus.py --help` for the options; README.md ("Corpus scale") for a cluster.
+Needs `pip install -r requirements-corpus.txt` on top of requirements.txt.
+"""
+
+import sys
+
+from common.corpus.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

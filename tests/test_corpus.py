@@ -1,0 +1,201 @@
+"""07_transcribe_corpus.py on a local Ray cluster (2 CPUs) with the tiny exported model.
+
+One cluster for the module (Ray starts in seconds, not milliseconds). The oracle for every row is
+the 03 script itself: `03_inference_cpu.py FILES --format json` with the same options.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import ROOT
+
+ray = pytest.importorskip("ray", reason="pip install -r requirements-corpus.txt")
+
+from common.corpus.cli import main as corpus_main  # noqa: E402
+from common.corpus.inputs import AudioFile, InputError, collect_inputs  # noqa: E402
+from common.corpus.store import CONSOLIDATED, PARTS, TIMING_COLUMNS, read_corpus  # noqa: E402
+
+OPTIONS = ["--preset", "cpu", "--max-new-tokens", "8", "--threads", "2", "--quiet"]
+N_GOOD, N_BAD = 10, 2
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from common.corpus.pipeline import connect
+
+    connect(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def corpus(zh_mp3: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 files under one folder (some in a sub-folder): 10 cuts of the shared clip, 2 that are not audio."""
+    import soundfile
+
+    from common.audio.load import load_audio
+
+    wave = load_audio(zh_mp3)
+    folder = tmp_path_factory.mktemp("corpus")
+    (folder / "sub").mkdir()
+    for i in range(N_GOOD):
+        start = i * 8000  # 0.5 s apart, 2..4.25 s long: different audio, different segments
+        cut = wave[start:start + 32000 + i * 4000]
+        name = f"sub/clip{i:02d}.flac" if i % 3 == 0 else f"clip{i:02d}.wav"
+        soundfile.write(str(folder / name), cut, 16000)
+    (folder / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00not a wave file at all")
+    (folder / "empty.mp3").write_bytes(b"")
+    (folder / "notes.txt").write_text("not audio, not searched for")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def first_run(cluster, corpus: Path, tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("out") / "run"
+    code = corpus_main([str(corpus), "--output", str(out), "--model-dir", str(tiny_models), "--formats", "json,srt",
+                        *OPTIONS])
+    assert code == 1  # two files failed, the others were transcribed
+    return out
+
+
+def _cli_json(files: list[str], tiny_models: Path) -> dict[str, dict]:
+    """The 03 script's JSON for each file (one process, JSON Lines on stdout)."""
+    cmd = [sys.executable, str(ROOT / "03_inference_cpu.py"), *files, "--format", "json",
+           "--model-dir", str(tiny_models), "--max-new-tokens", "8", "--threads", "2", "--quiet"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+    return {r["source"]: r for r in records}
+
+
+def _without_timings(table):
+    return table.drop_columns(list(TIMING_COLUMNS)).to_pylist()
+
+
+def test_every_file_has_one_row_with_the_clis_text_or_its_error(first_run: Path, corpus: Path, tiny_models: Path):
+    table = read_corpus(first_run)
+    rows = {r["path"]: r for r in table.to_pylist()}
+    assert table.num_rows == N_GOOD + N_BAD == len(rows)
+    failed = {p: r["error"] for p, r in rows.items() if r["error"] is not None}
+    assert sorted(Path(p).name for p in failed) == ["broken.wav", "empty.mp3"]
+    for path, error in failed.items():
+        assert error.startswith(path) and "\n" not in error
+        assert rows[path]["text"] is None
+    good = sorted(p for p in rows if p not in failed)
+    oracle = _cli_json(good, tiny_models)
+    assert set(oracle) == set(good)
+    for path in good:
+        row, cli = rows[path], oracle[path]
+        assert row["text"] == cli["text"], path
+        assert json.loads(row["segments"]) == cli["segments"], path
+        assert row["duration"] == cli["duration"] and row["n_tokens"] == cli["n_tokens"]
+        assert row["size"] == Path(path).stat().st_size and row["preset"] == "cpu"
+    assert any(rows[p]["text"] for p in good)  # the model wrote something (random weights, but not nothing)
+    # the consolidated file is that same view, and the per-file outputs are the 03 script's
+    assert pq.read_table(first_run / CONSOLIDATED).to_pylist() == table.to_pylist()
+    some = good[0]
+    written = json.loads((first_run / "files" / Path(some).relative_to(corpus).with_suffix(".json")).read_text())
+    assert written["text"] == oracle[some]["text"] and written["segments"] == oracle[some]["segments"]
+    assert (first_run / "files" / Path(some).relative_to(corpus).with_suffix(".srt")).is_file()
+
+
+def test_a_worker_killed_mid_run_is_replaced_and_nothing_is_lost_or_doubled(first_run: Path, corpus: Path,
+                                                                            tiny_models: Path, tmp_path: Path):
+    out = tmp_path / "crash"
+    code = corpus_main([str(corpus), "--output", str(out), "--model-dir", str(tiny_models), "--test-crash-after", "3",
+                        *OPTIONS])
+    assert code == 1
+    assert (out / ".test-crash-hook").is_file()  # the actor really exited after 3 files
+    journal = [row for part in sorted((out / PARTS).glob("part-*.parquet")) for row in pq.read_table(part).to_pylist()]
+    assert sorted(r["path"] for r in journal) == sorted(r["path"] for r in read_corpus(first_run).to_pylist())
+    assert _without_timings(read_corpus(out)) == _without_timings(read_corpus(first_run))
+
+
+def test_an_interrupted_run_resumed_gives_the_same_dataset(first_run: Path, corpus: Path, tiny_models: Path,
+                                                           tmp_path: Path):
+    out = tmp_path / "resumed"
+    args = [str(corpus), "--output", str(out), "--model-dir", str(tiny_models), "--rows-per-part", "2", *OPTIONS]
+    assert corpus_main([*args, "--test-stop-after", "4"]) == 130
+    partial = read_corpus(out)
+    assert 4 <= partial.num_rows < N_GOOD + N_BAD
+    (out / PARTS / ".part-deadbeef.parquet.1234.tmp").write_bytes(b"half a part")  # a write cut short
+    assert corpus_main(args) == 1
+    resumed = read_corpus(out)
+    assert _without_timings(resumed) == _without_timings(read_corpus(first_run))
+    # the files done before the interruption were not transcribed again: their rows kept their timings
+    before = {r["path"]: r["seconds"] for r in partial.to_pylist() if r["error"] is None}
+    after = {r["path"]: r["seconds"] for r in resumed.to_pylist()}
+    assert before and all(after[p] == s for p, s in before.items())
+
+
+def test_a_run_with_everything_done_transcribes_nothing(first_run: Path, corpus: Path, tiny_models: Path,
+                                                        capsys: pytest.CaptureFixture):
+    code = corpus_main([str(corpus), "--output", str(first_run), "--model-dir", str(tiny_models), *OPTIONS])
+    assert code == 1  # the two bad files are retried and fail again
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert f"{N_GOOD + N_BAD} files ({N_BAD} this run, {N_GOOD} already done), {N_BAD} failed" in line
+    assert "audio hours per wall hour" in line
+
+
+def test_manifest_languages_are_per_file_and_a_bad_one_fails_only_its_file(cluster, corpus: Path, tiny_models: Path,
+                                                                          tmp_path: Path):
+    clips = sorted(str(p) for p in corpus.glob("clip0[12].wav"))
+    manifest = tmp_path / "list.csv"
+    manifest.write_text(f"path,language,hotwords\n{clips[0]},en,\n{clips[1]},klingon,\n")
+    assert corpus_main([str(manifest), "--output", str(tmp_path / "out"), "--model-dir", str(tiny_models),
+                        *OPTIONS]) == 1
+    english, bad = read_corpus(tmp_path / "out").to_pylist()
+    assert english["language"] == "en" and english["error"] is None and english["text"] is not None
+    assert bad["error"].startswith(clips[1]) and "klingon" in bad["error"]
+
+
+# ---------------------------------------------------------------------------------------- inputs (no Ray)
+
+
+def test_inputs_folder_glob_and_manifests(tmp_path: Path):
+    for name in ("a.wav", "b.mp3", "deep/c.flac", "deep/readme.md"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    abs_ = lambda name: str((tmp_path / name).resolve())  # noqa: E731
+    assert [f.path for f in collect_inputs([str(tmp_path)])] == [abs_("a.wav"), abs_("b.mp3"), abs_("deep/c.flac")]
+    assert [f.path for f in collect_inputs([str(tmp_path / "**" / "*.flac")])] == [abs_("deep/c.flac")]
+    (tmp_path / "list.txt").write_text("# corpus\na.wav\n\ndeep/c.flac\na.wav\n")
+    assert [f.path for f in collect_inputs([str(tmp_path / "list.txt")])] == [abs_("a.wav"), abs_("deep/c.flac")]
+    (tmp_path / "m.csv").write_text("path,language,hotwords\na.wav,en,\nb.mp3,,\"通义,魔搭\"\n")
+    assert collect_inputs([str(tmp_path / "m.csv")]) == [AudioFile(abs_("a.wav"), "en", None),
+                                                         AudioFile(abs_("b.mp3"), None, "通义,魔搭")]
+    (tmp_path / "m.jsonl").write_text('{"path": "deep/c.flac", "language": "zh"}\n')
+    assert collect_inputs([str(tmp_path / "m.jsonl")]) == [AudioFile(abs_("deep/c.flac"), "zh", None)]
+    # a missing file is that file's failure (an error row); a pattern or manifest that names nothing is the run's
+    assert collect_inputs([str(tmp_path / "gone.wav")]) == [AudioFile(abs_("gone.wav"))]
+    for bad, message in ((str(tmp_path / "*.ogg"), "matches no file"), (str(tmp_path / "deep" / "x.csv"), "path")):
+        if bad.endswith(".csv"):
+            Path(bad).write_text("file\na.wav\n")
+        with pytest.raises(InputError, match=message):
+            collect_inputs([bad])
+
+
+def test_one_row_per_key_prefers_a_transcript_to_an_error(tmp_path: Path):
+    from common.corpus.store import ROW_SCHEMA, CorpusStore
+
+    store = CorpusStore(tmp_path)
+    store.prepare()
+    blank = dict.fromkeys(ROW_SCHEMA.names)
+    failed = {**blank, "path": "/a.wav", "size": 1, "mtime_ns": 5, "error": "/a.wav: decoder crashed"}
+    done = {**blank, "path": "/a.wav", "size": 1, "mtime_ns": 5, "text": "hello"}
+    changed = {**done, "mtime_ns": 6, "text": "hello again"}  # the file changed since: another key
+    store.write_part([failed])
+    store.write_part([done, changed])
+    store.write_part([done])  # the same rows again: the same part name, replaced not added
+    assert len(store.part_files()) == 2
+    assert [(r["mtime_ns"], r["text"]) for r in store.rows().to_pylist()] == [(5, "hello"), (6, "hello again")]
+    assert store.done_keys() == {("/a.wav", 1, 5), ("/a.wav", 1, 6)}
+    assert np.all(np.diff(store.consolidate()["mtime_ns"].to_numpy()) > 0)
