@@ -132,18 +132,11 @@ def build_parser(preset: Preset) -> argparse.ArgumentParser:
         (a.mp3.txt, a.wav.txt). Two runs on one --output-dir do not coordinate: both transcribe
         everything and the last one to finish a file wins (each file is written whole).
         """)
-    from common.models.prompt import language_choices
-
     p = OneLineParser(
         prog=preset.script, description=f"Transcribe audio with Fun-ASR-Nano. {preset.description}.",
         epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("audio", nargs="+", help="audio files (mp3, wav, flac, ogg, m4a, ...; any rate and channels)")
-    add_folder_options(p, export=False)
-    p.add_argument("--language", default=None,
-                   help=f"the language to write: {language_choices()} (default: the model decides)")
-    p.add_argument("--no-itn", action="store_true", help="no inverse text normalization (numbers stay spelled out)")
-    p.add_argument("--hotwords", default=None, help='comma-separated words to favour, e.g. "通义,魔搭"')
     p.add_argument("--format", choices=("txt", "json", "srt", "vtt"), default="txt",
                    help="output format: text, json with segments, or srt/vtt subtitles (default: txt)")
     p.add_argument("--max-cue-seconds", type=positive(float), default=6.0,
@@ -151,11 +144,24 @@ def build_parser(preset: Preset) -> argparse.ArgumentParser:
     p.add_argument("--vad", choices=("silero", "none"), default="silero",
                    help="silero: transcribe only the speech Silero VAD finds; none: the whole input, cut "
                         "at quiet points (default: silero)")
-    p.add_argument("--batch-size", type=positive(int), default=4,
-                   help="segments decoded together in one llama.cpp context (default: 4; 1: one at a time)")
     p.add_argument("--output-dir", type=Path, default=None,
                    help="write one file per input here instead of stdout (created if needed)")
     p.add_argument("--overwrite", action="store_true", help="re-transcribe inputs whose output file exists")
+    add_model_options(p)
+    return p
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """The options that choose and load the models and shape the prompt: the 03 scripts' and 06_microphone.py's."""
+    from common.models.prompt import language_choices
+
+    add_folder_options(p, export=False)
+    p.add_argument("--language", default=None,
+                   help=f"the language to write: {language_choices()} (default: the model decides)")
+    p.add_argument("--no-itn", action="store_true", help="no inverse text normalization (numbers stay spelled out)")
+    p.add_argument("--hotwords", default=None, help='comma-separated words to favour, e.g. "通义,魔搭"')
+    p.add_argument("--batch-size", type=positive(int), default=4,
+                   help="segments decoded together in one llama.cpp context (default: 4; 1: one at a time)")
     p.add_argument("--threads", type=positive(int), default=max(1, min(os.cpu_count() or 2, 8)),
                    help="CPU threads")
     p.add_argument("--max-new-tokens", type=positive(int), default=512,
@@ -169,7 +175,17 @@ def build_parser(preset: Preset) -> argparse.ArgumentParser:
                    help="plain greedy decoding: do not verify the CTC head's draft (same text, slower)")
     # Benchmarks on random weights force a length; not for users.
     p.add_argument("--force-tokens", type=int, default=0, help=argparse.SUPPRESS)
-    return p
+
+
+def prompt_options(args: argparse.Namespace):
+    """The PromptOptions of --language, --no-itn and --hotwords; SetupError for a language the model does not take."""
+    from common.models.prompt import LanguageError, PromptOptions, parse_hotwords, resolve_language
+
+    try:
+        language = resolve_language(args.language)
+    except LanguageError as exc:
+        raise SetupError(f"--language: {exc}") from exc
+    return PromptOptions(language=language, itn=not args.no_itn, hotwords=parse_hotwords(args.hotwords))
 
 
 def main(preset_name: str, argv: list[str] | None = None) -> int:
@@ -196,18 +212,14 @@ class _Job:
 
 def _run(preset: Preset, args: argparse.Namespace) -> int:
     from common.audio.load import AudioError, check_audio_file
-    from common.models.prompt import LanguageError, PromptOptions, parse_hotwords, resolve_language
     from common.output.writers import WriteError, check_writable
 
-    try:
-        language = resolve_language(args.language)
-    except LanguageError as exc:
-        raise SetupError(f"--language: {exc}") from exc
+    options = prompt_options(args)
     sources = _distinct(args.audio)
     if args.output_dir is None and len(sources) > 1 and args.format in SUBTITLE_FORMATS:
         raise SetupError(f"--format {args.format} with {len(sources)} inputs needs --output-dir "
                          "(one subtitle file per input)")
-    _check_folders(args)
+    check_folders(args)
     if args.output_dir is not None:
         try:
             check_writable(args.output_dir)
@@ -231,8 +243,7 @@ def _run(preset: Preset, args: argparse.Namespace) -> int:
     if not jobs:  # nothing to transcribe: no model is loaded, let alone exported
         return _summary(failures, len(sources), write_failed=False)
 
-    options = PromptOptions(language=language, itn=not args.no_itn, hotwords=parse_hotwords(args.hotwords))
-    engine = _load_engine(preset, args)
+    engine = load_engine(preset, args)
     write_failed = False
     try:
         write_failed = _transcribe_all(engine, jobs, options, args, failures, several=len(sources) > 1)
@@ -269,7 +280,7 @@ def _targets(sources: list[str], args: argparse.Namespace) -> list[Path | None]:
     return targets
 
 
-def _check_folders(args: argparse.Namespace) -> None:
+def check_folders(args: argparse.Namespace) -> None:
     """Folders named on the command line must exist: a typo is an error, not a download or an export."""
     for option, path in (("--model-dir", args.model_dir), ("--release-dir", args.release_dir)):
         if path is not None and not path.exists():
@@ -281,7 +292,7 @@ def _check_folders(args: argparse.Namespace) -> None:
             raise SetupError(f"{path}: {'not a file' if path.exists() else 'no such file'} ({option})")
 
 
-def _load_engine(preset: Preset, args: argparse.Namespace):
+def load_engine(preset: Preset, args: argparse.Namespace):
     """The Engine for this preset; the models are exported first when the model folder is empty."""
     from common.engine import BenchmarkHooks, Engine
     from common.models.llm import DecoderError

@@ -134,7 +134,7 @@ def handle(session, message: str | bytes) -> list[ServerEvent]:
                       None, event.event_id)]
     if isinstance(event, AudioAppend):
         return session.append(event.audio)
-    return session.commit()
+    return session.commit(event.event_id)
 
 
 def render(event: ServerEvent) -> dict[str, Any]:
@@ -162,6 +162,29 @@ def render(event: ServerEvent) -> dict[str, Any]:
         out["error"] = {"type": event.kind, "code": event.code, "message": event.message, "param": event.param,
                         "event_id": event.event_id}
     return out
+
+
+def session_update(settings: SessionSettings) -> dict[str, Any]:
+    """The `session.update` client event that asks a server for `settings` (GA shape)."""
+    return {"type": "session.update", "session": _session_json(None, settings, beta=False)}
+
+
+def parse_server_event(data: dict[str, Any]) -> ServerEvent | None:
+    """The events a client shows, back from their JSON (deltas, finals, failures, errors); None for the rest."""
+    kind = data.get("type")
+    if kind == TranscriptionDelta.type:
+        return TranscriptionDelta(data["item_id"], data.get("delta", ""), data.get("partial", data.get("delta", "")))
+    if kind == TranscriptionCompleted.type:
+        return TranscriptionCompleted(data["item_id"], data["transcript"], data.get("audio_start_ms", 0),
+                                      data.get("audio_end_ms", 0))
+    if kind == TranscriptionFailed.type:
+        error = data.get("error") or {}
+        return TranscriptionFailed(data["item_id"], error.get("code", ""), error.get("message", ""))
+    if kind == "error":
+        error = data.get("error") or {}
+        return Error(error.get("code", ""), error.get("message", ""), error.get("param"), error.get("event_id"),
+                     error.get("type", "invalid_request_error"))
+    return None
 
 
 def encode_audio(pcm16: bytes) -> str:
@@ -243,7 +266,7 @@ def _vad(turn: Any) -> VadOptions | None:
                       min_speech_seconds=defaults.min_speech_seconds)
 
 
-def _session_json(session_id: str, settings: SessionSettings, beta: bool) -> dict[str, Any]:
+def _session_json(session_id: str | None, settings: SessionSettings, beta: bool) -> dict[str, Any]:
     codes = {name: code for code, name in LANGUAGES.items()}
     transcription = {"model": settings.model, "language": codes.get(settings.prompt.language or "", ""),
                      "prompt": ",".join(settings.prompt.hotwords)}
@@ -255,7 +278,7 @@ def _session_json(session_id: str, settings: SessionSettings, beta: bool) -> dic
         return {"id": session_id, "object": "realtime.transcription_session", "input_audio_format": "pcm16",
                 "input_audio_transcription": transcription, "turn_detection": turn,
                 "input_audio_sample_rate": settings.sample_rate}
-    return {"id": session_id, "object": "realtime.session", "type": "transcription",
+    return {**({"id": session_id, "object": "realtime.session"} if session_id else {}), "type": "transcription",
             "audio": {"input": {"format": {"type": "audio/pcm", "rate": settings.sample_rate},
                                 "transcription": transcription, "turn_detection": turn}}}
 

@@ -156,10 +156,11 @@ class RealtimeSession:
         self._queue.put(("audio", samples, seconds))
         return []
 
-    def commit(self) -> list[ServerEvent]:
-        """Close the segment in progress now (its final follows); an error event later if there is none."""
+    def commit(self, event_id: str | None = None) -> list[ServerEvent]:
+        """Close the segment in progress now (its final follows); an error event later if there is none
+        (answering `event_id`, the client's commit event)."""
         self._check_open()
-        self._queue.put(("commit",))
+        self._queue.put(("commit", event_id))
         return []
 
     def lag_seconds(self) -> float:
@@ -210,7 +211,7 @@ class RealtimeSession:
                 if kind == "audio":
                     self._on_audio(item[1], item[2])
                 elif kind == "commit":
-                    self._on_commit()
+                    self._on_commit(item[1])
                 elif kind == "update":
                     self._on_update(item[1])
                 elif kind == "finish":
@@ -251,10 +252,11 @@ class RealtimeSession:
         self._handle(self._segmenter.push(self._resample(samples)))
         self._partial()
 
-    def _on_commit(self) -> None:
+    def _on_commit(self, event_id: str | None) -> None:
         segment = self._segmenter.commit()
         if segment is None:
-            self._emit(Error("input_audio_buffer_commit_empty", "nothing to commit: no speech in the buffer"))
+            self._emit(Error("input_audio_buffer_commit_empty", "nothing to commit: no speech in the buffer",
+                             event_id=event_id))
         else:
             self._close_segment(segment)
 
