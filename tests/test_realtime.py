@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SR = 16000
 MAX_TOKENS = 16  # random weights rarely stop: keep every final short
 CONFIG = RealtimeConfig(max_new_tokens=MAX_TOKENS)
+FLOOD = RealtimeConfig(max_new_tokens=MAX_TOKENS, max_lag_seconds=1e9)  # audio sent as fast as it goes: never dropped
 OFFLINE = TranscribeOptions(max_new_tokens=MAX_TOKENS, vad="none")
 
 
@@ -159,7 +160,7 @@ def test_manual_turns_end_at_commits(engine, speech):
     recorder = Recorder()
     wave = speech.astype(np.float32) / 32768
     cuts = [(0, 3 * SR), (3 * SR, 7 * SR)]
-    with RealtimeSession(engine, SessionSettings(vad=None), CONFIG, recorder) as session:
+    with RealtimeSession(engine, SessionSettings(vad=None), FLOOD, recorder) as session:
         assert session.commit() == []  # nothing yet: an error event, the session goes on
         for a, b in cuts:
             session.append(speech[a:b])
@@ -171,16 +172,18 @@ def test_manual_turns_end_at_commits(engine, speech):
     assert not recorder.of(SpeechStarted) and len(recorder.of(Committed)) == 2
 
 
-def test_other_rates_are_resampled(engine, speech):
+def test_other_rates_are_resampled(engine, speech, expected):
     import soxr
 
     wave = speech.astype(np.float32) / 32768
     at_24k = pcm16(soxr.resample(wave, SR, 24000))
     recorder = Recorder()
-    with RealtimeSession(engine, SessionSettings(sample_rate=24000), CONFIG, recorder) as session:
+    with RealtimeSession(engine, SessionSettings(sample_rate=24000), FLOOD, recorder) as session:
         stream(session, at_24k, None)
-    got = finals(recorder)
-    assert len(got) >= 3 and all(text for _, _, text in got[:1])
+    got = finals(recorder)  # soxr's stream and the offline resampler differ in the last bits: times, not texts
+    assert len(got) == len(expected)
+    for (start, end, text), (want_start, want_end, _) in zip(got, expected):
+        assert abs(start - want_start) <= 64 and abs(end - want_end) <= 64 and text
     with pytest.raises(ValueError, match="not accepted"):
         SessionSettings(sample_rate=96000)
 
@@ -251,7 +254,7 @@ def _append(samples: np.ndarray) -> str:
 
 def test_bad_frames_get_an_error_and_the_session_goes_on(engine, speech, expected):
     recorder = Recorder()
-    with RealtimeSession(engine, None, CONFIG, recorder) as session:
+    with RealtimeSession(engine, None, FLOOD, recorder) as session:
         before = handle(session, _append(speech[:SR]))
         assert [e.code for e in before] == ["session_not_configured"]
         assert [e.type for e in handle(session, UPDATE)] == ["session.updated"]
@@ -316,7 +319,7 @@ def test_websocket_endpoint_streams_finals_and_survives_bad_frames(engine, speec
     from common.realtime.websocket import add_realtime_route
 
     app = fastapi.FastAPI()
-    add_realtime_route(app, engine, config=CONFIG, max_sessions=1)
+    add_realtime_route(app, engine, config=FLOOD, max_sessions=1)
     with TestClient(app) as client:
         with client.websocket_connect("/v1/realtime?intent=transcription") as ws:
             assert ws.receive_json()["type"] == "session.created"

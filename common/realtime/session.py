@@ -13,9 +13,10 @@ converts and queues (it never waits for a model) and the caller's loop (a WebSoc
 callback) stays responsive; events are handed to `on_event` on that thread, in order.
 
 Back-pressure: the session measures how far behind real time it is (audio waiting for the VAD,
-or the oldest final waiting for the decoder). Past `RealtimeConfig.max_lag_seconds`, new audio is
-dropped and `append` returns one `falling_behind` error (again only once the lag has halved),
-rather than buffering without bound. Partials are skipped while audio waits (they would be stale).
+or the oldest final waiting for the decoder). Audio that would take it past
+`RealtimeConfig.max_lag_seconds` is dropped and `append` returns one `falling_behind` error (again
+only once the lag has halved), rather than buffering without bound. Partials are skipped while an
+interval's worth of audio waits (they would be stale).
 `close()` cancels the session's decoding jobs (their sequences are freed before the scheduler's
 next round) and drops its audio.
 """
@@ -141,7 +142,7 @@ class RealtimeSession:
         seconds = samples.size / self.settings.sample_rate
         lag = self.lag_seconds()
         limit = self.config.max_lag_seconds
-        if lag > limit:
+        if lag + seconds > limit:  # taking it would put the session beyond the limit
             self.dropped_seconds += seconds
             if self._behind:
                 return []
@@ -247,9 +248,11 @@ class RealtimeSession:
         self._applied = settings
 
     def _on_audio(self, samples: np.ndarray, seconds: float) -> None:
-        with self._lock:
-            self._backlog -= seconds
-        self._handle(self._segmenter.push(self._resample(samples)))
+        try:
+            self._handle(self._segmenter.push(self._resample(samples)))
+        finally:
+            with self._lock:
+                self._backlog -= seconds
         self._partial()
 
     def _on_commit(self, event_id: str | None) -> None:

@@ -16,6 +16,8 @@ import asyncio
 import json
 import logging
 
+from fastapi import WebSocket, WebSocketDisconnect  # the server's extras (requirements-server.txt)
+
 from common.realtime import protocol
 from common.realtime.events import Error, ServerEvent, SessionCreated
 from common.realtime.session import RealtimeSession
@@ -31,8 +33,6 @@ TRY_AGAIN_LATER = 1013
 def add_realtime_route(app, engine, *, config: RealtimeConfig = DEFAULT_CONFIG, path: str = PATH,
                        max_sessions: int | None = None) -> None:
     """Mount the realtime transcription WebSocket on `app` (FastAPI), sessions decoding on `engine`."""
-    from fastapi import WebSocket, WebSocketDisconnect
-
     live: set[RealtimeSession] = set()
 
     @app.websocket(path)
@@ -81,11 +81,11 @@ def add_realtime_route(app, engine, *, config: RealtimeConfig = DEFAULT_CONFIG, 
             await _drain(outbox, sender)
 
 
-async def _send(websocket, event: ServerEvent) -> None:
+async def _send(websocket: WebSocket, event: ServerEvent) -> None:
     await websocket.send_text(json.dumps(protocol.render(event), ensure_ascii=False))
 
 
-async def _send_all(websocket, outbox: asyncio.Queue) -> None:
+async def _send_all(websocket: WebSocket, outbox: asyncio.Queue) -> None:
     while True:
         event = await outbox.get()
         try:
