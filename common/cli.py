@@ -205,13 +205,9 @@ class _Job:
 
 def _run(preset: Preset, args: argparse.Namespace) -> int:
     from common.audio.load import AudioError, check_audio_file
-    from common.models.prompt import LanguageError, PromptOptions, parse_hotwords, resolve_language
     from common.output.writers import WriteError, check_writable
 
-    try:
-        language = resolve_language(args.language)
-    except LanguageError as exc:
-        raise SetupError(f"--language: {exc}") from exc
+    prompt = prompt_options(args)
     sources = _distinct(args.audio)
     if args.output_dir is None and len(sources) > 1 and args.format in SUBTITLE_FORMATS:
         raise SetupError(f"--format {args.format} with {len(sources)} inputs needs --output-dir "
@@ -240,11 +236,10 @@ def _run(preset: Preset, args: argparse.Namespace) -> int:
     if not jobs:  # nothing to transcribe: no model is loaded, let alone exported
         return _summary(failures, len(sources), write_failed=False)
 
-    options = PromptOptions(language=language, itn=not args.no_itn, hotwords=parse_hotwords(args.hotwords))
     engine = load_engine(preset, args)
     write_failed = False
     try:
-        write_failed = _transcribe_all(engine, jobs, options, args, failures, several=len(sources) > 1)
+        write_failed = _transcribe_all(engine, jobs, prompt, args, failures, several=len(sources) > 1)
     finally:
         engine.close()
     return _summary(failures, len(sources), write_failed)
@@ -310,6 +305,23 @@ def load_engine(preset: Preset, args: argparse.Namespace, *, export: bool = True
             encoder_path=encoder_path, gguf_path=gguf_path, hooks=BenchmarkHooks(min_new_tokens=args.force_tokens))
     except (DecoderError, ValueError, RuntimeError, OSError) as exc:
         raise SetupError(_one_line(exc)) from exc
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """The folder options and `add_engine_options`: all a command needs to load and run the models (06)."""
+    add_folder_options(p, export=False)
+    add_engine_options(p)
+
+
+def prompt_options(args: argparse.Namespace):
+    """The PromptOptions of --language, --no-itn and --hotwords; SetupError for a language the model does not take."""
+    from common.models.prompt import LanguageError, PromptOptions, parse_hotwords, resolve_language
+
+    try:
+        language = resolve_language(args.language)
+    except LanguageError as exc:
+        raise SetupError(f"--language: {exc}") from exc
+    return PromptOptions(language=language, itn=not args.no_itn, hotwords=parse_hotwords(args.hotwords))
 
 
 def transcribe_options(args: argparse.Namespace, prompt, *, timestamps: bool):

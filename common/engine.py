@@ -21,6 +21,7 @@ import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -196,6 +197,38 @@ class SegmentStream:
             close()
 
 
+class PendingSegment:
+    """One segment handed to `Engine.submit_segment`: its decoding in the scheduler, its Segment once done.
+
+    `cancel()` stops the decoding (its sequence is freed before the scheduler's next round).
+    """
+
+    def __init__(self, future: Future | None, finish: Callable[[Decoded | None], Segment]) -> None:
+        self._future = future  # None: nothing to decode (silence, shorter than one frame)
+        self._finish = finish
+        self._segment: Segment | None = None
+
+    def done(self) -> bool:
+        return self._future is None or self._future.done()
+
+    def cancel(self) -> bool:
+        return self._future is not None and self._future.cancel()
+
+    def add_done_callback(self, fn: Callable[[PendingSegment], None]) -> None:
+        """Call `fn(self)` once decoded, failed or cancelled (at once if already so; else on the scheduler's thread)."""
+        if self._future is None:
+            fn(self)
+        else:
+            self._future.add_done_callback(lambda _: fn(self))
+
+    def result(self, timeout: float | None = None) -> Segment:
+        """The Segment (raises what decoding raised, CancelledError once cancelled, TimeoutError)."""
+        if self._segment is None:
+            decoded = None if self._future is None else self._future.result(timeout)
+            self._segment = self._finish(decoded)
+        return self._segment
+
+
 class Engine:
     """Loaded models for one model folder (model-gguf/) and the scheduler that decodes for every caller."""
 
@@ -363,6 +396,25 @@ class Engine:
             encoder_out=encoder_out,
         )
 
+    def submit_segment(self, wave: np.ndarray, options: TranscribeOptions = TranscribeOptions(), *,
+                       offset: int = 0) -> PendingSegment:
+        """Decode one segment (16 kHz mono float32) on its own, alongside every other caller's work.
+
+        For live audio, whose segments arrive one at a time: features and encoder run here, on the
+        caller's thread, then the job joins the scheduler's batch with the other streams and files.
+        The text is that of `transcribe(wave, TranscribeOptions(vad="none"))` for a segment within
+        `max_segment_seconds`: the same features, prompt, job and text path. `offset`: where the
+        segment starts in its stream (samples), for the Segment's times.
+        """
+        clock = dict.fromkeys(STAGES, 0.0)
+        wave = np.asarray(wave, dtype=np.float32).reshape(-1)
+        span = SampleSpan(offset, offset + len(wave))
+        prepared = None if is_digital_silence(wave) else self.prepare(wave, options.prompt, clock)
+        if prepared is None:
+            return PendingSegment(None, lambda _: Segment(*self._seconds(span), "", [], 0))
+        future = self.scheduler.submit(self._job(prepared, options, len(wave) / self.frontend.sample_rate, clock))
+        return PendingSegment(future, lambda decoded: self._segment(span, prepared, decoded, options, clock))
+
     def teacher_forced_logits(self, wave: np.ndarray, prompt: PromptOptions, tokens: list[int]) -> np.ndarray:
         """Logits after the prompt and after each of `tokens` fed in turn (parity tests)."""
         prepared = self.prepare(wave, prompt)
@@ -435,8 +487,7 @@ class Engine:
                     piece.segment = Segment(*self._seconds(span), "", [], 0)
                     continue
                 by_job.append(piece)
-                yield Job(prepared.prompt, self.hooks.rule(options, len(audio) / sr),
-                          self._draft(prepared, options, clock), clock)
+                yield self._job(prepared, options, len(audio) / sr, clock)
 
         results = self.scheduler.stream(jobs())
         try:
@@ -453,6 +504,11 @@ class Engine:
             segment = order.popleft().segment
             assert segment is not None
             yield segment
+
+    def _job(self, prepared: PreparedPrompt, options: TranscribeOptions, seconds: float,
+             clock: dict[str, float]) -> Job:
+        """The decoding job of one prepared segment of `seconds` of audio: the file path's and submit_segment's."""
+        return Job(prepared.prompt, self.hooks.rule(options, seconds), self._draft(prepared, options, clock), clock)
 
     def _seconds(self, span: SampleSpan) -> tuple[float, float]:
         start, end = span.seconds(self.frontend.sample_rate)
@@ -517,4 +573,4 @@ def gpu_setup() -> tuple[int, list[str] | None]:
     return (-1 if llama_gpu else 0), providers
 
 
-__all__ = ["BenchmarkHooks", "Engine", "PreparedPrompt", "SegmentStream", "TranscribeOptions"]
+__all__ = ["BenchmarkHooks", "Engine", "PendingSegment", "PreparedPrompt", "SegmentStream", "TranscribeOptions"]

@@ -140,8 +140,33 @@ class SileroVad:
         return probs
 
 
+@dataclass(frozen=True)
+class SpeechStarted:
+    """Speech has gone on for `min_speech_seconds`: a segment will follow; `sample` is its padded start."""
+
+    sample: int
+
+
+@dataclass(frozen=True)
+class SpeechSegment:
+    """A closed segment: its span in samples of the whole stream and its audio.
+
+    `cut`: closed at `max_segment_seconds` while the speech goes on (the next segment starts there).
+    """
+
+    span: SampleSpan
+    audio: np.ndarray
+    cut: bool = False
+
+
 class SpeechSegmenter:
-    """Turns a stream of audio blocks into speech segments with their audio, keeping only what is pending."""
+    """Turns a stream of audio blocks into speech segments with their audio, keeping only what is pending.
+
+    Push-based at its core, for live audio: `push(block)` returns what the block completed
+    (`SpeechStarted`, `SpeechSegment`), `finish()` ends the stream, `commit()` closes the speech in
+    progress on request, `open_segment()` is the audio of the speech in progress. `segments(blocks)`
+    wraps it for a whole input; both give the same spans whatever the block sizes.
+    """
 
     def __init__(self, vad: SileroVad, options: VadOptions = VadOptions(), sample_rate: int = SAMPLE_RATE) -> None:
         if sample_rate != SAMPLE_RATE:
@@ -155,68 +180,123 @@ class SpeechSegmenter:
         # padding never bridges a gap the segmenter keeps: at most half the minimum silence
         self.pad = int(round(min(options.pad_seconds, options.min_silence_seconds / 2) * sr))
         self.limit = max(WINDOW * 4, int(round(options.max_segment_seconds * sr)))
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new stream."""
+        self.vad.reset()
+        self._buf = np.zeros(0, np.float32)  # audio from sample `_buf_start` on
+        self._buf_start = 0
+        self.total = 0  # samples received
+        self._win = 0  # windows classified
+        self._start: int | None = None  # unpadded start of the speech in progress (samples)
+        self._silence_from: int | None = None  # where the current run of low probabilities began
+        self._announced = False  # SpeechStarted given for the speech in progress
+
+    @property
+    def in_speech(self) -> bool:
+        """Whether a segment is open and announced (`SpeechStarted` given, not yet closed)."""
+        return self._start is not None and self._announced
+
+    def open_segment(self) -> tuple[int, np.ndarray] | None:
+        """(padded start, audio so far) of the announced speech in progress; None outside speech."""
+        if not self.in_speech:
+            return None
+        assert self._start is not None
+        lo = max(0, self._start - self.pad)
+        return lo, self._buf[lo - self._buf_start:]
 
     def segments(self, blocks: Iterable[np.ndarray]) -> Iterator[tuple[SampleSpan, np.ndarray]]:
         """(span in samples of the whole stream, its audio) for each speech segment, in order."""
-        o = self.options
-        self.vad.reset()
-        buf = np.zeros(0, np.float32)  # audio from sample `buf_start` on
-        buf_start = 0
-        total = 0  # samples received
-        win = 0  # windows classified
-        start: int | None = None  # unpadded start of the speech in progress (samples)
-        silence_from: int | None = None  # where the current run of low probabilities began
+        self.reset()
         iterator = iter(blocks)
         pending = next(iterator, None)
         while pending is not None:
-            block = np.asarray(pending, dtype=np.float32).reshape(-1)
+            block = pending
             pending = next(iterator, None)
-            last = pending is None
-            buf = np.concatenate([buf, block]) if len(buf) else block
-            total += len(block)
-            probs = self.vad.feed(block, last=last)
-            for p in probs:
-                w0 = win * WINDOW
-                w1 = min(total, w0 + WINDOW)
-                win += 1
-                if start is None:
-                    if p >= o.threshold:
-                        start, silence_from = w0, None
-                    continue
-                if p < o.neg_threshold:
-                    if silence_from is None:
-                        silence_from = w0
-                    if w1 - silence_from >= self.min_silence:
-                        span = self._close(start, silence_from, total)
-                        start, silence_from = None, None
-                        if span is not None:
-                            yield span, buf[span.start - buf_start : span.end - buf_start].copy()
-                elif p >= o.threshold:
-                    silence_from = None
-                # too long: cut at the quietest moment before the limit, go on from there
-                while start is not None and w1 - max(0, start - self.pad) >= self.limit:
-                    lo = max(0, start - self.pad)
-                    piece = buf[lo - buf_start : lo - buf_start + self.limit + 1]
-                    cut = lo + split_at_quiet_points(piece, self.sr, self.limit / self.sr)[0].end
-                    yield SampleSpan(lo, cut), buf[lo - buf_start : cut - buf_start].copy()
-                    start = cut + self.pad  # no padding inside a cut segment
-                    if silence_from is not None and silence_from < start - self.pad:
-                        silence_from = start - self.pad
-            # forget audio no segment can need any more
-            keep_from = total - self.pad - WINDOW if start is None else max(0, start - self.pad)
-            keep_from = max(buf_start, min(keep_from, total))
-            buf = buf[keep_from - buf_start :]
-            buf_start = keep_from
-        if start is not None:
-            end = silence_from if silence_from is not None else total
-            span = self._close(start, end, total)
-            if span is not None:
-                yield span, buf[span.start - buf_start : span.end - buf_start].copy()
+            for event in self.push(block, last=pending is None):
+                if isinstance(event, SpeechSegment):
+                    yield event.span, event.audio
+        for event in self.finish():
+            if isinstance(event, SpeechSegment):
+                yield event.span, event.audio
 
-    def _close(self, start: int, end: int, total: int) -> SampleSpan | None:
+    def push(self, block: np.ndarray, last: bool = False) -> list[SpeechStarted | SpeechSegment]:
+        """Feed the next block; `last`: the stream ends with it (its partial window is classified too)."""
+        o = self.options
+        block = np.asarray(block, dtype=np.float32).reshape(-1)
+        self._buf = np.concatenate([self._buf, block]) if len(self._buf) else block
+        self.total += len(block)
+        total = self.total
+        out: list[SpeechStarted | SpeechSegment] = []
+        for p in self.vad.feed(block, last=last):
+            w0 = self._win * WINDOW
+            w1 = min(total, w0 + WINDOW)
+            self._win += 1
+            if self._start is None:
+                if p >= o.threshold:
+                    self._start, self._silence_from, self._announced = w0, None, False
+                continue
+            elif p < o.neg_threshold:
+                if self._silence_from is None:
+                    self._silence_from = w0
+                if w1 - self._silence_from >= self.min_silence:
+                    segment = self._close(self._start, self._silence_from, total)
+                    self._start, self._silence_from = None, None
+                    if segment is not None:
+                        out.append(segment)
+                    continue
+            elif p >= o.threshold:
+                self._silence_from = None
+            # announced once it is long enough never to be dropped as too short
+            if not self._announced and self._silence_from is None and w1 - self._start >= self.min_speech:
+                self._announced = True
+                out.append(SpeechStarted(max(0, self._start - self.pad)))
+            # too long: cut at the quietest moment before the limit, go on from there
+            while self._start is not None and w1 - max(0, self._start - self.pad) >= self.limit:
+                lo = max(0, self._start - self.pad)
+                piece = self._buf[lo - self._buf_start: lo - self._buf_start + self.limit + 1]
+                cut = lo + split_at_quiet_points(piece, self.sr, self.limit / self.sr)[0].end
+                out.append(SpeechSegment(SampleSpan(lo, cut), self._audio(lo, cut), cut=True))
+                self._start = cut + self.pad  # no padding inside a cut segment
+                self._announced = False
+                if self._silence_from is not None and self._silence_from < self._start - self.pad:
+                    self._silence_from = self._start - self.pad
+        self._forget()
+        return out
+
+    def finish(self) -> list[SpeechStarted | SpeechSegment]:
+        """End of the stream: the speech in progress becomes the last segment (if long enough)."""
+        if self._start is None:
+            return []
+        end = self._silence_from if self._silence_from is not None else self.total
+        segment = self._close(self._start, end, self.total)
+        self._start, self._silence_from = None, None
+        return [segment] if segment is not None else []
+
+    def commit(self) -> SpeechSegment | None:
+        """Close the speech in progress now (a client's commit); None when there is none long enough."""
+        segment = self.finish()
+        self._forget()
+        return segment[0] if segment else None  # type: ignore[return-value]
+
+    def _close(self, start: int, end: int, total: int) -> SpeechSegment | None:
+        self._announced = False
         if end - start < self.min_speech:
             return None
-        return SampleSpan(max(0, start - self.pad), min(total, end + self.pad))
+        span = SampleSpan(max(0, start - self.pad), min(total, end + self.pad))
+        return SpeechSegment(span, self._audio(span.start, span.end))
+
+    def _audio(self, lo: int, hi: int) -> np.ndarray:
+        return self._buf[lo - self._buf_start: hi - self._buf_start].copy()
+
+    def _forget(self) -> None:
+        """Drop audio no segment can need any more."""
+        total = self.total
+        keep_from = total - self.pad - WINDOW if self._start is None else max(0, self._start - self.pad)
+        keep_from = max(self._buf_start, min(keep_from, total))
+        self._buf = self._buf[keep_from - self._buf_start:]
+        self._buf_start = keep_from
 
 
 def speech_spans(wave: np.ndarray, vad: SileroVad, options: VadOptions = VadOptions(),

@@ -1,0 +1,201 @@
+"""Real-time transcription benchmark: latency of one stream, and how many streams keep up.
+
+    python benchmarks/realtime.py                      # full shapes (built once into ~/.cache), cpu-int8
+    python benchmarks/realtime.py --size tiny --seconds 12 --streams 1,2   # a quick check of the script
+
+Each stream plays the clip (with 1.5 s pauses, repeated to --seconds) into a `RealtimeSession` at
+real-time pace, 0.1 s per append, all sessions on one engine. Random weights never stop, so every
+final is forced to 4.5 tokens per second of its audio (the clip's own rate), as the long-audio
+benchmark does. Reported for one stream:
+- *final delay*: from the moment a segment's last (padded) audio was appended to its completed
+  event, p50/p95; it includes the VAD's wait for the pause (0.3 s of silence, less the 0.1 s pad);
+- *first partial*: from the append of a segment's first speech to its first delta;
+- *extra over offline*: the final's time after the segment closed (committed -> completed) less
+  `Engine.transcribe` of the same slice alone (median over the segments);
+then, for each count in --streams, whether that many streams are sustained: no audio dropped (no
+`falling_behind`) and final delay p95 within --max-final-delay. `--encoder-cost` also times
+features + encoder + CTC head per window length (the partials' cost model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.runner import DEFAULT_AUDIO, DEFAULT_CACHE, ensure_models  # noqa: E402
+from common.audio.load import load_audio  # noqa: E402
+from common.engine import BenchmarkHooks, Engine, TranscribeOptions  # noqa: E402
+from common.realtime import RealtimeConfig, RealtimeSession, SessionSettings  # noqa: E402
+from common.realtime.events import Committed, Error, TranscriptionCompleted, TranscriptionDelta  # noqa: E402
+from common.realtime.events import SpeechStarted as Started  # noqa: E402
+
+SR = 16000
+CHUNK = 1600  # 0.1 s
+TOKENS_PER_SECOND = 4.5
+
+
+def build_audio(clip: np.ndarray, seconds: float) -> np.ndarray:
+    pause = np.zeros(int(1.5 * SR), np.float32)
+    parts: list[np.ndarray] = [pause]
+    while sum(len(p) for p in parts) < seconds * SR:
+        parts += [clip, pause]
+    return np.concatenate(parts)
+
+
+class Timeline:
+    """When each event arrived and when each chunk of audio was appended."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[float, object]] = []
+        self.sent: list[tuple[int, float]] = []  # (samples appended so far, time)
+
+    def __call__(self, event) -> None:
+        self.events.append((time.monotonic(), event))
+
+    def sent_at(self, ms: int) -> float:
+        sample = ms * SR // 1000
+        return next(t for n, t in self.sent if n >= sample)
+
+
+def play(session: RealtimeSession, audio: np.ndarray, timeline: Timeline) -> None:
+    t0 = time.monotonic()
+    for start in range(0, len(audio), CHUNK):
+        session.append(audio[start: start + CHUNK])
+        timeline.sent.append((min(len(audio), start + CHUNK), time.monotonic()))
+        time.sleep(max(0.0, t0 + (start + CHUNK) / SR - time.monotonic()))
+    session.finish(timeout=600)
+
+
+def run_streams(engine: Engine, audio: np.ndarray, n: int, config: RealtimeConfig) -> list[Timeline]:
+    timelines = [Timeline() for _ in range(n)]
+    sessions = [RealtimeSession(engine, SessionSettings(), config, t) for t in timelines]
+    threads = [threading.Thread(target=play, args=(s, audio, t)) for s, t in zip(sessions, timelines)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for s in sessions:
+        s.close()
+    return timelines
+
+
+def measures(timeline: Timeline) -> dict:
+    final, first_partial, after_commit, spans = [], [], [], []
+    started: dict[str, int] = {}
+    committed: dict[str, float] = {}
+    seen_partial: set[str] = set()
+    for t, e in timeline.events:
+        if isinstance(e, Started):
+            started[e.item_id] = e.audio_start_ms
+        elif isinstance(e, TranscriptionDelta) and e.item_id not in seen_partial and e.item_id in started:
+            seen_partial.add(e.item_id)
+            first_partial.append(t - timeline.sent_at(started[e.item_id] + 100))  # speech onset: after the pad
+        elif isinstance(e, Committed):
+            committed[e.item_id] = t
+        elif isinstance(e, TranscriptionCompleted):
+            final.append(t - timeline.sent_at(e.audio_end_ms))
+            after_commit.append(t - committed[e.item_id])
+            spans.append((e.audio_start_ms, e.audio_end_ms))
+    errors = [e.code for _, e in timeline.events if isinstance(e, Error)]
+    return {"final": final, "first_partial": first_partial, "after_commit": after_commit, "spans": spans,
+            "errors": errors}
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def encoder_cost(engine: Engine, audio: np.ndarray) -> list[tuple[float, float]]:
+    from common.realtime.partials import PartialTranscriber
+
+    partials = PartialTranscriber(engine, window_seconds=60.0)
+    out = []
+    for seconds in (0.5, 1, 2, 4, 8, 15, 30):
+        piece = np.resize(audio, int(seconds * SR))
+        runs = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            partials._ctc_text(piece)
+            runs.append(time.perf_counter() - t0)
+        out.append((seconds, min(runs)))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--audio", type=Path, default=DEFAULT_AUDIO)
+    p.add_argument("--seconds", type=float, default=40.0, help="audio per stream (default 40)")
+    p.add_argument("--streams", default="1,2,4,6,8", help="stream counts to try (default 1,2,4,6,8)")
+    p.add_argument("--preset", default="cpu-int8")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-final-delay", type=float, default=2.0, help="p95 final delay a sustained count keeps (s)")
+    p.add_argument("--encoder-cost", action="store_true", help="also time the partials' encoder + CTC per length")
+    p.add_argument("--size", default="full")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    p.add_argument("--models", type=Path, default=None, help="use these exports instead of building")
+    args = p.parse_args(argv)
+    counts = [int(c) for c in args.streams.split(",")]
+    build = SimpleNamespace(size=args.size, seed=args.seed, cache=args.cache, checkpoint=None, models=args.models,
+                            threads=args.threads, child_timeout=3600.0, quiet=True)
+    _, models, _ = ensure_models(build, lambda m: print(m, file=sys.stderr))
+    clip = load_audio(args.audio, SR)
+    audio = build_audio(clip, args.seconds)
+    config = RealtimeConfig()
+    hooks = BenchmarkHooks(tokens_per_second=TOKENS_PER_SECOND)
+    print(f"# Real-time transcription ({args.size} shapes, {args.preset}, {args.threads} threads)\n")
+    print(f"- audio per stream: {len(audio) / SR:.1f} s ({args.audio.name} with 1.5 s pauses); finals forced to "
+          f"{TOKENS_PER_SECOND} tokens per second of audio; partial every {config.partial_interval_seconds} s, "
+          f"window {config.partial_window_seconds} s\n")
+    with Engine.from_preset(args.preset, models, threads=args.threads, batch_size=max(4, max(counts)),
+                            hooks=hooks) as engine:
+        if args.encoder_cost:
+            print("| audio s | features + encoder + CTC, ms |\n|---|---|")
+            for seconds, cost in encoder_cost(engine, clip):
+                print(f"| {seconds:g} | {cost * 1000:.0f} |")
+            print()
+        one = measures(run_streams(engine, audio, 1, config)[0])
+        offline = []
+        for start_ms, end_ms in one["spans"]:
+            t0 = time.perf_counter()
+            engine.transcribe(audio[start_ms * 16: end_ms * 16], TranscribeOptions(vad="none"))
+            offline.append(time.perf_counter() - t0)
+        extra = [a - o for a, o in zip(one["after_commit"], offline)]
+        print("## One stream\n\n| measure | p50 s | p95 s |\n|---|---|---|")
+        print(f"| final delay (end of segment audio -> completed) | {pct(one['final'], 50):.3f} | "
+              f"{pct(one['final'], 95):.3f} |")
+        print(f"| speech -> first partial | {pct(one['first_partial'], 50):.3f} | {pct(one['first_partial'], 95):.3f} |")
+        print(f"| final after commit | {pct(one['after_commit'], 50):.3f} | {pct(one['after_commit'], 95):.3f} |")
+        print(f"| offline transcription of the same segment | {pct(offline, 50):.3f} | {pct(offline, 95):.3f} |")
+        print(f"| extra over offline (target <= 0.3) | {statistics.median(extra) if extra else float('nan'):.3f} | "
+              f"{pct(extra, 95):.3f} |")
+        print(f"\n{len(one['spans'])} segments; errors: {one['errors'] or 'none'}\n")
+        print("## Simultaneous streams\n\n| streams | final delay p50 s | p95 s | first partial p50 s | dropped | "
+              "sustained |\n|---|---|---|---|---|---|")
+        best = 0
+        for n in counts:
+            runs = [measures(t) for t in run_streams(engine, audio, n, config)]
+            final = [x for r in runs for x in r["final"]]
+            partial = [x for r in runs for x in r["first_partial"]]
+            dropped = sum(r["errors"].count("falling_behind") for r in runs)
+            ok = dropped == 0 and pct(final, 95) <= args.max_final_delay
+            best = n if ok and n > best else best
+            print(f"| {n} | {pct(final, 50):.3f} | {pct(final, 95):.3f} | {pct(partial, 50):.3f} | {dropped} | "
+                  f"{'yes' if ok else 'NO'} |", flush=True)
+        print(f"\nstreams sustained: {best} (target: at least 4 at cpu-int8)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
