@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, default=None, metavar="FILE",
                    help="write the final lines here at the end (also after Ctrl-C)")
     p.add_argument("--device", default=None, help="input device (number or name; default: the system's)")
+    p.add_argument("--quiet", action="store_true", help="no partial text, notes or progress on stderr")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-int8",
                    help="which models to load (default: cpu-int8, as 03_inference_cpu_int8.py)")
     p.add_argument("--partial-interval", type=positive(float), default=0.5,
