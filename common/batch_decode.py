@@ -222,6 +222,11 @@ def admit(decoder: LlamaDecoder, prompt: Prompt, before: list[int], seq: int, ho
     stream is copied at most once, not once per segment.
     """
     n_before = len(before)
+    if seq == 0 and 0 not in holders:  # the whole prompt in one pass over the weights
+        decoder.clear(0, 0)
+        decoder.decode_prompt(before, _rows_after(decoder, prompt), 0)
+        holders.add(0)
+        return np.array(decoder.logits(-1), copy=True)
     if seq not in holders:
         if 0 not in holders:
             decoder.clear(0, 0)
@@ -233,9 +238,13 @@ def admit(decoder: LlamaDecoder, prompt: Prompt, before: list[int], seq: int, ho
                 decoder.copy_sequence(0, seq)
             holders.add(seq)
     decoder.clear(seq, n_before)
-    rows = np.concatenate([prompt.audio_rows, decoder.token_embeddings(prompt.after_ids)], axis=0)
-    decoder.decode_embeddings(rows, n_before, seq)
+    decoder.decode_embeddings(_rows_after(decoder, prompt), n_before, seq)
     return np.array(decoder.logits(-1), copy=True)
+
+
+def _rows_after(decoder: LlamaDecoder, prompt: Prompt) -> np.ndarray:
+    """The embedding rows that follow the shared text: the audio, then the text after it."""
+    return np.concatenate([prompt.audio_rows, decoder.token_embeddings(prompt.after_ids)], axis=0)
 
 
 def _add(timings: dict[str, float], key: str, seconds: float) -> None:

@@ -284,19 +284,19 @@ class Transcriber:
         """Decode the prompt into `seq` and return the logits after its last position.
 
         The text before the audio is decoded only when it differs from what the
-        KV cache already holds; audio rows and the text after them go in as one
-        batch of embeddings.
+        KV cache already holds (then with the rest, in one llama_decode); audio rows
+        and the text after them go in as one batch of embeddings.
         """
         n_before = len(prepared.before_ids)
+        rows = np.concatenate([prepared.audio_rows, self.decoder.token_embeddings(prepared.after_ids)], axis=0)
         if self._cached_before != prepared.before_ids:
             self.decoder.clear(seq, 0)
             self._cached_before = None
-            self.decoder.decode_tokens(prepared.before_ids, 0, seq)
+            self.decoder.decode_prompt(prepared.before_ids, rows, seq)
             self._cached_before = list(prepared.before_ids)
         else:
             self.decoder.clear(seq, n_before)
-        rows = np.concatenate([prepared.audio_rows, self.decoder.token_embeddings(prepared.after_ids)], axis=0)
-        self.decoder.decode_embeddings(rows, n_before, seq)
+            self.decoder.decode_embeddings(rows, n_before, seq)
         return self.decoder.logits(-1)
 
     def teacher_forced_logits(self, wave: np.ndarray, prompt: PromptOptions, tokens: list[int]) -> np.ndarray:
