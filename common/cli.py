@@ -271,7 +271,7 @@ def _run(preset: Preset, args: argparse.Namespace) -> int:
         return _summary(failures, len(sources), write_failed=False)
 
     options = PromptOptions(language=language, itn=not args.no_itn, hotwords=parse_hotwords(args.hotwords))
-    engine = _load_engine(preset, args)
+    engine = _load_engine(preset, args, _transcribe_options(options, args))
     write_failed = False
     try:
         write_failed = _transcribe_all(engine, jobs, options, args, failures, several=len(sources) > 1)
@@ -320,8 +320,11 @@ def _check_folders(args: argparse.Namespace) -> None:
             raise SetupError(f"{path}: {'not a file' if path.exists() else 'no such file'} ({option})")
 
 
-def _load_engine(preset: Preset, args: argparse.Namespace):
-    """The Transcriber for this preset; the models are exported first when the model folder is empty."""
+def _load_engine(preset: Preset, args: argparse.Namespace, preload=None):
+    """The Transcriber for this preset; the models are exported first when the model folder is empty.
+
+    `preload` (TranscribeOptions): the VAD and CTC sessions those options need load alongside the rest.
+    """
     from common.llm import DecoderError, DecoderOptions, gpu_offload_supported
     from common.transcriber import Transcriber
 
@@ -335,7 +338,7 @@ def _load_engine(preset: Preset, args: argparse.Namespace):
                                      n_ctx=n_ctx)
     try:
         return Transcriber(model_dir, encoder_path=encoder_path, gguf_path=gguf_path, threads=args.threads,
-                           providers=providers, decoder_options=decoder_options)
+                           providers=providers, decoder_options=decoder_options, preload=preload)
     except (DecoderError, ValueError, RuntimeError, OSError) as exc:
         raise SetupError(_one_line(exc)) from exc
 
@@ -343,18 +346,9 @@ def _load_engine(preset: Preset, args: argparse.Namespace):
 def _transcribe_all(engine, jobs: list[_Job], prompt, args: argparse.Namespace, failures: list[str], *,
                     several: bool) -> bool:
     """Transcribe and write every job; a failing input is listed in `failures`. True if a write failed."""
-    from common.transcriber import TranscribeOptions
     from common.writers import WriteError, render, render_json, write_atomic
 
-    options = TranscribeOptions(
-        prompt=prompt,
-        max_new_tokens=max(args.max_new_tokens, args.force_tokens),
-        max_segment_seconds=args.max_segment,
-        min_new_tokens=args.force_tokens,
-        speculative=not args.no_speculative,
-        vad=args.vad,
-        timestamps=args.format != "txt",
-    )
+    options = _transcribe_options(prompt, args)
     show_progress = not args.quiet and sys.stderr.isatty()
     write_failed = False
     printed = 0
@@ -400,6 +394,21 @@ def _transcribe_all(engine, jobs: list[_Job], prompt, args: argparse.Namespace, 
     if bar is not None:
         bar.close()
     return write_failed
+
+
+def _transcribe_options(prompt, args: argparse.Namespace):
+    """The TranscribeOptions of this command line."""
+    from common.transcriber import TranscribeOptions
+
+    return TranscribeOptions(
+        prompt=prompt,
+        max_new_tokens=max(args.max_new_tokens, args.force_tokens),
+        max_segment_seconds=args.max_segment,
+        min_new_tokens=args.force_tokens,
+        speculative=not args.no_speculative,
+        vad=args.vad,
+        timestamps=args.format != "txt",
+    )
 
 
 def _summary(failures: list[str], n_inputs: int, write_failed: bool) -> int:

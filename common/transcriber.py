@@ -9,10 +9,12 @@ options.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -25,6 +27,7 @@ from common.batch_decode import Decoded, Job, decode_stream
 from common.encoder import AudioEncoder
 from common.features import FrontendConfig, audio_token_count, compute_features
 from common.llm import DecoderOptions, LlamaDecoder, warn
+from common.loading import in_background
 from common.prompt import PromptOptions, build_prompt
 from common.repetition import RepetitionGuard, loop_message
 from common.segments import Span, split_at_quiet_points
@@ -181,6 +184,13 @@ def join_texts(parts: list[str]) -> str:
     return out
 
 
+def _load_decoder(gguf: Path, options: DecoderOptions) -> LlamaDecoder:
+    """llama.cpp's model and context, with the embedding table located (the prompt's text rows need it)."""
+    decoder = LlamaDecoder(gguf, options)
+    decoder.load_embedding_table()
+    return decoder
+
+
 class Transcriber:
     """Loaded models for one model folder (model-gguf/)."""
 
@@ -193,26 +203,42 @@ class Transcriber:
         threads: int = 2,
         providers: list[str] | None = None,
         decoder_options: DecoderOptions | None = None,
+        preload: TranscribeOptions | None = None,
     ) -> None:
+        """Load the encoder and llama.cpp side by side (common/loading.py); with `preload`, also the
+        sessions those options will need (the VAD, the CTC head), which are otherwise opened on first use."""
         self.settings = ModelSettings.load(model_dir)
         self.frontend = FrontendConfig.from_dict(self.settings.frontend)
         t0 = time.perf_counter()
-        self.encoder = AudioEncoder(Path(encoder_path or self.settings.path("encoder")), threads=threads,
-                                    providers=providers)
-        options = decoder_options or DecoderOptions(threads=threads)
-        self.decoder = LlamaDecoder(Path(gguf_path) if gguf_path else Path(model_dir) / "qwen3-0.6b-asr.gguf", options)
-        if self.decoder.n_embd != self.settings.adaptor_dim:
-            raise ValueError(
-                f"{self.decoder.path}: LLM width {self.decoder.n_embd} does not match the encoder's "
-                f"adaptor output {self.settings.adaptor_dim}; export both from the same release"
-            )
-        self.load_seconds = time.perf_counter() - t0
+        self.load_times: dict[str, float] = {}  # seconds per model loaded (encoder, llama.cpp, ctc, vad)
         self._cached_before: list[int] | None = None  # prefix whose KV cache sits in sequence 0
         self._vad: SileroVad | None = None
         self._vad_missing_warned = False
         self._no_ctc_warned = False
         self._threads, self._providers = threads, providers
         self._drafter: CTCDrafter | None | bool = None  # False: no CTC head in the model folder
+        self._loading: dict[str, Future] = {}  # sessions being opened in the background, by name
+        if preload is not None:
+            self.preload(preload)
+        options = decoder_options or DecoderOptions(threads=threads)
+        gguf = Path(gguf_path) if gguf_path else Path(model_dir) / "qwen3-0.6b-asr.gguf"
+        decoder = in_background(lambda: _load_decoder(gguf, options), "llama.cpp", self.load_times)
+        try:
+            t1 = time.perf_counter()
+            self.encoder = AudioEncoder(Path(encoder_path or self.settings.path("encoder")), threads=threads,
+                                        providers=providers)
+            self.load_times["encoder"] = time.perf_counter() - t1
+        except BaseException:
+            with contextlib.suppress(Exception):
+                decoder.result().close()
+            raise
+        self.decoder = decoder.result()
+        if self.decoder.n_embd != self.settings.adaptor_dim:
+            raise ValueError(
+                f"{self.decoder.path}: LLM width {self.decoder.n_embd} does not match the encoder's "
+                f"adaptor output {self.settings.adaptor_dim}; export both from the same release"
+            )
+        self.load_seconds = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ public API
 
@@ -312,16 +338,46 @@ class Transcriber:
         return np.stack(rows)
 
     def close(self) -> None:
+        for future in self._loading.values():  # let background loads finish before the process moves on
+            with contextlib.suppress(Exception):
+                future.result()
+        self._loading.clear()
         self.decoder.close()
 
     # ------------------------------------------------------------------ internals
+
+    def preload(self, options: TranscribeOptions) -> None:
+        """Start opening, in background threads, the sessions `options` will need (the VAD, the CTC head)."""
+        wanted = {"vad": options.vad == "silero", "ctc": options.speculative or options.timestamps}
+        openers = {"vad": self._open_vad, "ctc": self._open_drafter}
+        for name, opener in openers.items():
+            if wanted[name] and name not in self._loading:
+                self._loading[name] = in_background(opener, name, self.load_times)
+
+    def _loaded(self, name: str, opener: Callable[[], T]) -> T:
+        """What a background load of `name` gave (waiting for it), or `opener()` now if none was started."""
+        future = self._loading.pop(name, None)
+        if future is not None:
+            return future.result()
+        t0 = time.perf_counter()
+        value = opener()
+        self.load_times[name] = time.perf_counter() - t0
+        return value
+
+    def _open_drafter(self) -> CTCDrafter | None:
+        if self.settings.has_ctc and "ctc" in self.settings.files and self.settings.path("ctc").is_file():
+            return CTCDrafter(self.settings, threads=self._threads, providers=self._providers)
+        return None
+
+    def _open_vad(self) -> SileroVad | None:
+        path = find_vad_model(self.settings.model_dir)
+        return SileroVad(path) if path is not None else None
 
     def drafter(self) -> CTCDrafter | None:
         """The CTC head that drafts for speculative decoding, loaded on first use; None without CTC weights."""
         if self._drafter is None:
             self._drafter = False
-            if self.settings.has_ctc and "ctc" in self.settings.files and self.settings.path("ctc").is_file():
-                self._drafter = CTCDrafter(self.settings, threads=self._threads, providers=self._providers)
+            self._drafter = self._loaded("ctc", self._open_drafter) or False
         return self._drafter or None
 
     def _extra(self, options: TranscribeOptions) -> dict[str, object]:
@@ -337,14 +393,13 @@ class Transcriber:
     def _silero(self) -> SileroVad | None:
         """The VAD model, loaded once; None (and one warning) when neither the model folder nor silero-vad has it."""
         if self._vad is None:
-            path = find_vad_model(self.settings.model_dir)
-            if path is None:
+            self._vad = self._loaded("vad", self._open_vad)
+            if self._vad is None:
                 if not self._vad_missing_warned:
                     warn("warning: silero_vad.onnx not found in the model folder (re-run 01_export_onnx.py with "
                          "silero-vad installed): cutting at quiet points instead (--vad none)")
                     self._vad_missing_warned = True
                 return None
-            self._vad = SileroVad(path)
         return self._vad
 
     def _transcribe_vad(self, audio: str | Path | np.ndarray, options: TranscribeOptions, vad: SileroVad,
