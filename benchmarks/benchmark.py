@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from common.cli import GGUF_F16, GGUF_Q8_0, PRESETS, context_per_sequence  # noqa: E402  (stdlib-only import)
+from common.cli import GGUF_F16, GGUF_Q8_0, PRESETS, Preset, context_per_sequence  # noqa: E402  (stdlib-only import)
 
 DEFAULT_AUDIO = ROOT.parent / "shared" / "audio" / "zh_news_10s.mp3"
 DEFAULT_CACHE = Path.home() / ".cache" / "funasr-nano-bench"
@@ -116,8 +116,11 @@ def child_build(spec: dict[str, Any]) -> dict[str, Any]:
 
 def child_variant(spec: dict[str, Any]) -> dict[str, Any]:
     """One 03 preset through common.transcriber.Transcriber, in-process."""
+    t_import = time.perf_counter()
     from common.llm import DecoderOptions
     from common.transcriber import TranscribeOptions, Transcriber
+
+    imports_s = time.perf_counter() - t_import  # a fresh child: the engine's imports (numpy, ORT, llama.cpp)
 
     threads, n = spec["threads"], spec["tokens"]
     engine = Transcriber(
@@ -159,6 +162,9 @@ def child_variant(spec: dict[str, Any]) -> dict[str, Any]:
         "draft_acceptance": accepted / proposed if proposed else None,
         "draft_proposed": proposed // max(1, len(runs)),
         "load_s": engine.load_seconds,
+        "imports_s": imports_s,
+        "load_times": dict(getattr(engine, "load_times", {})),  # seconds per model (loaded side by side)
+        "encoder_session": getattr(engine.encoder, "session_origin", None),
         "features_s": median([t.timings["load_audio"] + t.timings.get("vad", 0.0) + t.timings["features"]
                               for t in runs]),
         "encoder_s": stage("encoder"),
@@ -485,6 +491,61 @@ def run_child(spec: dict[str, Any], threads: int, timeout: float) -> dict[str, A
         return json.loads(result_file.read_text(encoding="utf-8"))
 
 
+def whole_process(args: argparse.Namespace, models: Path, preset: Preset) -> dict[str, Any]:
+    """Wall clock of the 03 script itself on the clip, a fresh process per run (imports, loads, exit).
+
+    What a user waits for on one file: `03_inference_cpu_int8.py CLIP --vad none` with the script's
+    defaults (speculative decoding: the CTC head loads too), forced to --tokens tokens. Warm-up runs
+    fill the page cache (and ONNX Runtime's optimized-graph cache, if the exports have none yet).
+    """
+    cmd = [sys.executable, str(ROOT / preset.script), str(args.audio), "--vad", "none", "--model-dir", str(models),
+           "--encoder", str(models / preset.encoder_file), "--gguf", str(models / preset.gguf_file),
+           "--max-new-tokens", str(args.tokens), "--force-tokens", str(args.tokens), "--threads", str(args.threads),
+           "--quiet"]
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(args.threads)
+    walls = []
+    for i in range(max(1, args.warmup) + args.runs):
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.child_timeout)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            return {"error": f"exit code {proc.returncode}: " + " | ".join(proc.stderr.strip().splitlines()[-4:])}
+        if i >= max(1, args.warmup):
+            walls.append(wall)
+    return {"whole_s": median(walls), "whole_min_s": min(walls), "whole_max_s": max(walls),
+            "command": " ".join(Path(c).name if c == sys.executable else c for c in cmd)}
+
+
+def startup_section(results: dict[str, dict[str, Any]]) -> list[str]:
+    """Issue 17: where the start-up goes (imports, each model's load) beside the whole-process time."""
+    rows = []
+    for name, r in results.items():
+        if not name.startswith("ours") or "error" in r or "imports_s" not in r:
+            continue
+        times = r.get("load_times") or {}
+        whole = results.get(f"whole process {name.removeprefix('ours ')}", {})
+        whole_text = "—" if not whole else whole.get("error", "")[:80] or (
+            f"{fmt(whole['whole_s'])} ({fmt(whole['whole_min_s'])}-{fmt(whole['whole_max_s'])})")
+        rows.append([name, fmt(r["imports_s"]), fmt(times.get("encoder")) + f" ({r.get('encoder_session') or '—'})",
+                     fmt(times.get("ctc")), fmt(times.get("vad")), fmt(times.get("llama.cpp")), fmt(r["load_s"]),
+                     fmt(r["first_run_total_s"]), fmt(r["total_s"]), whole_text])
+    if not rows:
+        return []
+    out = ["", "## Start-up: load time and whole process (issue 17)", "",
+           markdown_table(["run", "imports s", "encoder session s (from)", "CTC session s", "VAD session s",
+                           "llama.cpp s", "load s (side by side)", "1st run after load s", "after load s",
+                           "whole process s (min-max)"], rows), ""]
+    out += ["- *load*: wall time of Transcriber(); llama.cpp loads in a thread while the encoder session is "
+            "created, so it is less than the sum. *from*: `cache` = ONNX Runtime's optimized graph loaded "
+            "from the session cache (common/session_cache.py), `written`/`uncached` = optimized at this start.",
+            "- *CTC/VAD session*: opened only when a run needs them (plain greedy rows: neither).",
+            "- *whole process*: a fresh `03` process per run, wall clock from start to exit, "
+            f"`{next((w['command'] for k, w in results.items() if k.startswith('whole') and 'command' in w), '')}`."]
+    return out
+
+
 def models_complete(models: Path) -> bool:
     needed = [SETTINGS_FILE, GGUF_F16, GGUF_Q8_0] + sorted({p.encoder_file for p in PRESETS.values()})
     needed.append("FunASR_Nano_Encoder.int8.onnx")
@@ -602,7 +663,7 @@ def build_report(args: argparse.Namespace, info: dict[str, str], results: dict[s
               "decode tok/s", "total s", "RTF", "peak RSS GiB", "vs funasr fp32", "vs funasr bf16"]
     rows = []
     for name, r in results.items():
-        if name in SECTION_RESULTS or name.startswith(LONG_CASES):
+        if name in SECTION_RESULTS or name.startswith(LONG_CASES) or name.startswith("whole process"):
             continue
         if "error" in r:
             rows.append([name, f"failed: {r['error'][:150]}"] + [""] * (len(header) - 2))
@@ -679,6 +740,7 @@ def build_report(args: argparse.Namespace, info: dict[str, str], results: dict[s
         out += ["", "## cpu-int8 vs the peer FunASR llama.cpp runtime", "",
                 "Peer figures are constants quoted from issue 6 (published for this machine), not measured here.",
                 "", markdown_table(["stage", "peer (issue 6)", "ours cpu-int8", "ours better by"], peer_rows)]
+    out += startup_section(results)
     out += speculative_section(results.get("speculative"))
     out += long_audio_section(results, args)
     targets = check_targets(results)
@@ -1023,6 +1085,10 @@ def _run(args: argparse.Namespace, say: Callable[[str], None]) -> int:
                         if gpu_eps else None)
         label = f"ours {name}" + (" +spec" if suffix else "")
         say(f"{label}: {preset.description}{', speculative decoding' if suffix else ''} ...")
+        if not suffix and not preset.gpu:  # first: its warm-up run writes any missing ONNX session cache
+            say(f"whole process: {preset.script} on the clip, a fresh process per run ...")
+            results[f"whole process {name}"] = whole_process(args, models, preset)
+            save_json()
         results[label] = run_child(spec, args.threads, args.child_timeout)
         save_json()
         if suffix and results[label].get("speculative") is False:
