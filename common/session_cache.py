@@ -104,6 +104,8 @@ def cache_files(source: Path, providers: list[str], level: ort.GraphOptimization
     out = []
     for i, folder in enumerate(folders):
         key = cache_key(source, providers, level, with_path=i > 0)
+        if i > 0:  # a shared folder: one sub-folder per model folder, so they never evict each other's files
+            folder = folder / hashlib.sha256(str(source.resolve().parent).encode()).hexdigest()[:_KEY_LEN]
         out.append(folder / f"{source.stem}.{key}.onnx")
     return out
 
