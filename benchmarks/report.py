@@ -67,7 +67,7 @@ def build_report(args: argparse.Namespace, info: dict[str, str], results: dict[s
               "decode tok/s", "total s", "RTF", "peak RSS GiB", "vs funasr fp32", "vs funasr bf16"]
     rows = []
     for name, r in results.items():
-        if name in SECTION_RESULTS or name.startswith(LONG_CASES):
+        if name in SECTION_RESULTS or name.startswith(LONG_CASES) or name.startswith("whole process"):
             continue
         if "error" in r:
             rows.append([name, f"failed: {r['error'][:150]}"] + [""] * (len(header) - 2))
@@ -144,6 +144,7 @@ def build_report(args: argparse.Namespace, info: dict[str, str], results: dict[s
         out += ["", "## cpu-int8 vs the peer FunASR llama.cpp runtime", "",
                 "Peer figures are constants quoted from issue 6 (published for this machine), not measured here.",
                 "", markdown_table(["stage", "peer (issue 6)", "ours cpu-int8", "ours better by"], peer_rows)]
+    out += startup_section(results)
     out += speculative_section(results.get("speculative"))
     out += long_audio_section(results, args)
     targets = check_targets(results)
@@ -159,6 +160,35 @@ TARGET_SPEC_USELESS = 0.95
 TARGET_BATCHED = 3.0
 LONG_CASES = ("long ", "mixed ", "rss ")  # result-name prefixes of the long-audio section
 MIXED_RATE = 4.5  # forced tokens per second of segment audio in the mixed-length case (the clip: 45 in 10 s)
+
+
+def startup_section(results: dict[str, dict[str, Any]]) -> list[str]:
+    """Issue 17: where the start-up goes (imports, each model's load) beside the whole-process time."""
+    rows = []
+    for name, r in results.items():
+        if not name.startswith("ours") or "error" in r or "imports_s" not in r:
+            continue
+        times = r.get("load_times") or {}
+        whole = results.get(f"whole process {name.removeprefix('ours ')}", {})
+        whole_text = "—" if not whole else whole.get("error", "")[:80] or (
+            f"{fmt(whole['whole_s'])} ({fmt(whole['whole_min_s'])}-{fmt(whole['whole_max_s'])})")
+        rows.append([name, fmt(r["imports_s"]), fmt(times.get("encoder")) + f" ({r.get('encoder_session') or '—'})",
+                     fmt(times.get("ctc")), fmt(times.get("vad")), fmt(times.get("llama.cpp")), fmt(r["load_s"]),
+                     fmt(r["first_run_total_s"]), fmt(r["total_s"]), whole_text])
+    if not rows:
+        return []
+    command = next((w["command"] for k, w in results.items() if k.startswith("whole") and "command" in w), "")
+    out = ["", "## Start-up: load time and whole process (issue 17)", "",
+           markdown_table(["run", "imports s", "encoder session s (from)", "CTC session s", "VAD session s",
+                           "llama.cpp s", "load s (side by side)", "1st run after load s", "after load s",
+                           "whole process s (min-max)"], rows), ""]
+    out += ["- *load*: wall time of Engine(); llama.cpp loads in a thread while the encoder session is "
+            "created, so it is less than the sum. *from*: `cache` = ONNX Runtime's optimized graph loaded "
+            "from the session cache (common/models/session_cache.py), `written`/`uncached` = optimized at "
+            "this start.",
+            "- *CTC/VAD session*: opened only when a run needs them (plain greedy rows: neither).",
+            f"- *whole process*: a fresh `03` process per run, wall clock from start to exit, `{command}`."]
+    return out
 
 
 def speculative_section(r: dict[str, Any] | None) -> list[str]:

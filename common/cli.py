@@ -236,7 +236,8 @@ def _run(preset: Preset, args: argparse.Namespace) -> int:
     if not jobs:  # nothing to transcribe: no model is loaded, let alone exported
         return _summary(failures, len(sources), write_failed=False)
 
-    engine = load_engine(preset, args)
+    # the VAD and CTC sessions these options need load alongside the encoder and llama.cpp
+    engine = load_engine(preset, args, preload=transcribe_options(args, prompt, timestamps=args.format != "txt"))
     write_failed = False
     try:
         write_failed = _transcribe_all(engine, jobs, prompt, args, failures, several=len(sources) > 1)
@@ -285,12 +286,14 @@ def check_folders(args: argparse.Namespace) -> None:
             raise SetupError(f"{path}: {'not a file' if path.exists() else 'no such file'} ({option})")
 
 
-def load_engine(preset: Preset, args: argparse.Namespace, *, export: bool = True, hotwords: str | None = None):
+def load_engine(preset: Preset, args: argparse.Namespace, *, export: bool = True, hotwords: str | None = None,
+                preload=None):
     """The Engine for this preset and these options; SetupError (one line) when the models cannot load.
 
     `export`: an empty model folder is exported first (the 03 scripts' first use); without it, a
     missing file is an error naming it (a corpus worker on a node that lacks the folder).
     `hotwords`: the longest hotwords any input will use, to size the KV cache (default: --hotwords).
+    `preload` (TranscribeOptions): the sessions those options need are opened alongside the rest.
     """
     from common.engine import BenchmarkHooks, Engine
     from common.models.llm import DecoderError
@@ -302,7 +305,8 @@ def load_engine(preset: Preset, args: argparse.Namespace, *, export: bool = True
             preset_name_of(preset), model_dir, threads=args.threads, batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens, max_segment_seconds=args.max_segment,
             hotwords=(args.hotwords or "") if hotwords is None else hotwords,
-            encoder_path=encoder_path, gguf_path=gguf_path, hooks=BenchmarkHooks(min_new_tokens=args.force_tokens))
+            encoder_path=encoder_path, gguf_path=gguf_path, hooks=BenchmarkHooks(min_new_tokens=args.force_tokens),
+            preload=preload)
     except (DecoderError, ValueError, RuntimeError, OSError) as exc:
         raise SetupError(_one_line(exc)) from exc
 

@@ -16,6 +16,7 @@ Messages (fallbacks, loops) go to the `common` loggers; the CLI prints them as o
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -38,6 +39,7 @@ from common.decoding.scheduler import Observer
 from common.models.ctc import CTCModel
 from common.models.encoder import AudioEncoder
 from common.models.llm import DecoderOptions, LlamaDecoder
+from common.models.loading import in_background
 from common.models.prompt import PromptOptions, build_prompt
 from common.models.settings import ModelSettings
 from common.output.alignment import char_times, sentence_times
@@ -229,6 +231,13 @@ class PendingSegment:
         return self._segment
 
 
+def _load_decoder(gguf: Path, options: DecoderOptions) -> LlamaDecoder:
+    """llama.cpp's model and context, with the embedding table located (the prompt's text rows need it)."""
+    decoder = LlamaDecoder(gguf, options)
+    decoder.load_embedding_table()
+    return decoder
+
+
 class Engine:
     """Loaded models for one model folder (model-gguf/) and the scheduler that decodes for every caller."""
 
@@ -243,17 +252,39 @@ class Engine:
         decoder_options: DecoderOptions | None = None,
         hooks: BenchmarkHooks = NO_HOOKS,
         observer: Observer | None = None,
+        preload: TranscribeOptions | None = None,
     ) -> None:
+        """Load the encoder and llama.cpp side by side (both release the GIL while loading); with
+        `preload`, also the sessions those options will need (the VAD, the CTC head), which are
+        otherwise opened on first use."""
         from common.presets import GGUF_F16
 
         self.settings = ModelSettings.load(model_dir)
         self.frontend = FrontendConfig.from_dict(self.settings.frontend)
         self.hooks = hooks
+        self.load_times: dict[str, float] = {}  # seconds per model loaded (encoder, llama.cpp, ctc, vad)
+        self._vad: SileroVad | None | bool = None  # False: not found (said once)
+        self._no_ctc_said = False
+        self._threads, self._providers = threads, providers
+        self._ctc: CTCModel | None | bool = None  # False: no CTC head in the model folder
+        self._loading: dict[str, Future] = {}  # sessions being opened in the background, by name
+        if preload is not None:
+            self.preload(preload)
         t0 = time.perf_counter()
-        self.encoder = AudioEncoder(Path(encoder_path or self.settings.path("encoder")), threads=threads,
-                                    providers=providers)
         options = decoder_options or DecoderOptions(threads=threads)
-        self.decoder = LlamaDecoder(Path(gguf_path) if gguf_path else Path(model_dir) / GGUF_F16, options)
+        gguf = Path(gguf_path) if gguf_path else Path(model_dir) / GGUF_F16
+        decoder = in_background(lambda: _load_decoder(gguf, options), "llama.cpp", self.load_times)
+        try:
+            t1 = time.perf_counter()
+            self.encoder = AudioEncoder(Path(encoder_path or self.settings.path("encoder")), threads=threads,
+                                        providers=providers)
+            self.load_times["encoder"] = time.perf_counter() - t1
+        except BaseException:
+            with contextlib.suppress(Exception):
+                decoder.result().close()
+            self._wait_for_loads()
+            raise
+        self.decoder = decoder.result()
         if self.decoder.n_embd != self.settings.adaptor_dim:
             self.decoder.close()
             raise ValueError(
@@ -262,10 +293,6 @@ class Engine:
             )
         self.scheduler = Scheduler(self.decoder, refill=hooks.refill, observer=observer)
         self.load_seconds = time.perf_counter() - t0
-        self._vad: SileroVad | None | bool = None  # False: not found (said once)
-        self._no_ctc_said = False
-        self._threads, self._providers = threads, providers
-        self._ctc: CTCModel | None | bool = None  # False: no CTC head in the model folder
 
     @classmethod
     def from_preset(
@@ -281,6 +308,7 @@ class Engine:
         encoder_path: Path | str | None = None,
         gguf_path: Path | str | None = None,
         hooks: BenchmarkHooks = NO_HOOKS,
+        preload: TranscribeOptions | None = None,
     ) -> Engine:
         """The models of a preset (`common.presets.PRESETS`), the KV cache sized for these limits.
 
@@ -294,7 +322,7 @@ class Engine:
         options = DecoderOptions(threads=threads, n_gpu_layers=n_gpu_layers, n_seq_max=batch_size, n_ctx=n_ctx)
         return cls(model_dir, encoder_path=encoder_path or model_dir / preset.encoder_file,
                    gguf_path=gguf_path or model_dir / preset.gguf_file, threads=threads, providers=providers,
-                   decoder_options=options, hooks=hooks)
+                   decoder_options=options, hooks=hooks, preload=preload)
 
     def __enter__(self) -> Engine:
         return self
@@ -303,8 +331,17 @@ class Engine:
         self.close()
 
     def close(self) -> None:
+        self._wait_for_loads()
         self.scheduler.close()
         self.decoder.close()
+
+    def preload(self, options: TranscribeOptions) -> None:
+        """Start opening, in background threads, the sessions `options` will need (the VAD, the CTC head)."""
+        wanted = {"vad": options.vad == "silero", "ctc": options.speculative or options.timestamps}
+        openers = {"vad": self._open_vad, "ctc": self._open_ctc}
+        for name, opener in openers.items():
+            if wanted[name] and name not in self._loading:
+                self._loading[name] = in_background(opener, name, self.load_times)
 
     # ------------------------------------------------------------------ transcription
 
@@ -437,7 +474,7 @@ class Engine:
     def ctc(self) -> CTCModel | None:
         """The CTC head (drafts and alignment), loaded on first use; None without CTC weights."""
         if self._ctc is None:
-            self._ctc = CTCModel.load(self.settings, threads=self._threads, providers=self._providers) or False
+            self._ctc = self._loaded("ctc", self._open_ctc) or False
         return self._ctc or None
 
     def timestamp_source(self) -> str:
@@ -455,14 +492,35 @@ class Engine:
     def _silero(self) -> SileroVad | None:
         """The VAD model, loaded once; None (and one warning) when neither the model folder nor silero-vad has it."""
         if self._vad is None:
-            path = find_vad_model(self.settings.model_dir)
-            if path is None:
+            self._vad = self._loaded("vad", self._open_vad) or False
+            if not self._vad:
                 log.warning("silero_vad.onnx not found in the model folder (re-run 01_export_onnx.py with "
                             "silero-vad installed): cutting at quiet points instead (--vad none)")
-                self._vad = False
-            else:
-                self._vad = SileroVad(path)
         return self._vad or None
+
+    def _open_ctc(self) -> CTCModel | None:
+        return CTCModel.load(self.settings, threads=self._threads, providers=self._providers)
+
+    def _open_vad(self) -> SileroVad | None:
+        path = find_vad_model(self.settings.model_dir)
+        return SileroVad(path) if path is not None else None
+
+    def _loaded(self, name: str, opener: Callable[[], T]) -> T:
+        """What a background load of `name` gave (waiting for it), or `opener()` now if none was started."""
+        future = self._loading.pop(name, None)
+        if future is not None:
+            return future.result()
+        t0 = time.perf_counter()
+        value = opener()
+        self.load_times[name] = time.perf_counter() - t0
+        return value
+
+    def _wait_for_loads(self) -> None:
+        """Let background loads finish (their threads hold sessions) before the engine goes away."""
+        for future in self._loading.values():
+            with contextlib.suppress(Exception):
+                future.result()
+        self._loading.clear()
 
     # ------------------------------------------------------------------ internals
 

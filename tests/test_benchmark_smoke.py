@@ -48,6 +48,11 @@ def test_benchmark_smoke(tmp_path: Path, zh_mp3: Path, tiny_ckpt: Path, tiny_mod
         assert ours[key] > 0, key
     assert ours["prompt_positions"] > ours["prompt_prefix_tokens"] + ours["audio_rows"] > ours["audio_rows"] > 0
     assert ours["speculative"] is False
+    # issue 17: the load broken down, and the 03 script timed as a whole process
+    assert ours["imports_s"] > 0 and set(ours["load_times"]) == {"encoder", "llama.cpp"}  # plain greedy: no CTC
+    for name in ("whole process cpu", "whole process cpu-int8"):
+        assert "error" not in results[name] and results[name]["whole_s"] > 0, results[name]
+    assert "## Start-up: load time and whole process" in report
     assert results["ours cpu-int8 +spec"]["speculative"] is True
     assert results["funasr bf16"]["llm_param_dtype"] == "torch.bfloat16"
     assert results["funasr fp32"]["llm_param_dtype"] == "torch.float32"

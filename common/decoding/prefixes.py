@@ -45,6 +45,8 @@ class PrefixDecoder(Protocol):
 
     def decode_embeddings(self, rows: np.ndarray, start: int, seq: int = 0) -> None: ...
 
+    def decode_prompt(self, tokens: Sequence[int], rows: np.ndarray, seq: int = 0) -> None: ...
+
     def token_embeddings(self, tokens: Sequence[int]) -> np.ndarray: ...
 
     def logits(self, index: int = -1) -> np.ndarray: ...
@@ -82,17 +84,19 @@ class PrefixCache:
         d = self.decoder
         ids = self.ids(prompt.prefix)
         n = len(ids)
+        rows = np.concatenate([prompt.audio_rows, d.token_embeddings(list(prompt.suffix_ids))], axis=0)
         if self.held.get(seq) != prompt.prefix:
             donor = next((s for s, text in self.held.items() if text == prompt.prefix and s != seq), None)
             self.held.pop(seq, None)
             d.clear(seq, 0)
-            if n and donor is not None:
+            if n and donor is None:  # the whole prompt in one pass over the weights
+                self.held[seq] = prompt.prefix
+                d.decode_prompt(ids, rows, seq)
+                return np.array(d.logits(-1), copy=True)
+            if n:
                 d.copy_sequence(donor, seq)
-            elif n:
-                d.decode_tokens(ids, 0, seq)
             self.held[seq] = prompt.prefix
         d.clear(seq, n)
-        rows = np.concatenate([prompt.audio_rows, d.token_embeddings(list(prompt.suffix_ids))], axis=0)
         d.decode_embeddings(rows, n, seq)
         return np.array(d.logits(-1), copy=True)
 

@@ -479,7 +479,20 @@ def export_onnx(model_dir: Path | str, out_dir: Path | str, *, int8: bool = True
     with open(out_dir / SETTINGS_FILE, "w", encoding="utf-8") as f:
         json.dump(settings_dict(model_dir, config, mods, files), f, indent=2, ensure_ascii=False)
     say(f"wrote {out_dir / SETTINGS_FILE}")
+    _timed(say, "optimizing the graphs for this CPU (ONNX Runtime session cache)", warm_session_cache,
+           [out_dir / files[k] for k in ("encoder", "encoder_int8", "ctc", "vad") if k in files], out_dir)
     return written
+
+
+def warm_session_cache(graphs: list[Path], out_dir: Path) -> Path:
+    """Open each graph inference opens once, so ONNX Runtime's optimized copy is in the session cache
+    (common/session_cache.py) and the first transcription starts without optimizing them."""
+    from common.models.encoder import load_session
+    from common.models.session_cache import CACHE_FOLDER
+
+    for graph in graphs:
+        load_session(graph, threads=1)
+    return out_dir / CACHE_FOLDER
 
 
 def _timed(say: Log, what: str, fn: Callable[..., Path], *args: Any, **kwargs: Any) -> Path:

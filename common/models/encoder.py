@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from common.models.session_cache import OpenedSession, open_cached
+
 
 class OnnxModelError(RuntimeError):
     """An ONNX file is missing, truncated or not the graph we expect (one line naming the file)."""
@@ -29,17 +31,23 @@ def session_options(threads: int) -> ort.SessionOptions:
     return opts
 
 
-def open_session(path: Path | str, *, threads: int = 2, providers: list[str] | None = None) -> ort.InferenceSession:
-    """Create an InferenceSession, turning ORT's multi-line failures into one line that names the file."""
+def load_session(path: Path | str, *, threads: int = 2, providers: list[str] | None = None,
+                 cache: bool = True) -> OpenedSession:
+    """Create an InferenceSession (through the optimized-graph cache, common/session_cache.py), turning
+    ORT's multi-line failures into one line that names the file."""
     path = Path(path)
     if not path.is_file():
         raise OnnxModelError(f"{path}: file not found (run 01_export_onnx.py)")
     try:
-        return ort.InferenceSession(str(path), sess_options=session_options(threads),
-                                    providers=providers or ["CPUExecutionProvider"])
+        return open_cached(path, lambda: session_options(threads), providers, cache=cache)
     except Exception as exc:  # ORT raises Fail/InvalidProtobuf/InvalidGraph/RuntimeException...
         detail = " ".join(str(exc).split())[:200]
         raise OnnxModelError(f"{path}: not a valid ONNX model ({type(exc).__name__}: {detail})") from exc
+
+
+def open_session(path: Path | str, *, threads: int = 2, providers: list[str] | None = None) -> ort.InferenceSession:
+    """The session alone (see `load_session`)."""
+    return load_session(path, threads=threads, providers=providers).session
 
 
 def _output_dim(session: ort.InferenceSession, name: str, path: Path) -> int:
@@ -64,9 +72,12 @@ class AudioEncoder:
     adaptor_out is the adaptor's full output; the caller keeps only the official number of rows.
     """
 
-    def __init__(self, path: Path | str, *, threads: int = 2, providers: list[str] | None = None) -> None:
+    def __init__(self, path: Path | str, *, threads: int = 2, providers: list[str] | None = None,
+                 cache: bool = True) -> None:
         self.path = Path(path)
-        self.session = open_session(self.path, threads=threads, providers=providers)
+        opened = load_session(self.path, threads=threads, providers=providers, cache=cache)
+        self.session = opened.session
+        self.session_origin = opened.origin  # "cache", "written" or "uncached" (common/session_cache.py)
         self.input_size = _input_dim(self.session, "features", self.path)
         self.encoder_dim = _output_dim(self.session, "encoder_out", self.path)
         self.adaptor_dim = _output_dim(self.session, "adaptor_out", self.path)
@@ -89,9 +100,12 @@ class CTCHead:
     T x 60515 log-prob matrix is only materialized when asked for.
     """
 
-    def __init__(self, path: Path | str, *, threads: int = 2, providers: list[str] | None = None) -> None:
+    def __init__(self, path: Path | str, *, threads: int = 2, providers: list[str] | None = None,
+                 cache: bool = True) -> None:
         self.path = Path(path)
-        self.session = open_session(self.path, threads=threads, providers=providers)
+        opened = load_session(self.path, threads=threads, providers=providers, cache=cache)
+        self.session = opened.session
+        self.session_origin = opened.origin  # "cache", "written" or "uncached" (common/session_cache.py)
         self.encoder_dim = _input_dim(self.session, "encoder_out", self.path)
         self.vocab_size = _output_dim(self.session, "log_probs", self.path)
 
