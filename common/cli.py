@@ -139,7 +139,7 @@ def build_parser(preset: Preset) -> argparse.ArgumentParser:
         epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("audio", nargs="+", help="audio files (mp3, wav, flac, ogg, m4a, ...; any rate and channels)")
-    add_folder_options(p, export=False)
+    add_model_options(p)
     p.add_argument("--language", default=None,
                    help=f"the language to write: {language_choices()} (default: the model decides)")
     p.add_argument("--no-itn", action="store_true", help="no inverse text normalization (numbers stay spelled out)")
@@ -156,6 +156,13 @@ def build_parser(preset: Preset) -> argparse.ArgumentParser:
     p.add_argument("--output-dir", type=Path, default=None,
                    help="write one file per input here instead of stdout (created if needed)")
     p.add_argument("--overwrite", action="store_true", help="re-transcribe inputs whose output file exists")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    return p
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """The model folder and decoding options the 03 scripts and the server (05_server.py) share."""
+    add_folder_options(p, export=False)
     p.add_argument("--threads", type=positive(int), default=max(1, min(os.cpu_count() or 2, 8)),
                    help="CPU threads")
     p.add_argument("--max-new-tokens", type=positive(int), default=512,
@@ -164,12 +171,10 @@ def build_parser(preset: Preset) -> argparse.ArgumentParser:
                    help="longest segment in seconds (default: 30)")
     p.add_argument("--encoder", type=Path, default=None, help="ONNX encoder to use instead of the preset's")
     p.add_argument("--gguf", type=Path, default=None, help="GGUF decoder to use instead of the preset's")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--no-speculative", action="store_true",
                    help="plain greedy decoding: do not verify the CTC head's draft (same text, slower)")
     # Benchmarks on random weights force a length; not for users.
     p.add_argument("--force-tokens", type=int, default=0, help=argparse.SUPPRESS)
-    return p
 
 
 def main(preset_name: str, argv: list[str] | None = None) -> int:
@@ -207,7 +212,7 @@ def _run(preset: Preset, args: argparse.Namespace) -> int:
     if args.output_dir is None and len(sources) > 1 and args.format in SUBTITLE_FORMATS:
         raise SetupError(f"--format {args.format} with {len(sources)} inputs needs --output-dir "
                          "(one subtitle file per input)")
-    _check_folders(args)
+    check_folders(args)
     if args.output_dir is not None:
         try:
             check_writable(args.output_dir)
@@ -232,7 +237,7 @@ def _run(preset: Preset, args: argparse.Namespace) -> int:
         return _summary(failures, len(sources), write_failed=False)
 
     options = PromptOptions(language=language, itn=not args.no_itn, hotwords=parse_hotwords(args.hotwords))
-    engine = _load_engine(preset, args)
+    engine = load_engine(preset, args)
     write_failed = False
     try:
         write_failed = _transcribe_all(engine, jobs, options, args, failures, several=len(sources) > 1)
@@ -269,7 +274,7 @@ def _targets(sources: list[str], args: argparse.Namespace) -> list[Path | None]:
     return targets
 
 
-def _check_folders(args: argparse.Namespace) -> None:
+def check_folders(args: argparse.Namespace) -> None:
     """Folders named on the command line must exist: a typo is an error, not a download or an export."""
     for option, path in (("--model-dir", args.model_dir), ("--release-dir", args.release_dir)):
         if path is not None and not path.exists():
@@ -281,8 +286,10 @@ def _check_folders(args: argparse.Namespace) -> None:
             raise SetupError(f"{path}: {'not a file' if path.exists() else 'no such file'} ({option})")
 
 
-def _load_engine(preset: Preset, args: argparse.Namespace):
-    """The Engine for this preset; the models are exported first when the model folder is empty."""
+def load_engine(preset: Preset, args: argparse.Namespace, *, hotwords: str | None = None):
+    """The Engine for this preset and `add_model_options`' options (plus `args.batch_size`), the KV cache
+    sized for `hotwords` (default `args.hotwords`); the models are exported first when the model folder
+    is empty. Raises SetupError with a one-line message."""
     from common.engine import BenchmarkHooks, Engine
     from common.models.llm import DecoderError
 
@@ -291,7 +298,8 @@ def _load_engine(preset: Preset, args: argparse.Namespace):
     try:
         return Engine.from_preset(
             preset_name_of(preset), model_dir, threads=args.threads, batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens, max_segment_seconds=args.max_segment, hotwords=args.hotwords or "",
+            max_new_tokens=args.max_new_tokens, max_segment_seconds=args.max_segment,
+            hotwords=(args.hotwords if hotwords is None else hotwords) or "",
             encoder_path=encoder_path, gguf_path=gguf_path, hooks=BenchmarkHooks(min_new_tokens=args.force_tokens))
     except (DecoderError, ValueError, RuntimeError, OSError) as exc:
         raise SetupError(_one_line(exc)) from exc
@@ -378,7 +386,7 @@ def _model_files(preset: Preset, args: argparse.Namespace, model_dir: Path) -> t
     gguf = args.gguf or model_dir / preset.gguf_file
     empty = not model_dir.exists() or not any(p for p in model_dir.iterdir() if p.name != "README.md")
     if empty:
-        _export(model_dir, args.release_dir, args.quiet)
+        _export(model_dir, args.release_dir, getattr(args, "quiet", False))
     missing = [p for p in (model_dir / SETTINGS_FILE, encoder, gguf) if not p.is_file()]
     if missing:
         names = ", ".join(str(p) for p in missing)
