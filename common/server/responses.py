@@ -18,6 +18,7 @@ import math
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from common.engine import join_texts
+from common.output.alignment import proportional_char_times
 from common.output.results import Segment, Transcript
 from common.output.writers import render_srt_file, render_vtt_file
 from common.server.requests import TranscriptionRequest
@@ -31,12 +32,16 @@ def usage(transcript: Transcript) -> dict[str, object]:
 
 
 def words(segments: list[Segment]) -> list[dict[str, object]]:
-    """Each non-blank character and its span: its aligned start to the next character's (or the segment's end)."""
+    """Each non-blank character and its span: its start to the next character's (or the segment's end).
+
+    Starts come from the CTC forced alignment; a segment whose text cannot be aligned (more
+    characters than the audio has frames) has its span shared out by characters, as its sentences do.
+    """
     out: list[dict[str, object]] = []
     for segment in segments:
         times = segment.char_times
-        if not times:
-            continue
+        if times is None or len(times) != len(segment.text):
+            times = proportional_char_times(segment.text, segment.start, segment.end)
         for i, char in enumerate(segment.text):
             if char.isspace():
                 continue
