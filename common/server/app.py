@@ -54,6 +54,7 @@ class _State:
         self.service: TranscriptionService | None = None
         self.load_error: str | None = None
         self.metrics = Metrics(lambda: self.service.engine.scheduler if self.service is not None else None)
+        self.metrics.in_progress.set_function(lambda: self.admission.in_flight)
 
 
 def create_app(config: ServerConfig, load_engine: Callable[[], Engine]) -> FastAPI:
