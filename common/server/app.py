@@ -243,10 +243,17 @@ def create_app(config: ServerConfig, load_engine: Callable[[], Engine]) -> FastA
     return app
 
 
+DISCONNECT_POLL_SECONDS = 0.25
+
+
 async def _disconnected(request: Request) -> None:
-    """Returns when the client disconnects (the body has been read, so receive() waits for that)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+    """Returns once the client has disconnected (checked every DISCONNECT_POLL_SECONDS).
+
+    Polled rather than awaited on `receive()`: once the body is read, some servers' receive()
+    answers at once with empty body messages, and a loop on it would spin the event loop.
+    """
+    while not await request.is_disconnected():
+        await asyncio.sleep(DISCONNECT_POLL_SECONDS)
 
 
 def _remove(path: Path) -> None:
