@@ -137,22 +137,22 @@ def build_parser(preset: Preset) -> argparse.ArgumentParser:
         epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("audio", nargs="+", help="audio files (mp3, wav, flac, ogg, m4a, ...; any rate and channels)")
-    add_folder_options(p, export=False)
     p.add_argument("--format", choices=("txt", "json", "srt", "vtt"), default="txt",
                    help="output format: text, json with segments, or srt/vtt subtitles (default: txt)")
     p.add_argument("--output-dir", type=Path, default=None,
                    help="write one file per input here instead of stdout (created if needed)")
     p.add_argument("--overwrite", action="store_true", help="re-transcribe inputs whose output file exists")
     p.add_argument("--quiet", action="store_true", help="no progress output")
-    add_engine_options(p)
+    add_model_options(p)
+    add_transcription_options(p)
     return p
 
 
-def add_engine_options(p: argparse.ArgumentParser) -> None:
-    """The options that choose how an input is transcribed: prompt, VAD, batching, limits, model files.
+def add_transcription_options(p: argparse.ArgumentParser) -> None:
+    """How the inputs of one run are transcribed: language, ITN, hotwords, VAD, batching, subtitle cues.
 
-    Shared by the 03 scripts and 07_transcribe_corpus.py, so both read a run's settings the same way
-    (`load_engine`, `transcribe_options`).
+    The 03 scripts, 06_microphone.py and 07_transcribe_corpus.py take them; a server takes them per
+    request instead (`prompt_options`, `transcribe_options` read them).
     """
     from common.models.prompt import language_choices
 
@@ -167,6 +167,11 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
                         "at quiet points (default: silero)")
     p.add_argument("--batch-size", type=positive(int), default=4,
                    help="segments decoded together in one llama.cpp context (default: 4; 1: one at a time)")
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """The model folders and files, threads and decoding limits: what `load_engine` reads (03, 05, 06, 07)."""
+    add_folder_options(p, export=False)
     p.add_argument("--threads", type=positive(int), default=max(1, min(os.cpu_count() or 2, 8)),
                    help="CPU threads")
     p.add_argument("--max-new-tokens", type=positive(int), default=512,
@@ -311,12 +316,6 @@ def load_engine(preset: Preset, args: argparse.Namespace, *, export: bool = True
         raise SetupError(_one_line(exc)) from exc
 
 
-def add_model_options(p: argparse.ArgumentParser) -> None:
-    """The folder options and `add_engine_options`: all a command needs to load and run the models (06)."""
-    add_folder_options(p, export=False)
-    add_engine_options(p)
-
-
 def prompt_options(args: argparse.Namespace):
     """The PromptOptions of --language, --no-itn and --hotwords; SetupError for a language the model does not take."""
     from common.models.prompt import LanguageError, PromptOptions, parse_hotwords, resolve_language
@@ -410,7 +409,7 @@ def model_files(preset: Preset, args: argparse.Namespace, model_dir: Path, *, ex
     gguf = args.gguf or model_dir / preset.gguf_file
     empty = not model_dir.exists() or not any(p for p in model_dir.iterdir() if p.name != "README.md")
     if empty and export:
-        _export(model_dir, args.release_dir, args.quiet)
+        _export(model_dir, args.release_dir, getattr(args, "quiet", False))
     missing = [p for p in (model_dir / SETTINGS_FILE, encoder, gguf) if not p.is_file()]
     if missing:
         names = ", ".join(str(p) for p in missing)

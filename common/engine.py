@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -35,7 +36,7 @@ from common.audio.segments import SampleSpan, split_at_quiet_points
 from common.audio.vad import SileroVad, SpeechSegmenter, VadOptions, find_vad_model
 from common.decoding import Decoded, Job, Prompt, RepetitionGuard, Scheduler, StopRule
 from common.decoding.repetition import loop_message
-from common.decoding.scheduler import Observer
+from common.decoding.scheduler import Observer, StreamResults
 from common.models.ctc import CTCModel
 from common.models.encoder import AudioEncoder
 from common.models.llm import DecoderOptions, LlamaDecoder
@@ -179,8 +180,9 @@ class SegmentStream:
     """The segments of one input as they are decoded, in input order; `transcript` once exhausted."""
 
     def __init__(self, segments: Iterator[Segment], finish: Callable[[list[Segment]], Transcript],
-                 total: int = 0) -> None:
+                 total: int = 0, cancel: Callable[[], None] | None = None) -> None:
         self._segments = segments
+        self._cancel = cancel
         self.total = total  # segments expected (0: unknown while the VAD reads the input)
         self._finish = finish
         self.done: list[Segment] = []
@@ -193,10 +195,16 @@ class SegmentStream:
         self.transcript = self._finish(self.done)
 
     def close(self) -> None:
-        """Stop early: the segments not yet decoded are cancelled."""
+        """Stop early: the segments not yet decoded are cancelled (from the iterating thread)."""
         close = getattr(self._segments, "close", None)
         if close is not None:
             close()
+
+    def cancel(self) -> None:
+        """From any thread, while another iterates: its segments' sequences are freed before the next
+        round, and the iterating thread gets `concurrent.futures.CancelledError`."""
+        if self._cancel is not None:
+            self._cancel()
 
 
 class PendingSegment:
@@ -409,7 +417,8 @@ class Engine:
             )
 
         total = 0 if vad is not None else len(cuts)
-        return SegmentStream(self._decode_pieces(pieces, options, clock), finish, total)
+        cancel = _Cancellation()
+        return SegmentStream(self._decode_pieces(pieces, options, clock, cancel), finish, total, cancel)
 
     def prepare(self, wave: np.ndarray, prompt: PromptOptions, clock: dict[str, float] | None = None
                 ) -> PreparedPrompt | None:
@@ -525,7 +534,7 @@ class Engine:
     # ------------------------------------------------------------------ internals
 
     def _decode_pieces(self, pieces: Iterable[tuple[SampleSpan, np.ndarray]], options: TranscribeOptions,
-                       clock: dict[str, float]) -> Iterator[Segment]:
+                       clock: dict[str, float], cancel: _Cancellation | None = None) -> Iterator[Segment]:
         """Segments of (span, audio) pairs, in input order, as many decoding at once as the context has sequences.
 
         The scheduler pulls the jobs lazily, so each piece is encoded only when a sequence is free
@@ -548,6 +557,8 @@ class Engine:
                 yield self._job(prepared, options, len(audio) / sr, clock)
 
         results = self.scheduler.stream(jobs())
+        if cancel is not None:
+            cancel.attach(results)
         try:
             for index, decoded in results:
                 piece = by_job[index]
@@ -609,6 +620,27 @@ class Engine:
         draft = self.decoder.tokenize(text) if text else []
         clock["draft"] = clock.get("draft", 0.0) + time.perf_counter() - t0
         return draft
+
+
+class _Cancellation:
+    """A SegmentStream's cancel switch: works before the scheduler stream exists (then it never starts)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._results: StreamResults | None = None
+        self._requested = False
+
+    def attach(self, results: StreamResults) -> None:
+        with self._lock:
+            self._results = results
+            if self._requested:
+                results.cancel()
+
+    def __call__(self) -> None:
+        with self._lock:
+            self._requested = True
+            if self._results is not None:
+                self._results.cancel()
 
 
 def gpu_setup() -> tuple[int, list[str] | None]:

@@ -29,6 +29,7 @@ class Preset:
     encoder_file: str
     gguf_file: str
     gpu: bool = False
+    server_batch: int = 8  # 05_server.py's default --max-batch: sequences decoded together across requests
 
 
 PRESETS: dict[str, Preset] = {
@@ -36,7 +37,7 @@ PRESETS: dict[str, Preset] = {
     "cpu-int8": Preset("03_inference_cpu_int8.py", "CPU: int8 ONNX encoder + q8_0 GGUF decoder",
                        ENCODER_INT8_FILE, GGUF_Q8_0),
     "gpu": Preset("03_inference_gpu.py", "GPU: every GGUF layer offloaded, GPU ONNX provider when installed",
-                  ENCODER_FILE, GGUF_F16, gpu=True),
+                  ENCODER_FILE, GGUF_F16, gpu=True, server_batch=16),
 }
 
 PROMPT_TEXT_CELLS = 64  # system turn, task prompt and turn markers around the audio: about 25 tokens

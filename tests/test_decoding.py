@@ -131,3 +131,51 @@ def test_a_cancelled_job_frees_its_sequence_and_the_others_are_unaffected(tiny_m
     assert len(cancelled) == 1
     admitted_after = [seq for event, seq in events[[e for e, _ in events].index("cancel"):] if event == "admit"]
     assert admitted_after[0] == cancelled[0]  # the waiting job took the cancelled job's sequence
+
+
+def test_concurrent_segment_streams_share_rounds_and_one_can_be_cancelled_from_another_thread(tiny_models, clip):
+    """Engine.segments() from several threads (a server's requests): their segments decode in the same
+    rounds, each stream's text equals its text alone, and `SegmentStream.cancel()` from another thread
+    frees the cancelled stream's sequences while the others finish unchanged."""
+    from common.engine import BenchmarkHooks, TranscribeOptions
+
+    waves = [clip[: 7 * SR], clip[2 * SR:], clip[SR: 9 * SR]]
+    options = [TranscribeOptions(prompt=p, vad="none", max_segment_seconds=3.0) for p in PROMPTS[:3]]
+    engine = _engine(tiny_models, 4, hooks=BenchmarkHooks(min_new_tokens=40))
+    try:
+        want = [engine.transcribe(w, o).text for w, o in zip(waves, options)]
+        before = engine.scheduler.stats.shared_rounds
+        streams = [engine.segments(w, o) for w, o in zip(waves, options)]
+        victim = engine.segments(clip, TranscribeOptions(vad="none", max_segment_seconds=2.0))
+        got: list[str | None] = [None] * 3
+        outcome: list[BaseException] = []
+        victim_started = threading.Event()
+
+        def consume(i: int) -> None:
+            for _ in streams[i]:
+                pass
+            got[i] = streams[i].transcript.text
+
+        def consume_victim() -> None:
+            try:
+                for _ in victim:
+                    victim_started.set()
+            except CancelledError as exc:
+                outcome.append(exc)
+
+        threads = [threading.Thread(target=consume, args=(i,)) for i in range(3)]
+        threads.append(threading.Thread(target=consume_victim))
+        for t in threads:
+            t.start()
+        assert victim_started.wait(timeout=300)
+        victim.cancel()
+        for t in threads:
+            t.join(timeout=300)
+        stats = engine.scheduler.stats
+        assert engine.scheduler.live == 0
+    finally:
+        engine.close()
+    assert got == want
+    assert len(outcome) == 1 and victim.transcript is None  # the cancelled stream stopped, with CancelledError
+    assert stats.shared_rounds > before and stats.max_rows == 4  # rows of different callers in one round
+    assert stats.cancelled >= 1  # the victim's live sequences were freed

@@ -21,8 +21,8 @@ from common.cli import (
     EXIT_SETUP,
     OneLineParser,
     SetupError,
-    add_engine_options,
-    add_folder_options,
+    add_model_options,
+    add_transcription_options,
     check_folders,
     log_to_stderr,
     model_files,
@@ -58,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which model files and device, as the 03 scripts (default: cpu-int8)")
     p.add_argument("--formats", default="", metavar="LIST",
                    help="also write per-file outputs under DIR/files/: a comma list of txt, json, srt, vtt")
-    add_folder_options(p, export=False)
-    add_engine_options(p)
+    add_model_options(p)
+    add_transcription_options(p)
     ray_group = p.add_argument_group("Ray")
     ray_group.add_argument("--address", default=None,
                            help="join this Ray cluster ('auto': the one on this node; default: RAY_ADDRESS, "

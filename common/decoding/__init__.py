@@ -12,8 +12,8 @@
 
 from common.decoding.prefixes import Prompt
 from common.decoding.repetition import NO_GUARD, RepetitionGuard
-from common.decoding.scheduler import Job, Scheduler
+from common.decoding.scheduler import Job, Scheduler, SchedulerStats, StreamResults
 from common.decoding.sequence import Decoded, StopRule
 from common.decoding.speculation import SpeculativeConfig
 
-__all__ = ["Decoded", "Job", "NO_GUARD", "Prompt", "RepetitionGuard", "Scheduler", "SpeculativeConfig", "StopRule"]
+__all__ = ["Decoded", "Job", "NO_GUARD", "Prompt", "RepetitionGuard", "Scheduler", "SchedulerStats", "SpeculativeConfig", "StreamResults", "StopRule"]

@@ -146,6 +146,10 @@ class _Stream:
             self.cancelled = True
             self.results.put(exc)
 
+    def cancel(self) -> None:
+        """From any thread: the jobs not yet ended are dropped, the consumer wakes with CancelledError."""
+        self.failed(CancelledError())
+
     def consume(self) -> Iterator[tuple[int, Decoded]]:
         try:
             while True:
@@ -160,6 +164,45 @@ class _Stream:
                 yield item
         finally:
             self.cancelled = True  # a consumer that stops early cancels the rest
+
+
+class StreamResults(Iterator[tuple[int, Decoded]]):
+    """What `Scheduler.stream` returns: (index, result) pairs in finishing order.
+
+    `close()` is for the consuming thread (it stops iterating); `cancel()` may be called from any
+    other thread while the consumer waits (a server whose client went away, a timeout): the
+    stream's live sequences are freed before the next round and the consumer gets CancelledError.
+    """
+
+    def __init__(self, stream: _Stream) -> None:
+        self._stream = stream
+        self._items = stream.consume()
+
+    def __next__(self) -> tuple[int, Decoded]:
+        return next(self._items)
+
+    def close(self) -> None:
+        self._stream.cancelled = True
+        self._items.close()
+
+    def cancel(self) -> None:
+        self._stream.cancel()
+
+
+@dataclass
+class SchedulerStats:
+    """Counters of the scheduler's work, written on its thread, read from any (metrics, tests).
+
+    `shared_rounds`: rounds whose rows belong to more than one caller (stream or submitted job),
+    the proof that concurrent callers are batched together; `max_rows`: most sequences in one round.
+    """
+
+    rounds: int = 0
+    rows: int = 0
+    shared_rounds: int = 0
+    max_rows: int = 0
+    admitted: int = 0
+    cancelled: int = 0
 
 
 @dataclass
@@ -191,6 +234,7 @@ class Scheduler:
         self._waiting: deque[_Entry | _Stream | _Call] = deque()
         self._live: dict[int, tuple[_Entry, SequenceState]] = {}
         self._free = list(range(self.width))
+        self.stats = SchedulerStats()
         self._closing = False
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="llama-scheduler", daemon=True)
@@ -205,14 +249,26 @@ class Scheduler:
         self._put(entry)
         return entry.future
 
-    def stream(self, jobs: Iterable[Job]) -> Iterator[tuple[int, Decoded]]:
+    def stream(self, jobs: Iterable[Job]) -> StreamResults:
         """(index in `jobs`, result) for each job as it ends; `jobs` is pulled lazily on the scheduler's thread.
 
-        Closing the returned iterator early (or an exception in `jobs`) cancels the remaining jobs.
+        Closing the returned iterator early, cancelling it from another thread, or an exception in
+        `jobs` cancels the remaining jobs. Several callers' streams are served round robin: each
+        free sequence goes to the next stream in line, so their jobs share rounds.
         """
         stream = _Stream(jobs)
         self._put(stream)
-        return stream.consume()
+        return StreamResults(stream)
+
+    @property
+    def live(self) -> int:
+        """Sequences decoding now."""
+        return len(self._live)
+
+    @property
+    def waiting(self) -> int:
+        """Callers (streams, jobs, calls) waiting for a sequence."""
+        return len(self._waiting) + self._queue.qsize()
 
     def call(self, fn: Callable[[Any, PrefixCache], T]) -> T:
         """Run `fn(decoder, prefixes)` on the scheduler's thread once no job is live; its result.
@@ -268,6 +324,7 @@ class Scheduler:
         for seq in [s for s, (entry, _) in self._live.items() if entry.cancelled()]:
             del self._live[seq]
             self._release(seq)
+            self.stats.cancelled += 1
             self._notify("cancel", seq)
 
     def _admit(self) -> None:
@@ -322,6 +379,7 @@ class Scheduler:
         _add(job.clock, "prefill", time.perf_counter() - t0)
         draft = Draft(list(job.draft)) if job.draft else None
         state = SequenceState(seq=seq, pos=pos, logits=logits, rule=job.rule, draft=draft)
+        self.stats.admitted += 1
         self._notify("admit", seq)
         state.start(self.decoder.stop_ids)
         if state.done:
@@ -333,6 +391,7 @@ class Scheduler:
     def _round(self) -> None:
         t0 = time.perf_counter()
         order = sorted(self._live)
+        self._count_round(order)
         self._notify("round", tuple(order))
         try:
             decode_round(self.decoder, [self._live[seq][1] for seq in order], self.config)
@@ -352,6 +411,15 @@ class Scheduler:
             entry.complete(state.result())
         if not self._waiting and self._queue.empty():
             self._compact()
+
+    def _count_round(self, order: list[int]) -> None:
+        stats = self.stats
+        stats.rounds += 1
+        stats.rows += len(order)
+        stats.max_rows = max(stats.max_rows, len(order))
+        callers = {id(entry.stream or entry) for entry, _ in (self._live[seq] for seq in order)}
+        if len(callers) > 1:
+            stats.shared_rounds += 1
 
     def _compact(self) -> None:
         """Move the highest live sequences into the lowest free ids until the live ids are 0..n-1.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import queue
 import sys
 import threading
@@ -28,6 +29,7 @@ from common.cli import (
     OneLineParser,
     SetupError,
     add_model_options,
+    add_transcription_options,
     check_folders,
     load_engine,
     log_to_stderr,
@@ -61,11 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the final lines here at the end (also after Ctrl-C)")
     p.add_argument("--device", default=None, help="input device (number or name; default: the system's)")
     p.add_argument("--quiet", action="store_true", help="no partial text, notes or progress on stderr")
+    p.add_argument("--api-key", default=None, help="--server: the server's API key (default: $FUNASR_API_KEY)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-int8",
                    help="which models to load (default: cpu-int8, as 03_inference_cpu_int8.py)")
     p.add_argument("--partial-interval", type=positive(float), default=0.5,
                    help="seconds of new audio between partial texts (default: 0.5)")
     add_model_options(p)
+    add_transcription_options(p)
     return p
 
 
@@ -95,7 +99,8 @@ def _run(args: argparse.Namespace) -> int:
     settings = SessionSettings(sample_rate=source.rate, prompt=prompt)
     engine = None
     if args.server is not None:
-        sink: LocalSink | ServerSink = ServerSink(args.server, settings, display)
+        api_key = args.api_key or os.environ.get("FUNASR_API_KEY") or None
+        sink: LocalSink | ServerSink = ServerSink(args.server, settings, display, api_key)
     else:
         engine = load_engine(PRESETS[args.preset], args)
         config = RealtimeConfig(partial_interval_seconds=args.partial_interval, max_new_tokens=args.max_new_tokens,
@@ -243,7 +248,7 @@ class LocalSink:
 class ServerSink:
     """The server's realtime WebSocket: session.update, base64 PCM16 appends, events back on a reader thread."""
 
-    def __init__(self, url: str, settings: SessionSettings, display: Display) -> None:
+    def __init__(self, url: str, settings: SessionSettings, display: Display, api_key: str | None = None) -> None:
         try:
             from websockets.sync.client import connect
         except ImportError as exc:
@@ -251,7 +256,8 @@ class ServerSink:
         self.url = realtime_url(url)
         self.display = display
         try:
-            self.ws = connect(self.url, open_timeout=30, max_size=None)
+            headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+            self.ws = connect(self.url, open_timeout=30, max_size=None, additional_headers=headers)
             first = json.loads(self.ws.recv(timeout=30))
         except Exception as exc:  # noqa: BLE001 - refused, unresolvable, not a WebSocket, a bad handshake...
             raise SetupError(f"{self.url}: cannot open the realtime session ({exc})") from exc

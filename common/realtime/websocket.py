@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 
 from fastapi import WebSocket, WebSocketDisconnect  # the server's extras (requirements-server.txt)
 
@@ -31,13 +32,31 @@ TRY_AGAIN_LATER = 1013
 
 
 def add_realtime_route(app, engine, *, config: RealtimeConfig = DEFAULT_CONFIG, path: str = PATH,
-                       max_sessions: int | None = None) -> None:
-    """Mount the realtime transcription WebSocket on `app` (FastAPI), sessions decoding on `engine`."""
+                       max_sessions: int | None = None, authorize: Callable[[WebSocket], str | None] | None = None
+                       ) -> None:
+    """Mount the realtime transcription WebSocket on `app` (FastAPI), sessions decoding on `engine`.
+
+    `engine` is the Engine, or a function giving it (None while the models load: the connection
+    gets a `model_loading` error). `authorize(websocket)` returns None to let a client in, else the
+    message of an `invalid_api_key` error (the server's API key).
+    """
     live: set[RealtimeSession] = set()
+    engine_now = engine if callable(engine) else (lambda: engine)
 
     @app.websocket(path)
     async def realtime_transcription(websocket: WebSocket, intent: str = "transcription") -> None:
         await websocket.accept()
+        refusal = authorize(websocket) if authorize is not None else None
+        if refusal is not None:
+            await _send(websocket, Error("invalid_api_key", refusal, kind="invalid_request_error"))
+            await websocket.close(POLICY_VIOLATION)
+            return
+        current = engine_now()
+        if current is None:
+            await _send(websocket, Error("model_loading", "the models are still loading; try again shortly",
+                                         kind="server_error"))
+            await websocket.close(TRY_AGAIN_LATER)
+            return
         if intent != "transcription":
             await _send(websocket, Error("invalid_intent", f"this endpoint serves intent=transcription, not {intent!r}",
                                          "intent"))
@@ -57,7 +76,7 @@ def add_realtime_route(app, engine, *, config: RealtimeConfig = DEFAULT_CONFIG, 
             except RuntimeError:  # the loop has gone (server shutting down)
                 pass
 
-        session = await asyncio.to_thread(RealtimeSession, engine, None, config, from_session)
+        session = await asyncio.to_thread(RealtimeSession, current, None, config, from_session)
         live.add(session)
         outbox.put_nowait(SessionCreated(session.id, session.settings))
         sender = asyncio.create_task(_send_all(websocket, outbox))

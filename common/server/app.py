@@ -1,0 +1,284 @@
+"""The FastAPI app: routes, the Engine loaded in the background, admission, streaming, metrics.
+
+`create_app(config, load_engine)` builds it; `load_engine()` runs on a thread after start-up, so
+/health answers 503 (and transcription requests 503 with Retry-After) until the models are in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from common.engine import Engine, TranscribeOptions
+from common.output.results import Transcript
+from common.realtime.settings import RealtimeConfig
+from common.realtime.websocket import add_realtime_route
+from common.server import responses
+from common.server.errors import SERVER, ApiError, bad_request, error_response, install_handlers
+from common.server.limits import Admission, Slot, UploadLimit, check_api_key
+from common.server.metrics import CONTENT_TYPE, Metrics
+from common.server.requests import TranscriptionRequest, parse_request
+from common.server.service import Limits, Running, TranscriptionService
+
+log = logging.getLogger(__name__)
+COPY_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The server's limits and names; `defaults` are the transcription options requests start from."""
+
+    model_name: str = "fun-asr-nano"
+    api_key: str | None = None
+    max_upload_bytes: int = 25 * 2**20
+    max_audio_seconds: float = 1800.0
+    max_queue: int = 64
+    timeout: float = 600.0
+    max_prompt_chars: int = 200
+    max_streams: int = 8  # real-time WebSocket sessions at once (/v1/realtime)
+    defaults: TranscribeOptions = field(default_factory=TranscribeOptions)
+
+
+class _State:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.admission = Admission(config.max_queue)
+        self.service: TranscriptionService | None = None
+        self.load_error: str | None = None
+        self.metrics = Metrics(lambda: self.service.engine.scheduler if self.service is not None else None)
+        self.metrics.in_progress.set_function(lambda: self.admission.in_flight)
+
+
+def create_app(config: ServerConfig, load_engine: Callable[[], Engine]) -> FastAPI:
+    state = _State(config)
+
+    def load() -> None:
+        try:
+            engine = load_engine()
+        except Exception as exc:  # noqa: BLE001 - reported by /health and the log, the process stays up
+            state.load_error = " ".join(str(exc).split()) or type(exc).__name__
+            log.error("loading the models failed: %s", state.load_error)
+            return
+        state.service = TranscriptionService(engine, config.defaults,
+                                             Limits(config.max_audio_seconds, config.timeout),
+                                             workers=config.max_queue)
+        state.admission.ready = True
+        log.info("models loaded in %.1f s; batch of %d sequences", engine.load_seconds, engine.scheduler.width)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loader = threading.Thread(target=load, name="model-loader", daemon=True)
+        loader.start()
+        yield
+        state.admission.draining = True
+        await asyncio.to_thread(loader.join)
+        if state.service is not None:
+            await asyncio.to_thread(state.service.close)
+            await asyncio.to_thread(state.service.engine.close)
+
+    app = FastAPI(title="Fun-ASR-Nano transcription server", lifespan=lifespan)
+    app.state.server = state
+    install_handlers(app)
+    app.add_middleware(UploadLimit, max_bytes=config.max_upload_bytes)
+
+    def realtime_engine() -> Engine | None:
+        return state.service.engine if state.service is not None and not state.admission.draining else None
+
+    def realtime_authorize(websocket) -> str | None:  # noqa: ANN001 - a FastAPI WebSocket
+        try:
+            check_api_key(websocket.headers.get("authorization"), config.api_key)
+        except ApiError as exc:
+            return exc.message
+        return None
+
+    # live streams decode on the same engine and scheduler as the file requests (common/realtime)
+    defaults = config.defaults
+    realtime = RealtimeConfig(max_segment_seconds=defaults.max_segment_seconds, max_new_tokens=defaults.max_new_tokens,
+                              speculative=defaults.speculative)
+    add_realtime_route(app, realtime_engine, config=realtime, max_sessions=config.max_streams,
+                       authorize=realtime_authorize)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if state.load_error is not None:
+            return error_response(503, f"loading the models failed: {state.load_error}", code="model_load_failed",
+                                  type=SERVER)
+        if state.admission.draining:
+            return error_response(503, "shutting down", code="shutting_down", type=SERVER)
+        if not state.admission.ready:
+            return error_response(503, "the models are still loading", code="model_loading", type=SERVER,
+                                  headers={"Retry-After": "5"})
+        return JSONResponse({"status": "ok", "model": config.model_name,
+                             "in_flight": state.admission.in_flight})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        check_api_key(request.headers.get("authorization"), config.api_key)
+        return JSONResponse({"object": "list", "data": [
+            {"id": config.model_name, "object": "model", "created": 0, "owned_by": "funasr"}]})
+
+    @app.post("/v1/audio/transcriptions")
+    async def transcriptions(request: Request) -> Response:
+        t0 = time.perf_counter()
+        fmt = "unknown"
+        slot: Slot | None = None
+        upload: Path | None = None
+        try:
+            check_api_key(request.headers.get("authorization"), config.api_key)
+            slot = state.admission.enter()
+            async with request.form(max_files=1, max_fields=50) as form:
+                req = parse_request(form, default_model=config.model_name,
+                                    max_prompt_chars=config.max_prompt_chars)
+                fmt = req.response_format
+                upload = await _save_upload(req)
+            assert state.service is not None
+            if req.words and state.service.engine.ctc is None:
+                raise bad_request("word timestamps need the model's CTC head (ctc.onnx), which this model folder "
+                                  "lacks", param="timestamp_granularities[]", code="unsupported_value")
+            options = state.service.options(prompt=req.prompt, timestamps=req.timestamps)
+            running = state.service.start(upload, req.upload.filename or "upload", options)
+            if req.stream:
+                response = await _streamed(running, req, upload, slot, t0)
+                upload = slot = None  # the stream owns them now
+                return response
+            return await _answer(request, running, req, t0)
+        except ApiError as exc:
+            state.metrics.errors.labels(exc.code).inc()
+            state.metrics.requests.labels(fmt, str(exc.status)).inc()
+            return exc.response()
+        except Exception:
+            state.metrics.errors.labels("internal_error").inc()
+            state.metrics.requests.labels(fmt, "500").inc()
+            raise
+        finally:
+            if upload is not None:
+                _remove(upload)
+            if slot is not None:
+                slot.release()
+
+    async def _save_upload(req: TranscriptionRequest) -> Path:
+        """The upload copied to a temporary file (removed by the caller); FastAPI's spool is closed after."""
+        suffix = Path(req.upload.filename or "").suffix[:16]
+        fd, name = tempfile.mkstemp(prefix="funasr-upload-", suffix=suffix)
+        path = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                while chunk := await req.upload.read(COPY_CHUNK):
+                    await asyncio.to_thread(out.write, chunk)
+        except BaseException:
+            _remove(path)
+            raise
+        return path
+
+    async def _finish(running: Running) -> Transcript:
+        """The transcript within the timeout; ApiError 504 (and the request's sequences freed) past it."""
+        assert running.future is not None
+        try:
+            return await asyncio.wait_for(asyncio.shield(running.future), config.timeout)
+        except TimeoutError:
+            running.cancel()
+            raise ApiError(504, f"transcription took longer than {config.timeout:g} s (--timeout)", code="timeout",
+                           type=SERVER) from None
+        except asyncio.CancelledError:
+            running.cancel()
+            raise
+
+    def _done(fmt: str, transcript: Transcript, t0: float) -> None:
+        m = state.metrics
+        m.requests.labels(fmt, "200").inc()
+        m.audio_seconds.inc(transcript.duration)
+        m.tokens.inc(transcript.n_tokens)
+        m.latency.observe(time.perf_counter() - t0)
+
+    async def _answer(request: Request, running: Running, req: TranscriptionRequest, t0: float) -> Response:
+        """The whole response once decoded; a client that disconnects first cancels its segments."""
+        work = asyncio.ensure_future(_finish(running))
+        gone = asyncio.ensure_future(_disconnected(request))
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():
+            work.cancel()
+            running.cancel()
+            log.info("client went away: its segments are cancelled")
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await work
+            raise ApiError(499, "client closed the request", code="client_closed")
+        gone.cancel()
+        transcript = work.result()
+        _done(req.response_format, transcript, t0)
+        return responses.render(transcript, req)
+
+    async def _streamed(running: Running, req: TranscriptionRequest, upload: Path, slot: Slot,
+                        t0: float) -> Response:
+        """SSE once the audio has opened (so that its errors still get their status): deltas, then done."""
+        assert running.future is not None
+        await running.opened.wait()
+        if running.future.done() and running.future.exception() is not None:
+            _remove(upload)
+            slot.release()
+            raise running.future.exception()  # type: ignore[misc]
+
+        async def events() -> AsyncIterator[bytes]:
+            text = responses.DeltaText()
+            deadline = time.monotonic() + config.timeout
+            try:
+                while (segment := await asyncio.wait_for(running.segments.get(),
+                                                         max(0.0, deadline - time.monotonic()))) is not None:
+                    if delta := text.add(segment.text):
+                        yield responses.delta_event(delta)
+                transcript = await _finish(running)
+                if delta := text.finish():
+                    yield responses.delta_event(delta)
+                _done(req.response_format, transcript, t0)
+                yield responses.done_event(transcript)
+            except (ApiError, TimeoutError) as exc:
+                running.cancel()
+                error = exc if isinstance(exc, ApiError) else ApiError(504, "transcription timed out", code="timeout",
+                                                                       type=SERVER)
+                state.metrics.errors.labels(error.code).inc()
+                yield responses.sse({"type": "error", "error": {"message": error.message, "type": error.type,
+                                                                "code": error.code}})
+            finally:
+                running.cancel()  # no-op once finished; the client went away otherwise
+                _remove(upload)
+                slot.release()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"openai-model": req.model, "Cache-Control": "no-cache"})
+
+    return app
+
+
+DISCONNECT_POLL_SECONDS = 0.25
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has disconnected (checked every DISCONNECT_POLL_SECONDS).
+
+    Polled rather than awaited on `receive()`: once the body is read, some servers' receive()
+    answers at once with empty body messages, and a loop on it would spin the event loop.
+    """
+    while not await request.is_disconnected():
+        await asyncio.sleep(DISCONNECT_POLL_SECONDS)
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+__all__ = ["ServerConfig", "create_app"]

@@ -1,0 +1,102 @@
+"""05_server.py's command line: the 03 scripts' model options, the server's address and limits.
+
+The app is served by uvicorn; SIGINT/SIGTERM start a graceful shutdown: the listening socket
+closes, requests still arriving on open connections get 503, requests in flight finish (up to
+`--timeout`), then the models are freed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from common.cli import (
+    EXIT_SETUP,
+    OneLineParser,
+    SetupError,
+    add_model_options,
+    check_folders,
+    load_engine,
+    log_to_stderr,
+    positive,
+)
+from common.presets import PRESETS
+
+API_KEY_ENV = "FUNASR_API_KEY"
+DEFAULT_PRESET = "cpu-int8"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="05_server.py",
+                      description="OpenAI-compatible transcription server (POST /v1/audio/transcriptions): "
+                                  "concurrent requests share one batched decoder.")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
+                   help=f"which exported files to load, as the 03 scripts (default: {DEFAULT_PRESET})")
+    add_model_options(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--max-batch", type=positive(int), default=None,
+                   help="sequences decoded together, across requests (default: the preset's server batch)")
+    p.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV}; none: open)")
+    p.add_argument("--max-upload-mb", type=positive(float), default=25.0, help="largest upload in MB (default: 25)")
+    p.add_argument("--max-audio-seconds", type=positive(float), default=1800.0,
+                   help="longest audio accepted (default: 1800)")
+    p.add_argument("--max-queue", type=positive(int), default=64,
+                   help="requests accepted at once (decoding or waiting); more get 503 + Retry-After (default: 64)")
+    p.add_argument("--timeout", type=positive(float), default=600.0,
+                   help="seconds a request may take once uploaded (default: 600)")
+    p.add_argument("--max-prompt-chars", type=positive(int), default=200,
+                   help="longest prompt + hotwords of a request; sizes each sequence's KV cache (default: 200)")
+    p.add_argument("--vad", choices=("silero", "none"), default="silero", help="as in the 03 scripts")
+    p.add_argument("--max-streams", type=positive(int), default=8,
+                   help="real-time WebSocket sessions at once on /v1/realtime (default: 8)")
+    p.add_argument("--model-name", default="fun-asr-nano", help="the id /v1/models lists (default: fun-asr-nano)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    log_to_stderr()
+    logging.getLogger("common").setLevel(args.log_level.upper())
+    try:
+        check_folders(args)
+    except SetupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_SETUP
+    import uvicorn
+
+    from common.engine import TranscribeOptions
+    from common.server.app import ServerConfig, create_app
+
+    preset = PRESETS[args.preset]
+    args.batch_size = args.max_batch or preset.server_batch
+    args.hotwords = "x" * args.max_prompt_chars  # the KV cache is sized for the longest prompt a request may send
+    defaults = TranscribeOptions(max_new_tokens=args.max_new_tokens, max_segment_seconds=args.max_segment,
+                                 speculative=not args.no_speculative, vad=args.vad)
+    config = ServerConfig(model_name=args.model_name, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+                          max_upload_bytes=int(args.max_upload_mb * 2**20), max_audio_seconds=args.max_audio_seconds,
+                          max_queue=args.max_queue, timeout=args.timeout, max_prompt_chars=args.max_prompt_chars,
+                          max_streams=args.max_streams, defaults=defaults)
+    app = create_app(config, lambda: load_engine(preset, args))
+    server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                    timeout_graceful_shutdown=int(args.timeout) + 5))
+    server.run()
+    return 0
+
+
+class _Server:
+    """uvicorn's server, marking the app as draining as soon as a shutdown signal arrives."""
+
+    def __new__(cls, config):  # noqa: ANN001 - uvicorn.Config
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig, frame) -> None:  # noqa: ANN001
+                self.config.app.state.server.admission.draining = True
+                super().handle_exit(sig, frame)
+
+        return Server(config)

@@ -1,0 +1,126 @@
+"""One request's transcription on a worker thread, feeding the shared Engine's scheduler.
+
+Decoding the upload, the VAD and the encoder run on the request's worker thread (or, for the
+segments the scheduler pulls, on the scheduler's thread), never on the event loop; the segments
+join the one `Scheduler`, whose rounds mix the segments of every request in flight (each with its
+own language, hotwords and ITN). Segments come back in input order; the event loop gets them
+through an asyncio queue (for streaming) and the transcript at the end.
+
+A request that is cancelled (client gone, timeout, shutdown) calls `SegmentStream.cancel()`:
+its sequences are freed before the next round and the others go on unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import CancelledError, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from common.audio.load import AudioError, audio_duration
+from common.engine import Engine, SegmentStream, TranscribeOptions
+from common.output.results import Segment, Transcript
+from common.server.errors import ApiError, bad_request
+
+AUDIO_SLACK_SECONDS = 1.0  # decoded audio may run this much past the header's duration before it counts
+
+
+def audio_too_long(seconds: float, limit: float) -> ApiError:
+    return ApiError(413, f"audio is {seconds:.1f} s long; this server takes at most {limit:g} s (--max-audio-seconds)",
+                    code="audio_too_long", param="file")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_audio_seconds: float
+    timeout: float  # seconds per request, upload excluded
+
+
+class Running:
+    """A transcription in progress: segments arrive on `segments` (None at the end), `cancel()` from the loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.segments: asyncio.Queue[Segment | None] = asyncio.Queue()
+        self.opened = asyncio.Event()  # the audio opened and checked: a streamed response may start
+        self._lock = threading.Lock()
+        self._stream: SegmentStream | None = None
+        self._cancelled = False
+        self.future: asyncio.Future[Transcript] | None = None
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            if self._stream is not None:
+                self._stream.cancel()
+
+    def _attach(self, stream: SegmentStream) -> None:
+        with self._lock:
+            self._stream = stream
+            if self._cancelled:
+                stream.cancel()
+
+    def _post(self, item: Segment | None) -> None:
+        self.loop.call_soon_threadsafe(self.segments.put_nowait, item)
+
+    def _open(self) -> None:
+        self.loop.call_soon_threadsafe(self.opened.set)
+
+
+class TranscriptionService:
+    """The shared Engine and the worker threads that feed it (one per request in flight)."""
+
+    def __init__(self, engine: Engine, defaults: TranscribeOptions, limits: Limits, workers: int) -> None:
+        self.engine = engine
+        self.defaults = defaults
+        self.limits = limits
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="request")
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+    def start(self, path: Path, name: str, options: TranscribeOptions) -> Running:
+        """Start transcribing `path` (the upload, called `name` in messages); await `running.future`."""
+        loop = asyncio.get_running_loop()
+        running = Running(loop)
+        running.future = asyncio.wrap_future(self.executor.submit(self._run, running, path, name, options))
+        return running
+
+    def options(self, **choices: object) -> TranscribeOptions:
+        return replace(self.defaults, **choices)
+
+    def _run(self, running: Running, path: Path, name: str, options: TranscribeOptions) -> Transcript:
+        """On a worker thread: check the audio, decode it segment by segment, post each segment."""
+        limit = self.limits.max_audio_seconds
+        try:
+            try:
+                seconds = audio_duration(path)
+                if seconds is not None and seconds > limit + AUDIO_SLACK_SECONDS:
+                    raise audio_too_long(seconds, limit)
+                stream = self.engine.segments(path, options)
+            except AudioError as exc:
+                raise bad_request(f"{name}: {exc.problem}", param="file", code="invalid_audio") from None
+            running._attach(stream)
+            running._open()
+            try:
+                for segment in stream:
+                    if segment.end > limit + AUDIO_SLACK_SECONDS:
+                        raise audio_too_long(segment.end, limit)
+                    running._post(segment)
+            except AudioError as exc:  # damaged further in
+                raise bad_request(f"{name}: {exc.problem}", param="file", code="invalid_audio") from None
+            finally:
+                stream.close()
+            transcript = stream.transcript
+            if transcript is None:
+                raise CancelledError()
+            if transcript.duration == 0:
+                raise bad_request(f"{name}: no audio samples (the file holds no audio data)", param="file",
+                                  code="invalid_audio")
+            if transcript.duration > limit + AUDIO_SLACK_SECONDS:
+                raise audio_too_long(transcript.duration, limit)
+            return transcript
+        finally:
+            running._open()  # a waiter for the opening wakes whatever happened
+            running._post(None)
