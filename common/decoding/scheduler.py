@@ -29,8 +29,11 @@ Behaviours the tokens depend on (all tested against decoding each job alone):
   move down into freed ids (`compact`): llama.cpp's split KV cache batches only consecutive
   sequence ids in one pass, so a gap costs one more pass over the weights every round;
 - use the split cache (`DecoderOptions.kv_unified=False`, the default): each sequence's cache is
-  then laid out exactly as when it is decoded alone, and the tokens are bit-for-bit those of
-  one-by-one decoding (tested with f32 and f16 GGUFs). A unified cache stores a shared prefix once,
+  then laid out exactly as when it is decoded alone, and the tokens are those of one-by-one
+  decoding (tested with f32 and f16 GGUFs, up to 150 tokens a job). Not bit-for-bit forever:
+  llama.cpp pads a batch's view of the KV cache to 256 cells, so a sequence batched with a much
+  longer one attends over more (masked) cells and flash attention sums in another order; on random
+  weights a near-tie flipped a token after about 490. A unified cache stores a shared prefix once,
   but with flash attention (llama.cpp's CPU default) its results depend on where earlier calls
   left free cells.
 """
