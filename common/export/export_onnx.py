@@ -486,7 +486,7 @@ def export_onnx(model_dir: Path | str, out_dir: Path | str, *, int8: bool = True
 
 def warm_session_cache(graphs: list[Path], out_dir: Path) -> Path:
     """Open each graph inference opens once, so ONNX Runtime's optimized copy is in the session cache
-    (common/session_cache.py) and the first transcription starts without optimizing them."""
+    (common/models/session_cache.py) and the first transcription starts without optimizing them."""
     from common.models.encoder import load_session
     from common.models.session_cache import CACHE_FOLDER
 

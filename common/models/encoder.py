@@ -33,7 +33,7 @@ def session_options(threads: int) -> ort.SessionOptions:
 
 def load_session(path: Path | str, *, threads: int = 2, providers: list[str] | None = None,
                  cache: bool = True) -> OpenedSession:
-    """Create an InferenceSession (through the optimized-graph cache, common/session_cache.py), turning
+    """Create an InferenceSession (through the optimized-graph cache, common/models/session_cache.py), turning
     ORT's multi-line failures into one line that names the file."""
     path = Path(path)
     if not path.is_file():
@@ -66,7 +66,17 @@ def _input_dim(session: ort.InferenceSession, name: str, path: Path) -> int:
     raise OnnxModelError(f"{path}: graph has no input {name!r} with a fixed last dimension")
 
 
-class AudioEncoder:
+class _OnnxGraph:
+    """One exported graph and its session, opened through the optimized-graph cache."""
+
+    def __init__(self, path: Path | str, *, threads: int, providers: list[str] | None, cache: bool) -> None:
+        self.path = Path(path)
+        opened = load_session(self.path, threads=threads, providers=providers, cache=cache)
+        self.session = opened.session
+        self.session_origin = opened.origin  # "cache", "written" or "uncached" (common/models/session_cache.py)
+
+
+class AudioEncoder(_OnnxGraph):
     """features (T, input_size) -> (encoder_out (T, enc_dim), adaptor_out (T, llm_dim)).
 
     adaptor_out is the adaptor's full output; the caller keeps only the official number of rows.
@@ -74,10 +84,7 @@ class AudioEncoder:
 
     def __init__(self, path: Path | str, *, threads: int = 2, providers: list[str] | None = None,
                  cache: bool = True) -> None:
-        self.path = Path(path)
-        opened = load_session(self.path, threads=threads, providers=providers, cache=cache)
-        self.session = opened.session
-        self.session_origin = opened.origin  # "cache", "written" or "uncached" (common/session_cache.py)
+        super().__init__(path, threads=threads, providers=providers, cache=cache)
         self.input_size = _input_dim(self.session, "features", self.path)
         self.encoder_dim = _output_dim(self.session, "encoder_out", self.path)
         self.adaptor_dim = _output_dim(self.session, "adaptor_out", self.path)
@@ -93,7 +100,7 @@ class AudioEncoder:
         return enc[0], ada[0]
 
 
-class CTCHead:
+class CTCHead(_OnnxGraph):
     """encoder_out (T, enc_dim) -> per-frame log-probs (T, V) or greedy ids (T,).
 
     Greedy decoding only needs the ids, which the graph computes itself (argmax inside ORT) so the
@@ -102,10 +109,7 @@ class CTCHead:
 
     def __init__(self, path: Path | str, *, threads: int = 2, providers: list[str] | None = None,
                  cache: bool = True) -> None:
-        self.path = Path(path)
-        opened = load_session(self.path, threads=threads, providers=providers, cache=cache)
-        self.session = opened.session
-        self.session_origin = opened.origin  # "cache", "written" or "uncached" (common/session_cache.py)
+        super().__init__(path, threads=threads, providers=providers, cache=cache)
         self.encoder_dim = _input_dim(self.session, "encoder_out", self.path)
         self.vocab_size = _output_dim(self.session, "log_probs", self.path)
 
