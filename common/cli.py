@@ -182,6 +182,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gguf", type=Path, default=None, help="GGUF decoder to use instead of the preset's")
     p.add_argument("--no-speculative", action="store_true",
                    help="plain greedy decoding: do not verify the CTC head's draft (same text, slower)")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="a segment's text never depends on what is decoded alongside it (f16/f32 GGUFs: "
+                        "steps with one segment live cost about 1.3x; q8_0 needs nothing)")
     # Benchmarks on random weights force a length; not for users.
     p.add_argument("--force-tokens", type=int, default=0, help=argparse.SUPPRESS)
 
@@ -311,7 +314,7 @@ def load_engine(preset: Preset, args: argparse.Namespace, *, export: bool = True
             max_new_tokens=args.max_new_tokens, max_segment_seconds=args.max_segment,
             hotwords=(args.hotwords or "") if hotwords is None else hotwords,
             encoder_path=encoder_path, gguf_path=gguf_path, hooks=BenchmarkHooks(min_new_tokens=args.force_tokens),
-            preload=preload)
+            preload=preload, batch_invariant=args.batch_invariant)
     except (DecoderError, ValueError, RuntimeError, OSError) as exc:
         raise SetupError(_one_line(exc)) from exc
 

@@ -261,10 +261,12 @@ class Engine:
         hooks: BenchmarkHooks = NO_HOOKS,
         observer: Observer | None = None,
         preload: TranscribeOptions | None = None,
+        batch_invariant: bool = False,
     ) -> None:
         """Load the encoder and llama.cpp side by side (both release the GIL while loading); with
         `preload`, also the sessions those options will need (the VAD, the CTC head), which are
-        otherwise opened on first use."""
+        otherwise opened on first use. `batch_invariant`: a segment's tokens never depend on the
+        other segments, files or requests decoded with it (`common.decoding.scheduler`)."""
         from common.presets import GGUF_F16
 
         self.settings = ModelSettings.load(model_dir)
@@ -299,7 +301,8 @@ class Engine:
                 f"{self.decoder.path}: LLM width {self.decoder.n_embd} does not match the encoder's "
                 f"adaptor output {self.settings.adaptor_dim}; export both from the same release"
             )
-        self.scheduler = Scheduler(self.decoder, refill=hooks.refill, observer=observer)
+        self.scheduler = Scheduler(self.decoder, refill=hooks.refill, observer=observer,
+                                   batch_invariant=batch_invariant)
         self.load_seconds = time.perf_counter() - t0
 
     @classmethod
@@ -317,6 +320,7 @@ class Engine:
         gguf_path: Path | str | None = None,
         hooks: BenchmarkHooks = NO_HOOKS,
         preload: TranscribeOptions | None = None,
+        batch_invariant: bool = False,
     ) -> Engine:
         """The models of a preset (`common.presets.PRESETS`), the KV cache sized for these limits.
 
@@ -330,7 +334,7 @@ class Engine:
         options = DecoderOptions(threads=threads, n_gpu_layers=n_gpu_layers, n_seq_max=batch_size, n_ctx=n_ctx)
         return cls(model_dir, encoder_path=encoder_path or model_dir / preset.encoder_file,
                    gguf_path=gguf_path or model_dir / preset.gguf_file, threads=threads, providers=providers,
-                   decoder_options=options, hooks=hooks, preload=preload)
+                   decoder_options=options, hooks=hooks, preload=preload, batch_invariant=batch_invariant)
 
     def __enter__(self) -> Engine:
         return self

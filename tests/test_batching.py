@@ -177,3 +177,75 @@ def test_engine_decodes_the_vad_segments_batched(tiny_models, layout, tmp_path):
     assert [s.token_ids for s in got.segments] == alone
     assert got.duration == pytest.approx(len(wave) / SR) and got.timings["vad"] >= 0
     assert silent.text == "" and silent.segments == [] and silent.n_tokens == 0
+
+
+class _RecordingDecoder:
+    """A `RoundDecoder` over the real one that keeps a copy of every row's logits, by (sequence, position)."""
+
+    def __init__(self, decoder) -> None:
+        self.decoder = decoder
+        self.n_batch, self.n_ctx, self.stop_ids = decoder.n_batch, decoder.n_ctx, decoder.stop_ids
+        self.rows: dict[tuple[int, int], np.ndarray] = {}
+        self._fed: list[tuple[int, int]] = []
+
+    def decode_many(self, tokens, positions, seqs, outputs) -> None:
+        self.decoder.decode_many(tokens, positions, seqs, outputs)
+        self._fed = [(s, p) for s, p, out in zip(seqs, positions, outputs) if out]
+
+    def logits_rows(self, count: int) -> np.ndarray:
+        logits = self.decoder.logits_rows(count)
+        for key, row in zip(self._fed, logits):
+            self.rows.setdefault(key, row.copy())
+        return logits
+
+    def step(self, token: int, pos: int, seq: int = 0) -> np.ndarray:
+        logits = self.decoder.step(token, pos, seq)
+        self.rows.setdefault((seq, pos), logits.copy())
+        return logits
+
+    def clear(self, seq: int = -1, start: int = 0) -> None:
+        self.decoder.clear(seq, start)
+
+
+def _rows_of_sequence_zero(decoder, pad: bool, company: bool) -> tuple[list[int], list[np.ndarray]]:
+    """Sequence 0's tokens and the logits of each row it fed: 40 forced tokens, alone or beside a 10-token job."""
+    from common.decoding.rounds import decode_to_end
+    from common.decoding.sequence import SequenceState
+
+    prompts = [list(range(2000, 2012)), list(range(3000, 3020))]
+    states = []
+    decoder.clear()
+    for seq, (prompt, n) in enumerate(zip(prompts, (40, 10))):
+        if seq and not company:
+            break
+        decoder.decode_tokens(prompt, 0, seq)
+        states.append(SequenceState(seq=seq, pos=len(prompt), logits=decoder.logits().copy(), rule=StopRule.forced(n)))
+    recorder = _RecordingDecoder(decoder)
+    decode_to_end(recorder, states, pad_single_row=pad)
+    rows = [recorder.rows[(0, pos)] for pos in range(len(prompts[0]), states[0].pos)]
+    return states[0].tokens, rows
+
+
+def test_padded_lone_rows_give_a_sequence_the_logits_it_gets_in_company(tiny_models):
+    """batch_invariant's padding: a sequence's logits, bit for bit, whether it shares its rounds or not.
+
+    Beside a 10-token job, sequence 0 decodes its first 10 tokens in 2-row rounds, the rest alone;
+    alone, every round is a lone row. Where llama.cpp computes a lone row apart (f16 on x86), the
+    unpadded logits differ, which shows the comparison can see what the padding removes.
+    """
+    from common.models.llm import DecoderOptions, LlamaDecoder
+
+    decoder = LlamaDecoder(tiny_models / "qwen3-0.6b-asr.gguf", DecoderOptions(threads=2, n_ctx=128, n_seq_max=2))
+    try:
+        tokens_alone, alone = _rows_of_sequence_zero(decoder, pad=True, company=False)
+        tokens_beside, beside = _rows_of_sequence_zero(decoder, pad=True, company=True)
+        lone_rows_apart = not decoder.lone_row_matches_batched()
+        if lone_rows_apart:
+            _, unpadded_alone = _rows_of_sequence_zero(decoder, pad=False, company=False)
+    finally:
+        decoder.close()
+    assert len(alone) == len(beside) == 39  # the first token comes from the prompt's logits
+    assert tokens_alone == tokens_beside
+    assert all(np.array_equal(a, b) for a, b in zip(alone, beside))
+    if lone_rows_apart:
+        assert not all(np.array_equal(a, b) for a, b in zip(unpadded_alone, beside))

@@ -23,7 +23,8 @@ from common.corpus.cli import main as corpus_main  # noqa: E402
 from common.corpus.inputs import AudioFile, InputError, collect_inputs  # noqa: E402
 from common.corpus.store import CONSOLIDATED, PARTS, TIMING_COLUMNS, read_corpus  # noqa: E402
 
-OPTIONS = ["--preset", "cpu", "--max-new-tokens", "8", "--threads", "2", "--quiet"]
+# --batch-invariant on both sides: files batched with different company still get the same tokens (f16 GGUF)
+OPTIONS = ["--preset", "cpu", "--max-new-tokens", "8", "--threads", "2", "--quiet", "--batch-invariant"]
 N_GOOD, N_BAD = 10, 2
 
 
@@ -69,7 +70,7 @@ def first_run(cluster, corpus: Path, tiny_models: Path, tmp_path_factory: pytest
 def _cli_json(files: list[str], tiny_models: Path) -> dict[str, dict]:
     """The 03 script's JSON for each file (one process, JSON Lines on stdout)."""
     cmd = [sys.executable, str(ROOT / "03_inference_cpu.py"), *files, "--format", "json",
-           "--model-dir", str(tiny_models), "--max-new-tokens", "8", "--threads", "2", "--quiet"]
+           "--model-dir", str(tiny_models), "--max-new-tokens", "8", "--threads", "2", "--quiet", "--batch-invariant"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     records = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]

@@ -64,7 +64,8 @@ def speech(zh_mp3: Path, tmp_path_factory) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def engine(tiny_models: Path):
-    with Engine.from_preset("cpu-int8", tiny_models, batch_size=4, max_new_tokens=MAX_TOKENS) as eng:
+    with Engine.from_preset("cpu-int8", tiny_models, batch_size=4, max_new_tokens=MAX_TOKENS,
+                            batch_invariant=True) as eng:
         yield eng
 
 
@@ -206,6 +207,7 @@ def _observed_engine(models: Path, events: list) -> Engine:
     """Two sequences, every final forced long (random weights): a final is still decoding when we close."""
     n_ctx = context_per_sequence(3000)
     return Engine(models, gguf_path=models / GGUF_Q8_0, decoder_options=DecoderOptions(n_seq_max=2, n_ctx=n_ctx),
+                  batch_invariant=True,
                   hooks=BenchmarkHooks(min_new_tokens=3000), observer=lambda kind, detail: events.append((kind, detail)))
 
 
@@ -354,7 +356,8 @@ def test_websocket_endpoint_streams_finals_and_survives_bad_frames(engine, speec
 
 
 def test_microphone_script_on_a_file_prints_the_offline_cli_segments(tiny_models, zh_mp3, tmp_path):
-    common = ["--model-dir", str(tiny_models), "--max-new-tokens", str(MAX_TOKENS), "--threads", "2"]
+    common = ["--model-dir", str(tiny_models), "--max-new-tokens", str(MAX_TOKENS), "--threads", "2",
+              "--batch-invariant"]
     offline = subprocess.run([sys.executable, str(ROOT / "03_inference_cpu_int8.py"), str(zh_mp3), "--format", "json",
                               "--quiet", *common], capture_output=True, text=True, timeout=300)
     assert offline.returncode == 0, offline.stderr

@@ -10,9 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,69 +24,14 @@ import pytest
 import soundfile as sf
 
 from common.audio.load import load_audio
+from tests.server_process import KEY, ROOT, Server
 
 openai = pytest.importorskip("openai")  # requirements-test.txt installs it; a missing one fails below
-ROOT = Path(__file__).resolve().parent.parent
-KEY = "test-key"
 SR = 16000
 
 
 def test_openai_client_is_installed() -> None:
     import openai as client  # noqa: F401 - importorskip above must not hide a broken install
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A 05_server.py child process; `stop()` sends SIGTERM and returns its exit code."""
-
-    def __init__(self, models: Path, *extra: str) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(models.parent / f"server-{self.port}.log", "w+")  # noqa: SIM115
-        cmd = [sys.executable, str(ROOT / "05_server.py"), "--preset", "cpu", "--model-dir", str(models),
-               "--port", str(self.port), "--threads", "2", "--log-level", "warning", *extra]
-        env = {k: v for k, v in os.environ.items() if k != "FUNASR_API_KEY"}
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.output()
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        pytest.fail(f"server did not become healthy: {self.output()}")
-
-    def client(self, key: str | None = KEY, **kwargs) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key or "none", max_retries=0, **kwargs)
-
-    def metric(self, name: str) -> float:
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        match = re.search(rf"^{name}(?:\{{\}})? (\S+)$", text, re.M)
-        return float(match.group(1)) if match else 0.0
-
-    def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
-
-    def stop(self) -> int:
-        """SIGTERM; 0 or -SIGTERM (uvicorn re-raises the signal once its graceful shutdown is done)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +66,7 @@ def server(tiny_models: Path):
 
 def cli_text(models: Path, path: Path, *options: str) -> str:
     proc = subprocess.run([sys.executable, str(ROOT / "03_inference_cpu.py"), str(path), "--model-dir", str(models),
-                           "--threads", "2", "--format", "json", "--quiet", *options],
+                           "--threads", "2", "--format", "json", "--quiet", "--batch-invariant", *options],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)["text"]
@@ -345,15 +288,16 @@ def test_realtime_websocket_on_the_server_gives_the_offline_segments(tiny_models
     """06_microphone.py --server streams the clip to /v1/realtime (API key in the header): its finals are the
     segment texts of offline transcription with the server's preset; a wrong key is refused.
 
-    16 tokens per segment, as in tests/test_realtime.py: live segments are decoded as they end, offline
-    ones batched together, and on random weights a long decode can meet a near-tie that batch company
-    flips (llama.cpp pads each batch's view of the KV cache). The clip goes in as 16-bit PCM, what the
-    protocol carries, so both sides see the same samples."""
+    Live segments are decoded as they end, offline ones batched together: both sides run
+    --batch-invariant, so the company cannot flip a near-tie of the random weights (16 tokens a segment
+    keep it quick). The clip goes in as 16-bit PCM, what the protocol carries, so both sides see the
+    same samples."""
     clip = tmp_path / "clip16.wav"
     sf.write(clip, load_audio(zh_mp3), SR, subtype="PCM_16")
     offline = subprocess.run([sys.executable, str(ROOT / "03_inference_cpu.py"), str(clip), "--model-dir",
                               str(tiny_models), "--threads", "2", "--format", "json", "--quiet",
-                              "--max-new-tokens", "16"], capture_output=True, text=True, timeout=300)
+                              "--max-new-tokens", "16", "--batch-invariant"], capture_output=True, text=True,
+                             timeout=300)
     assert offline.returncode == 0, offline.stderr
     want = [s["text"] for s in json.loads(offline.stdout)["segments"]]
     srv = Server(tiny_models, "--api-key", KEY, "--max-new-tokens", "16")

@@ -7,8 +7,15 @@ rows are removed from its KV cache. Plain greedy decoding is the case with no pr
 
 Rows go in increasing sequence order: llama.cpp's split KV cache puts only consecutive sequence
 ids into one micro-batch, so any other order (or a gap) costs another pass over the weights.
-On the CPU backend the logits of a row do not depend on the other rows of its batch (tested), so
-each sequence gets the tokens of decoding it alone.
+
+On the CPU backend the logits of a row do not depend on which other rows share its batch, as
+long as there is at least one: llama.cpp multiplies a lone row by the weights with another
+kernel (a vector dot product per output) than several rows (tiled), and the two sum in another
+order. With f32, f16 and bf16 weights the lone row's logits differ in the last bits (relative
+1e-6 for f32, 5e-4 for f16, measured), enough to flip a near-tie; with q8_0 they are the same.
+`pad_single_row` gives a lone row a second row (its own token again, one position on, logits
+read and thrown away, KV entry removed), so a sequence's logits never depend on the load: that
+costs a 2-row decode (1.33 single steps for f16 on 2 cores) whenever one sequence is live.
 """
 
 from __future__ import annotations
@@ -40,11 +47,12 @@ class RoundDecoder(Protocol):
 
 
 def decode_round(decoder: RoundDecoder, states: Sequence[SequenceState],
-                 config: SpeculativeConfig = DEFAULT_CONFIG) -> None:
+                 config: SpeculativeConfig = DEFAULT_CONFIG, pad_single_row: bool = False) -> None:
     """One llama_decode for the states that are not done (given in increasing sequence order).
 
     States that do not fit in `n_batch` rows wait for the next round. A round of one plain row
-    takes `decoder.step`, the leanest call (the single-segment case).
+    takes `decoder.step`, the leanest call (the single-segment case), unless `pad_single_row`
+    asks for a second, discarded row (see the module docstring).
     """
     n_batch = decoder.n_batch
     tokens: list[int] = []
@@ -71,7 +79,12 @@ def decode_round(decoder: RoundDecoder, states: Sequence[SequenceState],
         plan.append((state, proposal))
     if not plan:
         return
-    if len(tokens) == 1:
+    padded = pad_single_row and len(tokens) == 1 and positions[0] + 1 < decoder.n_ctx and n_batch > 1
+    if padded:
+        decoder.decode_many(tokens * 2, [positions[0], positions[0] + 1], seqs * 2, [True, True])
+        all_logits = decoder.logits_rows(1)
+        decoder.clear(seqs[0], positions[0] + 1)
+    elif len(tokens) == 1:
         all_logits = decoder.step(tokens[0], positions[0], seqs[0])[None, :]
     else:
         decoder.decode_many(tokens, positions, seqs, [True] * len(tokens))
@@ -84,7 +97,7 @@ def decode_round(decoder: RoundDecoder, states: Sequence[SequenceState],
 
 
 def decode_to_end(decoder: RoundDecoder, states: Sequence[SequenceState],
-                  config: SpeculativeConfig = DEFAULT_CONFIG) -> None:
+                  config: SpeculativeConfig = DEFAULT_CONFIG, pad_single_row: bool = False) -> None:
     """Rounds until every state is done; each state's prompt must already be in its sequence.
 
     Afterwards each sequence's cache holds its prompt and the fed output tokens only (rejected
@@ -94,7 +107,7 @@ def decode_to_end(decoder: RoundDecoder, states: Sequence[SequenceState],
         state.start(decoder.stop_ids)
     ordered = sorted(states, key=lambda s: s.seq)
     while any(not s.done for s in ordered):
-        decode_round(decoder, ordered, config)
+        decode_round(decoder, ordered, config, pad_single_row)
 
 
 def _advance(decoder: RoundDecoder, state: SequenceState, proposal: list[int], all_logits: np.ndarray,

@@ -29,13 +29,15 @@ Behaviours the tokens depend on (all tested against decoding each job alone):
   move down into freed ids (`compact`): llama.cpp's split KV cache batches only consecutive
   sequence ids in one pass, so a gap costs one more pass over the weights every round;
 - use the split cache (`DecoderOptions.kv_unified=False`, the default): each sequence's cache is
-  then laid out exactly as when it is decoded alone, and the tokens are those of one-by-one
-  decoding (tested with f32 and f16 GGUFs, up to 150 tokens a job). Not bit-for-bit forever:
-  llama.cpp pads a batch's view of the KV cache to 256 cells, so a sequence batched with a much
-  longer one attends over more (masked) cells and flash attention sums in another order; on random
-  weights a near-tie flipped a token after about 490. A unified cache stores a shared prefix once,
-  but with flash attention (llama.cpp's CPU default) its results depend on where earlier calls
-  left free cells.
+  then laid out exactly as when it is decoded alone, and a row's logits depend on the other rows
+  of its round only through whether there are any. llama.cpp computes a lone row with another
+  kernel than a batch (`common.decoding.rounds`): with q8_0 weights the logits are the same bit
+  for bit, with f16 they differ in the last bits, so a job whose company comes and goes (a server
+  under load) can meet a near-tie that flips a token (on random weights, about one token in a few
+  hundred; trained weights rarely have such ties). `batch_invariant=True` pads lone rows so that
+  every job gets exactly the tokens it gets in any company. A unified cache stores a shared prefix
+  once, but with flash attention (llama.cpp's CPU default) its results depend on where earlier
+  calls left free cells.
 """
 
 from __future__ import annotations
@@ -221,15 +223,21 @@ class Scheduler:
     """Owns a decoder's sequences on one thread; see the module docstring.
 
     `refill=False` admits jobs only when every sequence has ended (fixed groups: a benchmark
-    comparison). `observer(event, detail)` sees "admit" (sequence id), "round" (the sequence ids
+    comparison). `batch_invariant=True` makes every job's tokens independent of the other jobs
+    decoded with it: where the decoder's lone rows are not computed like batched ones (measured
+    once, `LlamaDecoder.lone_row_matches_batched`), a round with one sequence gets a padding row. `observer(event, detail)` sees "admit" (sequence id), "round" (the sequence ids
     fed), "move" ((from, to)), "cancel" (sequence id): for tests and tracing.
     """
 
     def __init__(self, decoder: Any, *, config: SpeculativeConfig = DEFAULT_CONFIG, refill: bool = True,
-                 observer: Observer | None = None) -> None:
+                 observer: Observer | None = None, batch_invariant: bool = False) -> None:
         self.decoder = decoder
         self.config = config
         self.refill = refill
+        self.pad_single_row = batch_invariant and not decoder.lone_row_matches_batched()
+        if self.pad_single_row:
+            log.debug("%s: a lone row is computed apart from batched ones; padding single-sequence rounds",
+                      getattr(decoder, "path", "decoder"))
         self.observer = observer
         self.width = max(1, int(decoder.n_seq_max))
         self.prefixes = PrefixCache(decoder)
@@ -397,7 +405,7 @@ class Scheduler:
         self._count_round(order)
         self._notify("round", tuple(order))
         try:
-            decode_round(self.decoder, [self._live[seq][1] for seq in order], self.config)
+            decode_round(self.decoder, [self._live[seq][1] for seq in order], self.config, self.pad_single_row)
         except Exception as exc:  # a llama_decode failure: every job of the round fails with it
             for seq in order:
                 entry, _ = self._live.pop(seq)

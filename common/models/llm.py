@@ -333,6 +333,25 @@ class LlamaDecoder:
             raise DecoderError(f"{self.path}: no logits for output {index}")
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
 
+    def lone_row_matches_batched(self, seq: int = 0) -> bool:
+        """Whether a one-row decode gives a row the logits it gets among other rows, bit for bit.
+
+        It depends on the weights' type and the CPU's kernels (see `common.decoding.rounds`), so it
+        is measured: eight tokens go into `seq`, the last one is decoded alone, then again with a
+        second row; `seq` is emptied afterwards, so call it while the sequence is unused.
+        """
+        tokens = list(range(1000, 1008))
+        last = len(tokens) - 1
+        self.clear(seq)
+        try:
+            self.decode_tokens(tokens[:last], 0, seq)
+            alone = self.step(tokens[last], last, seq).copy()
+            self.clear(seq, last)
+            self.decode_many([tokens[last], tokens[0]], [last, last + 1], [seq, seq], [True, True])
+            return bool(np.array_equal(alone, self.logits_rows(1)[0]))
+        finally:
+            self.clear(seq)
+
     def step(self, token: int, pos: int, seq: int = 0) -> np.ndarray:
         """Decode one token and return its logits: the hot loop of greedy decoding, kept minimal."""
         batch = self._tok_batch

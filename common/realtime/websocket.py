@@ -27,8 +27,23 @@ from common.realtime.settings import DEFAULT_CONFIG, RealtimeConfig
 log = logging.getLogger(__name__)
 
 PATH = "/v1/realtime"
+REALTIME_SUBPROTOCOL = "realtime"
+KEY_SUBPROTOCOL_PREFIX = "openai-insecure-api-key."  # OpenAI's way to pass a key from a browser
 POLICY_VIOLATION = 1008  # WebSocket close code: the request is refused
 TRY_AGAIN_LATER = 1013
+
+
+def offered_api_key(websocket: WebSocket) -> str | None:
+    """The key a client sent: `Authorization: Bearer KEY`, or (browsers) the subprotocol
+    `openai-insecure-api-key.KEY`; never the URL, which ends up in logs and histories."""
+    authorization = websocket.headers.get("authorization")
+    if authorization:
+        scheme, _, token = authorization.partition(" ")
+        return token.strip() if scheme.lower() == "bearer" else None
+    for offered in websocket.scope.get("subprotocols") or []:
+        if offered.startswith(KEY_SUBPROTOCOL_PREFIX):
+            return offered[len(KEY_SUBPROTOCOL_PREFIX):]
+    return None
 
 
 def add_realtime_route(app, engine, *, config: RealtimeConfig = DEFAULT_CONFIG, path: str = PATH,
@@ -45,7 +60,10 @@ def add_realtime_route(app, engine, *, config: RealtimeConfig = DEFAULT_CONFIG, 
 
     @app.websocket(path)
     async def realtime_transcription(websocket: WebSocket, intent: str = "transcription") -> None:
-        await websocket.accept()
+        # A browser cannot set headers on a WebSocket: it offers subprotocols instead ("realtime", and
+        # OpenAI's "openai-insecure-api-key.KEY" for the key); the handshake must pick one it offered.
+        offered = websocket.scope.get("subprotocols") or []
+        await websocket.accept(subprotocol=REALTIME_SUBPROTOCOL if REALTIME_SUBPROTOCOL in offered else None)
         refusal = authorize(websocket) if authorize is not None else None
         if refusal is not None:
             await _send(websocket, Error("invalid_api_key", refusal, kind="invalid_request_error"))

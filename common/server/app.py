@@ -2,6 +2,7 @@
 
 `create_app(config, load_engine)` builds it; `load_engine()` runs on a thread after start-up, so
 /health answers 503 (and transcription requests 503 with Retry-After) until the models are in.
+`/` serves the page of `common/server/ui` (`ServerConfig.ui`), a client of the public API only.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 
 from common.engine import Engine, TranscribeOptions
 from common.output.results import Transcript
 from common.realtime.settings import RealtimeConfig
-from common.realtime.websocket import add_realtime_route
+from common.realtime.websocket import add_realtime_route, offered_api_key
 from common.server import responses
 from common.server.errors import SERVER, ApiError, bad_request, error_response, install_handlers
 from common.server.limits import Admission, Slot, UploadLimit, check_api_key
@@ -33,6 +35,7 @@ from common.server.service import Limits, Running, TranscriptionService
 
 log = logging.getLogger(__name__)
 COPY_CHUNK = 1 << 20
+UI_DIR = Path(__file__).resolve().parent / "ui"  # the page at /: static files, no build step
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class ServerConfig:
     timeout: float = 600.0
     max_prompt_chars: int = 200
     max_streams: int = 8  # real-time WebSocket sessions at once (/v1/realtime)
+    ui: bool = True  # the page at / (common/server/ui)
     defaults: TranscribeOptions = field(default_factory=TranscribeOptions)
 
 
@@ -97,7 +101,8 @@ def create_app(config: ServerConfig, load_engine: Callable[[], Engine]) -> FastA
 
     def realtime_authorize(websocket) -> str | None:  # noqa: ANN001 - a FastAPI WebSocket
         try:
-            check_api_key(websocket.headers.get("authorization"), config.api_key)
+            key = offered_api_key(websocket)
+            check_api_key(None if key is None else f"Bearer {key}", config.api_key)
         except ApiError as exc:
             return exc.message
         return None
@@ -108,6 +113,13 @@ def create_app(config: ServerConfig, load_engine: Callable[[], Engine]) -> FastA
                               speculative=defaults.speculative)
     add_realtime_route(app, realtime_engine, config=realtime, max_sessions=config.max_streams,
                        authorize=realtime_authorize)
+
+    if config.ui:
+        app.mount("/ui", StaticFiles(directory=UI_DIR), name="ui")
+
+        @app.get("/", include_in_schema=False)
+        async def page() -> FileResponse:
+            return FileResponse(UI_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -120,7 +132,9 @@ def create_app(config: ServerConfig, load_engine: Callable[[], Engine]) -> FastA
             return error_response(503, "the models are still loading", code="model_loading", type=SERVER,
                                   headers={"Retry-After": "5"})
         return JSONResponse({"status": "ok", "model": config.model_name,
-                             "in_flight": state.admission.in_flight})
+                             "in_flight": state.admission.in_flight,
+                             "limits": {"max_upload_bytes": config.max_upload_bytes,
+                                        "max_audio_seconds": config.max_audio_seconds}})
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -236,15 +250,16 @@ def create_app(config: ServerConfig, load_engine: Callable[[], Engine]) -> FastA
             text = responses.DeltaText()
             deadline = time.monotonic() + config.timeout
             try:
+                index = 0
                 while (segment := await asyncio.wait_for(running.segments.get(),
                                                          max(0.0, deadline - time.monotonic()))) is not None:
-                    if delta := text.add(segment.text):
-                        yield responses.delta_event(delta)
+                    yield responses.delta_event(text.add(segment.text), responses.segment_record(index, segment))
+                    index += 1
                 transcript = await _finish(running)
                 if delta := text.finish():
                     yield responses.delta_event(delta)
                 _done(req.response_format, transcript, t0)
-                yield responses.done_event(transcript)
+                yield responses.done_event(transcript, req)
             except (ApiError, TimeoutError) as exc:
                 running.cancel()
                 error = exc if isinstance(exc, ApiError) else ApiError(504, "transcription timed out", code="timeout",

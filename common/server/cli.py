@@ -24,6 +24,7 @@ from common.cli import (
 )
 from common.presets import PRESETS
 
+log = logging.getLogger(__name__)
 API_KEY_ENV = "FUNASR_API_KEY"
 DEFAULT_PRESET = "cpu-int8"
 
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vad", choices=("silero", "none"), default="silero", help="as in the 03 scripts")
     p.add_argument("--max-streams", type=positive(int), default=8,
                    help="real-time WebSocket sessions at once on /v1/realtime (default: 8)")
+    p.add_argument("--no-ui", action="store_true", help="do not serve the transcription page at /")
     p.add_argument("--model-name", default="fun-asr-nano", help="the id /v1/models lists (default: fun-asr-nano)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
@@ -80,8 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     config = ServerConfig(model_name=args.model_name, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                           max_upload_bytes=int(args.max_upload_mb * 2**20), max_audio_seconds=args.max_audio_seconds,
                           max_queue=args.max_queue, timeout=args.timeout, max_prompt_chars=args.max_prompt_chars,
-                          max_streams=args.max_streams, defaults=defaults)
+                          max_streams=args.max_streams, ui=not args.no_ui, defaults=defaults)
     app = create_app(config, lambda: load_engine(preset, args))
+    if not args.no_ui:
+        log.info("transcription page: http://%s:%d/", args.host, args.port)
     server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                     timeout_graceful_shutdown=int(args.timeout) + 5))
     server.run()

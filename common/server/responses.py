@@ -7,6 +7,12 @@
   plus `words[{word, start, end}]` per character from the CTC alignment when word granularity is
   asked for;
 - stream: `transcript.text.delta` events as segments are decoded, then `transcript.text.done`.
+  Two additions OpenAI's clients ignore (extra fields): each delta event carries the `segment`
+  it comes from (`{id, start, end, text}`; a delta may be empty while `join_texts` holds a first
+  segment back), and the done event lists those `segments`; when the request's format is
+  timestamped (srt, vtt, verbose_json), the done event also carries `documents`: the srt, vtt
+  and verbose_json bodies the same request would get unstreamed, so a client (the page at `/`)
+  gets every download from one decoding.
 """
 
 from __future__ import annotations
@@ -114,9 +120,24 @@ def sse(event: dict[str, object]) -> bytes:
     return f"data: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
 
 
-def delta_event(delta: str) -> bytes:
-    return sse({"type": "transcript.text.delta", "delta": delta})
+def segment_record(index: int, segment: Segment) -> dict[str, object]:
+    """What the stream says about one segment: verbose_json's id, times and text."""
+    return {"id": index, "start": segment.start, "end": segment.end, "text": segment.text}
 
 
-def done_event(transcript: Transcript) -> bytes:
-    return sse({"type": "transcript.text.done", "text": transcript.text, "usage": usage(transcript)})
+def delta_event(delta: str, segment: dict[str, object] | None = None) -> bytes:
+    event: dict[str, object] = {"type": "transcript.text.delta", "delta": delta}
+    if segment is not None:
+        event["segment"] = segment
+    return sse(event)
+
+
+def done_event(transcript: Transcript, request: TranscriptionRequest) -> bytes:
+    event: dict[str, object] = {
+        "type": "transcript.text.done", "text": transcript.text, "usage": usage(transcript),
+        "segments": [segment_record(i, s) for i, s in enumerate(transcript.segments)],
+    }
+    if request.timestamps:
+        event["documents"] = {"srt": render_srt_file(transcript), "vtt": render_vtt_file(transcript),
+                              "verbose_json": verbose_json(transcript, request)}
+    return sse(event)
