@@ -179,6 +179,11 @@ def test_bad_input_gets_its_status_and_the_server_keeps_serving(server, clips):
     _error(post(None), 400, "missing_file")
     _error(post(clips["empty"]), 400, "invalid_audio")
     assert "notes.mp3" in _error(post(clips["text"]), 400, "invalid_audio")["message"]
+    # streamed too: a file unreadable past its header gets its status, not a 200 stream with an error event
+    for _ in range(3):
+        assert "notes.mp3" in _error(post(clips["text"], model="x", stream="true"), 400, "invalid_audio")["message"]
+    _error(post(clips["empty"], model="x", stream="true"), 400, "invalid_audio")
+    _error(post(clips["long"], model="x", stream="true"), 413, "audio_too_long")
     _error(post(clips["big"]), 413, "upload_too_large")
     _error(post(clips["long"]), 413, "audio_too_long")
     _error(post(clips["a"], response_format="docx"), 400, "invalid_value")

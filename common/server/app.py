@@ -23,7 +23,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 
 from common.engine import Engine, TranscribeOptions
-from common.output.results import Transcript
+from common.output.results import Segment, Transcript
 from common.realtime.settings import RealtimeConfig
 from common.realtime.websocket import add_realtime_route, offered_api_key
 from common.server import responses
@@ -238,21 +238,31 @@ def create_app(config: ServerConfig, load_engine: Callable[[], Engine]) -> FastA
 
     async def _streamed(running: Running, req: TranscriptionRequest, upload: Path, slot: Slot,
                         t0: float) -> Response:
-        """SSE once the audio has opened (so that its errors still get their status): deltas, then done."""
+        """SSE from the first decoded segment on: a file that cannot be read, even past its header,
+        still gets its status (400, 413) rather than an error event. Deltas, then done."""
         assert running.future is not None
-        await running.opened.wait()
-        if running.future.done() and running.future.exception() is not None:
-            _remove(upload)
-            slot.release()
-            raise running.future.exception()  # type: ignore[misc]
+        try:
+            first = await asyncio.wait_for(running.segments.get(), config.timeout)
+            if first is None:  # the run is over: the transcript (no segments: silence) or its error
+                await _finish(running)
+        except BaseException as exc:  # the caller removes the upload and frees the slot
+            running.cancel()
+            if isinstance(exc, TimeoutError):
+                raise ApiError(504, "transcription timed out", code="timeout", type=SERVER) from None
+            raise
+
+        async def segments() -> AsyncIterator[Segment]:
+            deadline = time.monotonic() + config.timeout
+            segment = first
+            while segment is not None:
+                yield segment
+                segment = await asyncio.wait_for(running.segments.get(), max(0.0, deadline - time.monotonic()))
 
         async def events() -> AsyncIterator[bytes]:
             text = responses.DeltaText()
-            deadline = time.monotonic() + config.timeout
             try:
                 index = 0
-                while (segment := await asyncio.wait_for(running.segments.get(),
-                                                         max(0.0, deadline - time.monotonic()))) is not None:
+                async for segment in segments():
                     yield responses.delta_event(text.add(segment.text), responses.segment_record(index, segment))
                     index += 1
                 transcript = await _finish(running)

@@ -43,7 +43,6 @@ class Running:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.segments: asyncio.Queue[Segment | None] = asyncio.Queue()
-        self.opened = asyncio.Event()  # the audio opened and checked: a streamed response may start
         self._lock = threading.Lock()
         self._stream: SegmentStream | None = None
         self._cancelled = False
@@ -63,9 +62,6 @@ class Running:
 
     def _post(self, item: Segment | None) -> None:
         self.loop.call_soon_threadsafe(self.segments.put_nowait, item)
-
-    def _open(self) -> None:
-        self.loop.call_soon_threadsafe(self.opened.set)
 
 
 class TranscriptionService:
@@ -102,7 +98,6 @@ class TranscriptionService:
             except AudioError as exc:
                 raise bad_request(f"{name}: {exc.problem}", param="file", code="invalid_audio") from None
             running._attach(stream)
-            running._open()
             try:
                 for segment in stream:
                     if segment.end > limit + AUDIO_SLACK_SECONDS:
@@ -122,5 +117,4 @@ class TranscriptionService:
                 raise audio_too_long(transcript.duration, limit)
             return transcript
         finally:
-            running._open()  # a waiter for the opening wakes whatever happened
-            running._post(None)
+            running._post(None)  # the end, whatever happened (the error is the future's)

@@ -12,6 +12,7 @@ const LABELS = {
     hotwordsHint: "comma-separated, e.g. 通义, ModelScope", fileTitle: "File",
     dropHint: "Drop an audio or video file here, or click to pick one", format: "Output",
     transcribe: "Transcribe", cancel: "Cancel", micTitle: "Microphone", record: "Record", stop: "Stop",
+    micHint: "Press Record and speak: partial text shows in grey, each finished segment in black.",
     recording: "Recording (WAV)", transcript: "Transcript", copy: "Copy text", copied: "Copied",
     download: "Download", transcribing: "Transcribing {name}…", done: "Done: {seconds} s of audio",
     listening: "Listening…", finishing: "Finishing the last segment…", stopped: "Stopped",
@@ -27,6 +28,7 @@ const LABELS = {
     hotwordsHint: "用逗号分隔，例如 通义, ModelScope", fileTitle: "文件",
     dropHint: "将音频或视频文件拖到这里，或点击选择", format: "输出格式",
     transcribe: "转写", cancel: "取消", micTitle: "麦克风", record: "录音", stop: "停止",
+    micHint: "点击录音后说话：未完成的文字显示为灰色，每段结束后显示为黑色。",
     recording: "录音（WAV）", transcript: "转写结果", copy: "复制文本", copied: "已复制",
     download: "下载", transcribing: "正在转写 {name}…", done: "完成：{seconds} 秒音频",
     listening: "正在听…", finishing: "正在完成最后一段…", stopped: "已停止",
@@ -163,7 +165,7 @@ function segmentRow(id, final) {
 
 function setRow(id, start, end, text, final) {
   const row = segmentRow(id, final);
-  if (start !== null) row.querySelector(".time").textContent = `${clock(start)} – ${clock(end)}`;
+  if (start !== null) row.querySelector(".time").textContent = `${clock(start)} – ${end === null ? "" : clock(end)}`;
   row.querySelector(".text").textContent = text;
   row.scrollIntoView({ block: "nearest" });
 }
@@ -386,6 +388,10 @@ async function startRecording() {
       }
     };
     source.connect(node);
+    const mute = context.createGain(); // a path to the speakers, silent: the graph is then pulled
+    mute.gain.value = 0;
+    node.connect(mute).connect(context.destination);
+    await context.resume(); // a context made after an await may start suspended
     session.node = node;
     setStatus("listening");
   } catch (err) {
@@ -399,7 +405,7 @@ function onRealtimeEvent(session, event) {
   switch (event.type) {
     case "input_audio_buffer.speech_started":
       session.pending.add(event.item_id);
-      setRow(event.item_id, event.audio_start_ms / 1000, event.audio_start_ms / 1000, "…", false);
+      setRow(event.item_id, event.audio_start_ms / 1000, null, "…", false);
       break;
     case "conversation.item.input_audio_transcription.delta":
       session.pending.add(event.item_id);

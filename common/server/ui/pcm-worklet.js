@@ -2,7 +2,8 @@
 class PcmChunker extends AudioWorkletProcessor {
   constructor() {
     super();
-    this.chunk = new Int16Array(Math.round(sampleRate / 10));
+    this.size = Math.round(sampleRate / 10);
+    this.chunk = new Int16Array(this.size);
     this.filled = 0;
     this.sumSquares = 0;
   }
@@ -14,10 +15,10 @@ class PcmChunker extends AudioWorkletProcessor {
       const x = Math.max(-1, Math.min(1, channel[i]));
       this.sumSquares += x * x;
       this.chunk[this.filled++] = x < 0 ? Math.round(x * 32768) : Math.round(x * 32767);
-      if (this.filled === this.chunk.length) {
+      if (this.filled === this.size) {
         const rms = Math.sqrt(this.sumSquares / this.filled);
         this.port.postMessage({ pcm: this.chunk.buffer, rms }, [this.chunk.buffer]);
-        this.chunk = new Int16Array(this.chunk.length);
+        this.chunk = new Int16Array(this.size); // the old one's buffer went with the message
         this.filled = 0;
         this.sumSquares = 0;
       }
