@@ -10,10 +10,12 @@ latency, the server's peak RSS (psutil, polled), and the scheduler's shared roun
 then keeps 16 clients busy for S seconds on the batched server and reports RSS over time
 (no growth expected).
 
-Random-weight models never stop, so `--force-tokens N` makes every segment decode N tokens (the
-benchmark hook of the 03 scripts); with real weights leave it at 0.
+Random-weight models never stop, so `--force-tokens N` makes every segment decode exactly N tokens
+(the 03 scripts' benchmark hook as the minimum, `--max-new-tokens N` as the cap; 20 per VAD segment
+of the 10 s clip is about real speech's 4 tokens per second); with real weights leave it at 0.
 
     python benchmarks/load_server.py --model-dir model-gguf --preset cpu-int8 --force-tokens 0
+    python benchmarks/load_server.py --model-dir ~/.cache/funasr-nano-bench/full-seed0/models --force-tokens 20 --mixed --soak 600
     python benchmarks/load_server.py --model-dir /tmp/tiny --clients 1,4 --requests 2 --force-tokens 20   # smoke
 """
 
@@ -114,6 +116,8 @@ class Server:
         cmd = [sys.executable, str(ROOT / "05_server.py"), "--preset", self.args.preset, "--port", str(self.port),
                "--threads", str(self.args.threads), "--max-batch", str(self.batch), "--max-queue", "64",
                "--log-level", "warning", "--force-tokens", str(self.args.force_tokens)]
+        if self.args.force_tokens > 0:  # exactly that many: random weights would otherwise run to the cap
+            cmd += ["--max-new-tokens", str(self.args.force_tokens)]
         if self.args.model_dir:
             cmd += ["--model-dir", str(self.args.model_dir)]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

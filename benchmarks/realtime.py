@@ -12,8 +12,10 @@ benchmark does. Reported for one stream:
 - *first partial*: from the append of a segment's first speech to its first delta;
 - *extra over offline*: the final's time after the segment closed (committed -> completed) less
   `Engine.transcribe` of the same slice alone (median over the segments);
-then, for each count in --streams, whether that many streams are sustained: no audio dropped (no
-`falling_behind`) and final delay p95 within --max-final-delay. `--encoder-cost` also times
+then, for each count in --streams, whether that many streams are sustained without falling behind
+(no audio dropped, no `falling_behind`, and final delay p95 within the session's own lag limit,
+`RealtimeConfig.max_lag_seconds`, 5 s), and whether it also stays within --max-final-delay (2 s). By default every stream plays the same audio in lockstep, so all their segments
+end at the same moment (the worst case); `--stagger S` spreads the streams' starts over S seconds. `--encoder-cost` also times
 features + encoder + CTC head per window length (the partials' cost model).
 """
 
@@ -77,10 +79,13 @@ def play(session: RealtimeSession, audio: np.ndarray, timeline: Timeline) -> Non
     session.finish(timeout=600)
 
 
-def run_streams(engine: Engine, audio: np.ndarray, n: int, config: RealtimeConfig) -> list[Timeline]:
+def run_streams(engine: Engine, audio: np.ndarray, n: int, config: RealtimeConfig,
+                stagger: float = 0.0) -> list[Timeline]:
+    """`n` sessions playing `audio` at once; stream i starts with i * stagger / n seconds of silence."""
     timelines = [Timeline() for _ in range(n)]
     sessions = [RealtimeSession(engine, SessionSettings(), config, t) for t in timelines]
-    threads = [threading.Thread(target=play, args=(s, audio, t)) for s, t in zip(sessions, timelines)]
+    plays = [np.concatenate([np.zeros(int(i * stagger / n * SR), np.float32), audio]) for i in range(n)]
+    threads = [threading.Thread(target=play, args=(s, a, t)) for s, a, t in zip(sessions, plays, timelines)]
     for t in threads:
         t.start()
     for t in threads:
@@ -140,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="cpu-int8")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-final-delay", type=float, default=2.0, help="p95 final delay a sustained count keeps (s)")
+    p.add_argument("--stagger", type=float, default=0.0,
+                   help="spread the streams' starts over this many seconds (default 0: all speak in lockstep, "
+                        "every segment ending at once; the clip's period, 11.5, spreads them evenly)")
     p.add_argument("--encoder-cost", action="store_true", help="also time the partials' encoder + CTC per length")
     p.add_argument("--size", default="full")
     p.add_argument("--seed", type=int, default=0)
@@ -181,19 +189,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| extra over offline (target <= 0.3) | {statistics.median(extra) if extra else float('nan'):.3f} | "
               f"{pct(extra, 95):.3f} |")
         print(f"\n{len(one['spans'])} segments; errors: {one['errors'] or 'none'}\n")
-        print("## Simultaneous streams\n\n| streams | final delay p50 s | p95 s | first partial p50 s | dropped | "
-              "sustained |\n|---|---|---|---|---|---|")
-        best = 0
+        print(f"## Simultaneous streams (starts spread over {args.stagger:g} s)\n\n| streams | final delay p50 s | "
+              f"p95 s | first partial p50 s | audio dropped | final p95 <= {args.max_final_delay:g} s |"
+              "\n|---|---|---|---|---|---|")
+        kept_up = prompt = 0
         for n in counts:
-            runs = [measures(t) for t in run_streams(engine, audio, n, config)]
+            runs = [measures(t) for t in run_streams(engine, audio, n, config, args.stagger)]
             final = [x for r in runs for x in r["final"]]
             partial = [x for r in runs for x in r["first_partial"]]
             dropped = sum(r["errors"].count("falling_behind") for r in runs)
-            ok = dropped == 0 and pct(final, 95) <= args.max_final_delay
-            best = n if ok and n > best else best
+            fast = dropped == 0 and pct(final, 95) <= args.max_final_delay
+            # behind: audio dropped, or finals later than the lag a session allows itself (max_lag_seconds)
+            kept_up = n if dropped == 0 and pct(final, 95) <= config.max_lag_seconds and n > kept_up else kept_up
+            prompt = n if fast and n > prompt else prompt
             print(f"| {n} | {pct(final, 50):.3f} | {pct(final, 95):.3f} | {pct(partial, 50):.3f} | {dropped} | "
-                  f"{'yes' if ok else 'NO'} |", flush=True)
-        print(f"\nstreams sustained: {best} (target: at least 4 at cpu-int8)")
+                  f"{'yes' if fast else 'no'} |", flush=True)
+        print(f"\nstreams sustained without falling behind: {kept_up} (target: at least 4 at cpu-int8); "
+              f"of those with final delay p95 <= {args.max_final_delay:g} s: {prompt}")
     return 0
 
 

@@ -294,9 +294,14 @@ class Engine:
                 decoder.result().close()
             self._wait_for_loads()
             raise
-        self.decoder = decoder.result()
+        try:
+            self.decoder = decoder.result()
+        except BaseException:
+            self._wait_for_loads()  # the VAD / CTC sessions loading beside it must not die with the process
+            raise
         if self.decoder.n_embd != self.settings.adaptor_dim:
             self.decoder.close()
+            self._wait_for_loads()
             raise ValueError(
                 f"{self.decoder.path}: LLM width {self.decoder.n_embd} does not match the encoder's "
                 f"adaptor output {self.settings.adaptor_dim}; export both from the same release"

@@ -249,3 +249,39 @@ def test_padded_lone_rows_give_a_sequence_the_logits_it_gets_in_company(tiny_mod
     assert all(np.array_equal(a, b) for a, b in zip(alone, beside))
     if lone_rows_apart:
         assert not all(np.array_equal(a, b) for a, b in zip(unpadded_alone, beside))
+
+
+def test_round_costs_split_only_sizes_measured_slower_than_their_steps():
+    from common.decoding.rounds import RoundCosts
+
+    costs = RoundCosts()
+    assert not costs.split(2)  # nothing measured: batched
+    costs.record(1, 0.020)
+    costs.record(2, 0.056)
+    costs.record(3, 0.050)
+    costs.record(4, 0.200)
+    assert costs.split(2)  # 56 ms > 1.1 x 40 ms
+    assert not costs.split(3)  # 50 ms < 60 ms
+    assert not costs.split(4)  # beyond MAX_SPLIT_ROWS: always one decode
+    costs.record(1, 0.030)  # moving average: 0.8 x 20 + 0.2 x 30 = 22 ms
+    assert costs.seconds[1] == pytest.approx(0.022)
+
+
+def test_split_rounds_give_the_tokens_of_batched_rounds(tiny_models, clip):
+    """A scheduler that found 2- and 3-row rounds slower than single steps decodes them as steps: same tokens (q8_0)."""
+    cfg = dict(gguf="qwen3-0.6b-asr.q8_0.gguf", kv_f32=False, flash_attn=None, kv_unified=False)
+    pieces = [clip[int(a * SR): int(b * SR)] for a, b in CUTS[:3]]
+    rule = StopRule.forced(24)
+    batched = _engine(tiny_models, cfg, 3)
+    split = _engine(tiny_models, cfg, 3)
+    try:
+        assert batched.decoder.lone_row_matches_batched()  # what makes splitting safe for q8_0
+        want = [d.tokens for d in _decode_all(batched, pieces, rule)]
+        split.scheduler.costs.seconds.update({1: 1e-6, 2: 1.0, 3: 1.0})  # as if measured: steps far cheaper
+        got = [d.tokens for d in _decode_all(split, pieces, rule)]
+        split_rounds = split.scheduler.costs.split_rounds
+        assert batched.scheduler.costs.split_rounds == 0
+    finally:
+        batched.close()
+        split.close()
+    assert split_rounds >= 20 and got == want

@@ -157,6 +157,37 @@ def test_two_sessions_and_file_requests_at_once_stay_correct(engine, speech, exp
     assert [[s.token_ids for s in f.segments] for f in files] == [[s.token_ids for s in alone.segments]] * 2
 
 
+def test_streams_take_turns_encoding_partials(engine, speech):
+    """One partial is encoded at a time per engine: while one stream's runs, another's try gives None at once."""
+    from types import SimpleNamespace
+
+    from common.realtime.partials import PartialTranscriber
+
+    inside, release = threading.Event(), threading.Event()
+
+    def blocking_run(feats):
+        inside.set()
+        release.wait(30)
+        return engine.encoder.run(feats)
+
+    class SharedEngine:  # what a partial uses of an Engine, its encoder blocking until released
+        frontend, ctc, encoder = engine.frontend, engine.ctc, SimpleNamespace(run=blocking_run)
+
+    shared = SharedEngine()
+    first, second = PartialTranscriber(shared), PartialTranscriber(shared)
+    audio = speech[: 2 * SR].astype(np.float32) / 32768.0
+    got: list[str | None] = []
+    worker = threading.Thread(target=lambda: got.append(first.try_update(audio)))
+    worker.start()
+    assert inside.wait(30)
+    assert second.try_update(audio) is None  # the turn is taken: no waiting, no encoding
+    release.set()
+    worker.join(30)
+    assert got and got[0] is not None
+    assert second.try_update(audio) == got[0]  # its turn now
+    assert PartialTranscriber(engine).try_update(audio) is not None  # another engine has its own turn
+
+
 def test_manual_turns_end_at_commits(engine, speech):
     recorder = Recorder()
     wave = speech.astype(np.float32) / 32768

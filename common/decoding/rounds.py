@@ -16,11 +16,18 @@ order. With f32, f16 and bf16 weights the lone row's logits differ in the last b
 `pad_single_row` gives a lone row a second row (its own token again, one position on, logits
 read and thrown away, KV entry removed), so a sequence's logits never depend on the load: that
 costs a 2-row decode (1.33 single steps for f16 on 2 cores) whenever one sequence is live.
+
+The other way round, `RoundCosts` may send a small round of plain rows as separate one-row steps:
+on some CPUs llama.cpp's multi-row kernels cost more for 2 or 3 rows than that many single steps
+(q8_0 on an AVX-512 EPYC: 56 ms for 2 rows, 72 ms for 3, 20 ms for one; an AVX2 box measured 1.74
+steps for 2). Which is the case is learned from the rounds themselves, never assumed.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -46,8 +53,38 @@ class RoundDecoder(Protocol):
     def clear(self, seq: int = -1, start: int = 0) -> None: ...
 
 
+MAX_SPLIT_ROWS = 3  # rounds of up to this many plain rows may go as one-row steps
+SPLIT_MARGIN = 1.1  # ... when batched they measured this much slower than the steps would be
+COST_MEMORY = 0.8  # weight of the previous estimate in each new measurement (a moving average)
+
+
+@dataclass
+class RoundCosts:
+    """Seconds one plain round of n rows takes here (moving averages), and whether to split one.
+
+    A size is decoded batched until it has been timed; it is split into one-row steps only if it
+    then measured more than SPLIT_MARGIN times that many one-row steps. Split rounds are timed as
+    one-row steps, so the estimate of a split size is not revisited: the kernels do not change.
+    Splitting is for weights whose lone rows compute what batched rows do (q8_0, measured); the
+    scheduler does not split when it pads lone rows (`batch_invariant` with f16 or f32 weights).
+    """
+
+    seconds: dict[int, float] = field(default_factory=dict)
+    split_rounds: int = 0
+
+    def record(self, rows: int, seconds: float) -> None:
+        old = self.seconds.get(rows)
+        self.seconds[rows] = seconds if old is None else COST_MEMORY * old + (1 - COST_MEMORY) * seconds
+
+    def split(self, rows: int) -> bool:
+        one, batched = self.seconds.get(1), self.seconds.get(rows)
+        return (2 <= rows <= MAX_SPLIT_ROWS and one is not None and batched is not None
+                and batched > SPLIT_MARGIN * rows * one)
+
+
 def decode_round(decoder: RoundDecoder, states: Sequence[SequenceState],
-                 config: SpeculativeConfig = DEFAULT_CONFIG, pad_single_row: bool = False) -> None:
+                 config: SpeculativeConfig = DEFAULT_CONFIG, pad_single_row: bool = False,
+                 costs: RoundCosts | None = None) -> None:
     """One llama_decode for the states that are not done (given in increasing sequence order).
 
     States that do not fit in `n_batch` rows wait for the next round. A round of one plain row
@@ -80,15 +117,24 @@ def decode_round(decoder: RoundDecoder, states: Sequence[SequenceState],
     if not plan:
         return
     padded = pad_single_row and len(tokens) == 1 and positions[0] + 1 < decoder.n_ctx and n_batch > 1
+    plain = len(tokens) == len(plan)  # no draft rows: one row per sequence
+    t0 = time.perf_counter()
     if padded:
         decoder.decode_many(tokens * 2, [positions[0], positions[0] + 1], seqs * 2, [True, True])
         all_logits = decoder.logits_rows(1)
         decoder.clear(seqs[0], positions[0] + 1)
     elif len(tokens) == 1:
         all_logits = decoder.step(tokens[0], positions[0], seqs[0])[None, :]
+    elif costs is not None and plain and costs.split(len(tokens)):
+        all_logits = np.stack([decoder.step(t, p, s).copy() for t, p, s in zip(tokens, positions, seqs)])
+        costs.split_rounds += 1
+        costs.record(1, (time.perf_counter() - t0) / len(tokens))
+        costs = None  # recorded
     else:
         decoder.decode_many(tokens, positions, seqs, [True] * len(tokens))
         all_logits = decoder.logits_rows(len(tokens))
+    if costs is not None and plain and not padded:
+        costs.record(len(tokens), time.perf_counter() - t0)
     argmaxes = all_logits.argmax(axis=1)
     row = 0
     for state, proposal in plan:

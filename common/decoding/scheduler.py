@@ -56,7 +56,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from common.decoding.prefixes import PrefixCache, Prompt
-from common.decoding.rounds import decode_round
+from common.decoding.rounds import RoundCosts, decode_round
 from common.decoding.sequence import Decoded, SequenceState, StopRule
 from common.decoding.speculation import DEFAULT_CONFIG, Draft, SpeculativeConfig
 
@@ -235,6 +235,7 @@ class Scheduler:
         self.config = config
         self.refill = refill
         self.pad_single_row = batch_invariant and not decoder.lone_row_matches_batched()
+        self.costs = None if self.pad_single_row else RoundCosts()  # small rounds split where that is cheaper
         if self.pad_single_row:
             log.debug("%s: a lone row is computed apart from batched ones; padding single-sequence rounds",
                       getattr(decoder, "path", "decoder"))
@@ -405,7 +406,8 @@ class Scheduler:
         self._count_round(order)
         self._notify("round", tuple(order))
         try:
-            decode_round(self.decoder, [self._live[seq][1] for seq in order], self.config, self.pad_single_row)
+            decode_round(self.decoder, [self._live[seq][1] for seq in order], self.config, self.pad_single_row,
+                         self.costs)
         except Exception as exc:  # a llama_decode failure: every job of the round fails with it
             for seq in order:
                 entry, _ = self._live.pop(seq)

@@ -10,9 +10,18 @@ default): once the current window is full, its first part up to the quietest mom
 second is encoded once more, its text frozen, and the window starts there. A partial then costs at
 most one window's encoding (about 0.2 s), whatever the segment's length; the words at a window's
 edge may come out slightly differently from the whole-segment text, which the final replaces.
+
+Several streams on one engine take turns: one partial is encoded at a time (`try_update` returns
+None while another stream's is being encoded; the caller tries again with its next audio), so the
+partials of N streams cost at most one encoder's worth of the cores, and the finals, which are
+what a transcript is made of, keep the rest. Each stream's partials then come less often as
+streams are added, instead of every stream falling behind.
 """
 
 from __future__ import annotations
+
+import threading
+import weakref
 
 import numpy as np
 
@@ -21,6 +30,13 @@ from common.audio.segments import split_at_quiet_points
 from common.realtime.settings import MODEL_RATE
 
 FREEZE_SEARCH_SECONDS = 1.0  # the window's cut is the quietest moment of its last second
+_TURNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> the lock its partials share
+_TURNS_LOCK = threading.Lock()
+
+
+def _turn(engine) -> threading.Lock:  # noqa: ANN001 - an Engine
+    with _TURNS_LOCK:
+        return _TURNS.setdefault(engine, threading.Lock())
 
 
 class PartialTranscriber:
@@ -39,6 +55,16 @@ class PartialTranscriber:
     def reset(self) -> None:
         self.frozen = ""  # text of the windows already closed
         self.window_start = 0  # where the current window starts in the segment's audio
+
+    def try_update(self, audio: np.ndarray) -> str | None:
+        """`update`, or None at once when another stream's partial is being encoded on this engine."""
+        turn = _turn(self.engine)
+        if not turn.acquire(blocking=False):
+            return None
+        try:
+            return self.update(audio)
+        finally:
+            turn.release()
 
     def update(self, audio: np.ndarray) -> str:
         """The partial text of a segment whose audio so far (from its start) is `audio`."""

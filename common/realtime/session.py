@@ -16,7 +16,8 @@ Back-pressure: the session measures how far behind real time it is (audio waitin
 or the oldest final waiting for the decoder). Audio that would take it past
 `RealtimeConfig.max_lag_seconds` is dropped and `append` returns one `falling_behind` error (again
 only once the lag has halved), rather than buffering without bound. Partials are skipped while an
-interval's worth of audio waits (they would be stale).
+interval's worth of audio waits (they would be stale), while the stream's own final is being
+decoded, and while another stream's partial is being encoded (`common.realtime.partials`).
 `close()` cancels the session's decoding jobs (their sequences are freed before the scheduler's
 next round) and drops its audio.
 """
@@ -326,9 +327,13 @@ class RealtimeSession:
         with self._lock:
             if self._backlog >= interval:  # behind: catch up first, a partial would be stale
                 return
+            if self._finals:  # this stream's final text first: a partial now would compete with it
+                return
         if item.partial_samples == 0:
             self._partials.reset()
-        text = self._partials.update(audio)
+        text = self._partials.try_update(audio)
+        if text is None:  # another stream's partial is being encoded: try with the next audio
+            return
         item.partial_samples = len(audio)
         if text == item.partial:
             return
