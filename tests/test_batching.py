@@ -256,8 +256,9 @@ def test_round_costs_split_only_sizes_measured_slower_than_their_steps():
 
     costs = RoundCosts()
     assert not costs.split(2)  # nothing measured: batched
-    costs.record(1, 0.020)
     costs.record(2, 0.056)
+    assert costs.split(2)  # one-row steps never timed: this round times them
+    costs.record(1, 0.020)
     costs.record(3, 0.050)
     costs.record(4, 0.200)
     assert costs.split(2)  # 56 ms > 1.1 x 40 ms
@@ -280,7 +281,7 @@ def test_split_rounds_give_the_tokens_of_batched_rounds(tiny_models, clip):
         split.scheduler.costs.seconds.update({1: 1e-6, 2: 1.0, 3: 1.0})  # as if measured: steps far cheaper
         got = [d.tokens for d in _decode_all(split, pieces, rule)]
         split_rounds = split.scheduler.costs.split_rounds
-        assert batched.scheduler.costs.split_rounds == 0
+        assert batched.scheduler.costs.split_rounds <= 1  # at most the round that timed one-row steps
     finally:
         batched.close()
         split.close()

@@ -63,7 +63,8 @@ class RoundCosts:
     """Seconds one plain round of n rows takes here (moving averages), and whether to split one.
 
     A size is decoded batched until it has been timed; it is split into one-row steps only if it
-    then measured more than SPLIT_MARGIN times that many one-row steps. Split rounds are timed as
+    then measured more than SPLIT_MARGIN times that many one-row steps (timed by splitting one
+    round, if no lone round has timed them yet). Split rounds are timed as
     one-row steps, so the estimate of a split size is not revisited: the kernels do not change.
     Splitting is for weights whose lone rows compute what batched rows do (q8_0, measured); the
     scheduler does not split when it pads lone rows (`batch_invariant` with f16 or f32 weights).
@@ -77,9 +78,12 @@ class RoundCosts:
         self.seconds[rows] = seconds if old is None else COST_MEMORY * old + (1 - COST_MEMORY) * seconds
 
     def split(self, rows: int) -> bool:
+        """Whether a plain round of `rows` rows should go as one-row steps; once a size has been
+        timed batched, one round of it is split if one-row steps were never timed (to time them)."""
         one, batched = self.seconds.get(1), self.seconds.get(rows)
-        return (2 <= rows <= MAX_SPLIT_ROWS and one is not None and batched is not None
-                and batched > SPLIT_MARGIN * rows * one)
+        if not 2 <= rows <= MAX_SPLIT_ROWS or batched is None:
+            return False
+        return one is None or batched > SPLIT_MARGIN * rows * one
 
 
 def decode_round(decoder: RoundDecoder, states: Sequence[SequenceState],
