@@ -116,6 +116,8 @@ class Server:
         cmd = [sys.executable, str(ROOT / "05_server.py"), "--preset", self.args.preset, "--port", str(self.port),
                "--threads", str(self.args.threads), "--max-batch", str(self.batch), "--max-queue", "64",
                "--log-level", "warning", "--force-tokens", str(self.args.force_tokens)]
+        if self.args.no_speculative:
+            cmd.append("--no-speculative")
         if self.args.force_tokens > 0:  # exactly that many: random weights would otherwise run to the cap
             cmd += ["--max-new-tokens", str(self.args.force_tokens)]
         if self.args.model_dir:
@@ -247,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch", type=int, default=None, help="the batched server's --max-batch (default: preset's)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--force-tokens", type=int, default=0, help="tokens every segment decodes (random weights)")
+    p.add_argument("--no-speculative", action="store_true",
+                   help="both servers decode plain greedy (random weights make every CTC draft wrong)")
     p.add_argument("--mixed", action="store_true", help="also run the mixed 2-30 s clip set")
     p.add_argument("--soak", type=float, default=0.0, help="seconds of 16-client soak on the batched server")
     p.add_argument("--json", type=Path, default=None, help="write the rows here")
