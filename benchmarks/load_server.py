@@ -40,6 +40,8 @@ import soundfile as sf
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from testing.server import wait_until_healthy  # noqa: E402
+
 SR = 16000
 MIXED_SECONDS = (2, 5, 8, 12, 20, 30)
 
@@ -123,16 +125,9 @@ class Server:
         if self.args.model_dir:
             cmd += ["--model-dir", str(self.args.model_dir)]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"server exited with {self.proc.returncode}: {' '.join(cmd)}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        if not wait_until_healthy(self.url, self.proc, 600, poll=0.5):
+            self.__exit__()
+            raise SystemExit(f"server exited with {self.proc.returncode} or did not come up: {' '.join(cmd)}")
         self.rss = RssPeak(self.proc.pid)
         return self
 

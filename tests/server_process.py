@@ -8,11 +8,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+
+from testing.server import wait_until_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "test-key"
@@ -39,17 +40,9 @@ class Server:
                "--port", str(self.port), "--threads", "2", "--log-level", "warning", "--batch-invariant", *extra]
         env = {k: v for k, v in os.environ.items() if k != "FUNASR_API_KEY"}
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.output()
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        pytest.fail(f"server did not become healthy: {self.output()}")
+        if not wait_until_healthy(self.url, self.proc, 120):
+            self.stop()
+            pytest.fail(f"server did not become healthy: {self.output()}")
 
     def client(self, key: str | None = KEY, **kwargs):  # noqa: ANN201 - an openai.OpenAI
         import openai

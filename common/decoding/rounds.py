@@ -121,7 +121,8 @@ def decode_round(decoder: RoundDecoder, states: Sequence[SequenceState],
     if not plan:
         return
     padded = pad_single_row and len(tokens) == 1 and positions[0] + 1 < decoder.n_ctx and n_batch > 1
-    plain = len(tokens) == len(plan)  # no draft rows: one row per sequence
+    timed = costs is not None and not padded and len(tokens) == len(plan)  # plain rows: one per sequence
+    split = timed and costs.split(len(tokens))
     t0 = time.perf_counter()
     if padded:
         decoder.decode_many(tokens * 2, [positions[0], positions[0] + 1], seqs * 2, [True, True])
@@ -129,16 +130,18 @@ def decode_round(decoder: RoundDecoder, states: Sequence[SequenceState],
         decoder.clear(seqs[0], positions[0] + 1)
     elif len(tokens) == 1:
         all_logits = decoder.step(tokens[0], positions[0], seqs[0])[None, :]
-    elif costs is not None and plain and costs.split(len(tokens)):
+    elif split:
         all_logits = np.stack([decoder.step(t, p, s).copy() for t, p, s in zip(tokens, positions, seqs)])
-        costs.split_rounds += 1
-        costs.record(1, (time.perf_counter() - t0) / len(tokens))
-        costs = None  # recorded
     else:
         decoder.decode_many(tokens, positions, seqs, [True] * len(tokens))
         all_logits = decoder.logits_rows(len(tokens))
-    if costs is not None and plain and not padded:
-        costs.record(len(tokens), time.perf_counter() - t0)
+    if timed:
+        seconds = time.perf_counter() - t0
+        if split:
+            costs.split_rounds += 1
+            costs.record(1, seconds / len(tokens))
+        else:
+            costs.record(len(tokens), seconds)
     argmaxes = all_logits.argmax(axis=1)
     row = 0
     for state, proposal in plan:

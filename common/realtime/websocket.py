@@ -33,16 +33,15 @@ POLICY_VIOLATION = 1008  # WebSocket close code: the request is refused
 TRY_AGAIN_LATER = 1013
 
 
-def offered_api_key(websocket: WebSocket) -> str | None:
-    """The key a client sent: `Authorization: Bearer KEY`, or (browsers) the subprotocol
-    `openai-insecure-api-key.KEY`; never the URL, which ends up in logs and histories."""
+def offered_authorization(websocket: WebSocket) -> str | None:
+    """The client's `Authorization` header, or for a browser, which cannot set one on a WebSocket,
+    `Bearer KEY` from its `openai-insecure-api-key.KEY` subprotocol; never the URL (logs, histories)."""
     authorization = websocket.headers.get("authorization")
     if authorization:
-        scheme, _, token = authorization.partition(" ")
-        return token.strip() if scheme.lower() == "bearer" else None
+        return authorization
     for offered in websocket.scope.get("subprotocols") or []:
         if offered.startswith(KEY_SUBPROTOCOL_PREFIX):
-            return offered[len(KEY_SUBPROTOCOL_PREFIX):]
+            return f"Bearer {offered[len(KEY_SUBPROTOCOL_PREFIX):]}"
     return None
 
 

@@ -25,7 +25,7 @@ from fastapi.staticfiles import StaticFiles
 from common.engine import Engine, TranscribeOptions
 from common.output.results import Segment, Transcript
 from common.realtime.settings import RealtimeConfig
-from common.realtime.websocket import add_realtime_route, offered_api_key
+from common.realtime.websocket import add_realtime_route, offered_authorization
 from common.server import responses
 from common.server.errors import SERVER, ApiError, bad_request, error_response, install_handlers
 from common.server.limits import Admission, Slot, UploadLimit, check_api_key
@@ -101,8 +101,7 @@ def create_app(config: ServerConfig, load_engine: Callable[[], Engine]) -> FastA
 
     def realtime_authorize(websocket) -> str | None:  # noqa: ANN001 - a FastAPI WebSocket
         try:
-            key = offered_api_key(websocket)
-            check_api_key(None if key is None else f"Bearer {key}", config.api_key)
+            check_api_key(offered_authorization(websocket), config.api_key)
         except ApiError as exc:
             return exc.message
         return None
@@ -248,23 +247,22 @@ def create_app(config: ServerConfig, load_engine: Callable[[], Engine]) -> FastA
         except BaseException as exc:  # the caller removes the upload and frees the slot
             running.cancel()
             if isinstance(exc, TimeoutError):
-                raise ApiError(504, "transcription timed out", code="timeout", type=SERVER) from None
+                raise _stream_timed_out() from None
             raise
 
-        async def segments() -> AsyncIterator[Segment]:
+        async def segments() -> AsyncIterator[tuple[int, Segment]]:
             deadline = time.monotonic() + config.timeout
-            segment = first
+            segment, index = first, 0
             while segment is not None:
-                yield segment
+                yield index, segment
                 segment = await asyncio.wait_for(running.segments.get(), max(0.0, deadline - time.monotonic()))
+                index += 1
 
         async def events() -> AsyncIterator[bytes]:
             text = responses.DeltaText()
             try:
-                index = 0
-                async for segment in segments():
+                async for index, segment in segments():
                     yield responses.delta_event(text.add(segment.text), responses.segment_record(index, segment))
-                    index += 1
                 transcript = await _finish(running)
                 if delta := text.finish():
                     yield responses.delta_event(delta)
@@ -272,8 +270,7 @@ def create_app(config: ServerConfig, load_engine: Callable[[], Engine]) -> FastA
                 yield responses.done_event(transcript, req)
             except (ApiError, TimeoutError) as exc:
                 running.cancel()
-                error = exc if isinstance(exc, ApiError) else ApiError(504, "transcription timed out", code="timeout",
-                                                                       type=SERVER)
+                error = exc if isinstance(exc, ApiError) else _stream_timed_out()
                 state.metrics.errors.labels(error.code).inc()
                 yield responses.sse({"type": "error", "error": {"message": error.message, "type": error.type,
                                                                 "code": error.code}})
@@ -289,6 +286,10 @@ def create_app(config: ServerConfig, load_engine: Callable[[], Engine]) -> FastA
 
 
 DISCONNECT_POLL_SECONDS = 0.25
+
+
+def _stream_timed_out() -> ApiError:
+    return ApiError(504, "transcription timed out", code="timeout", type=SERVER)
 
 
 async def _disconnected(request: Request) -> None:
