@@ -28,9 +28,10 @@ def _free_port() -> int:
 class Server:
     """A 05_server.py child process; `stop()` sends SIGTERM and returns its exit code.
 
-    With --batch-invariant, as `cli_text`: the f16 GGUF's lone rows are computed apart from batched
-    ones (`common.decoding.rounds`), so without it a request's text could depend on whether other
-    requests were decoding beside it, and the tests compare texts across such timings."""
+    With --batch-invariant, as `cli_text`: llama.cpp computes a sequence left alone with one row
+    in a micro-batch apart from batched rows (`common.decoding.rounds`), so without it a request's
+    text could depend on which other requests were decoding beside it, and the tests compare texts
+    across such timings."""
 
     def __init__(self, models: Path, *extra: str) -> None:
         self.port = _free_port()

@@ -180,35 +180,56 @@ def test_engine_decodes_the_vad_segments_batched(tiny_models, layout, tmp_path):
 
 
 class _RecordingDecoder:
-    """A `RoundDecoder` over the real one that keeps a copy of every row's logits, by (sequence, position)."""
+    """A `RoundDecoder` over the real one that keeps a copy of the latest logits of each (sequence,
+    position, token fed): a padding row (a token repeated one position on) is overwritten by the
+    row that later feeds that token there, and told apart from one feeding another token."""
 
     def __init__(self, decoder) -> None:
         self.decoder = decoder
         self.n_batch, self.n_ctx, self.stop_ids = decoder.n_batch, decoder.n_ctx, decoder.stop_ids
-        self.rows: dict[tuple[int, int], np.ndarray] = {}
-        self._fed: list[tuple[int, int]] = []
+        self.rows: dict[tuple[int, int, int], np.ndarray] = {}
+        self._fed: list[tuple[int, int, int]] = []
 
     def decode_many(self, tokens, positions, seqs, outputs) -> None:
         self.decoder.decode_many(tokens, positions, seqs, outputs)
-        self._fed = [(s, p) for s, p, out in zip(seqs, positions, outputs) if out]
+        self._fed = [(s, p, t) for t, p, s, out in zip(tokens, positions, seqs, outputs) if out]
 
     def logits_rows(self, count: int) -> np.ndarray:
         logits = self.decoder.logits_rows(count)
         for key, row in zip(self._fed, logits):
-            self.rows.setdefault(key, row.copy())
+            self.rows[key] = row.copy()
         return logits
 
     def step(self, token: int, pos: int, seq: int = 0) -> np.ndarray:
         logits = self.decoder.step(token, pos, seq)
-        self.rows.setdefault((seq, pos), logits.copy())
+        self.rows[(seq, pos, token)] = logits.copy()
         return logits
 
     def clear(self, seq: int = -1, start: int = 0) -> None:
         self.decoder.clear(seq, start)
 
 
-def _rows_of_sequence_zero(decoder, pad: bool, company: bool) -> tuple[list[int], list[np.ndarray]]:
-    """Sequence 0's tokens and the logits of each row it fed: 40 forced tokens, alone or beside a 10-token job."""
+class _OneWrongRow:
+    """A draft that proposes one token no greedy step picks every round: sequence 0 then feeds two
+    rows a round, one more than a plain neighbour, so llama.cpp leaves its second row alone in a
+    micro-batch of its own."""
+
+    proposed = accepted = 0
+
+    def propose(self, room: int, config) -> list[int]:
+        return [5][:room]
+
+    def checked(self, k: int, accepted: int, config) -> None:
+        pass
+
+    def realign(self, tokens) -> None:
+        pass
+
+
+def _rows_of_sequence_zero(decoder, pad: bool, company: bool,
+                           speculative: bool) -> tuple[list[int], dict[tuple[int, int], np.ndarray]]:
+    """Sequence 0's tokens and the logits of the rows it fed, by (position, token): 40 forced
+    tokens, alone or beside a plain 10-token job."""
     from common.decoding.rounds import decode_to_end
     from common.decoding.sequence import SequenceState
 
@@ -219,36 +240,59 @@ def _rows_of_sequence_zero(decoder, pad: bool, company: bool) -> tuple[list[int]
         if seq and not company:
             break
         decoder.decode_tokens(prompt, 0, seq)
-        states.append(SequenceState(seq=seq, pos=len(prompt), logits=decoder.logits().copy(), rule=StopRule.forced(n)))
+        states.append(SequenceState(seq=seq, pos=len(prompt), logits=decoder.logits().copy(), rule=StopRule.forced(n),
+                                    draft=_OneWrongRow() if speculative and seq == 0 else None))
     recorder = _RecordingDecoder(decoder)
-    decode_to_end(recorder, states, pad_single_row=pad)
-    rows = [recorder.rows[(0, pos)] for pos in range(len(prompts[0]), states[0].pos)]
+    decode_to_end(recorder, states, pad_lone_rows=pad)
+    rows = {(pos, token): row for (seq, pos, token), row in recorder.rows.items() if seq == 0}
     return states[0].tokens, rows
 
 
-def test_padded_lone_rows_give_a_sequence_the_logits_it_gets_in_company(tiny_models):
+@pytest.mark.parametrize("speculative", [False, True], ids=["plain", "uneven-draft-rows"])
+def test_padded_lone_rows_give_a_sequence_the_logits_it_gets_in_company(tiny_models, speculative):
     """batch_invariant's padding: a sequence's logits, bit for bit, whether it shares its rounds or not.
 
-    Beside a 10-token job, sequence 0 decodes its first 10 tokens in 2-row rounds, the rest alone;
-    alone, every round is a lone row. Where llama.cpp computes a lone row apart (f16 on x86), the
-    unpadded logits differ, which shows the comparison can see what the padding removes.
+    Plain: beside a 10-token job, sequence 0 decodes its first 10 tokens in 2-row rounds, the rest
+    alone; alone, every round is a lone row. With a draft row each round, sequence 0 is never alone
+    by itself, but beside the plain job llama.cpp leaves its second row in a micro-batch of its own.
+    Where llama.cpp computes a lone row apart (f16 on x86), the unpadded logits differ, which shows
+    the comparison can see what the padding removes.
     """
     from common.models.llm import DecoderOptions, LlamaDecoder
 
     decoder = LlamaDecoder(tiny_models / "qwen3-0.6b-asr.gguf", DecoderOptions(threads=2, n_ctx=128, n_seq_max=2))
     try:
-        tokens_alone, alone = _rows_of_sequence_zero(decoder, pad=True, company=False)
-        tokens_beside, beside = _rows_of_sequence_zero(decoder, pad=True, company=True)
+        tokens_alone, alone = _rows_of_sequence_zero(decoder, True, False, speculative)
+        tokens_beside, beside = _rows_of_sequence_zero(decoder, True, True, speculative)
         lone_rows_apart = not decoder.lone_row_matches_batched()
-        if lone_rows_apart:
-            _, unpadded_alone = _rows_of_sequence_zero(decoder, pad=False, company=False)
+        if lone_rows_apart:  # the run that has lone rows, unpadded
+            _, unpadded = _rows_of_sequence_zero(decoder, False, speculative, speculative)
     finally:
         decoder.close()
-    assert len(alone) == len(beside) == 39  # the first token comes from the prompt's logits
     assert tokens_alone == tokens_beside
-    assert all(np.array_equal(a, b) for a, b in zip(alone, beside))
+    fed = {(12 + i, token) for i, token in enumerate(tokens_alone[:-1])}  # the first comes from the prompt
+    drafted = {(pos + 1, 5) for pos, _ in fed if pos < 50} if speculative else set()  # none in the last round
+    assert fed | drafted <= alone.keys() & beside.keys()
+    assert all(np.array_equal(alone[key], beside[key]) for key in fed | drafted)
     if lone_rows_apart:
-        assert not all(np.array_equal(a, b) for a, b in zip(unpadded_alone, beside))
+        padded = beside if speculative else alone
+        assert not all(np.array_equal(unpadded[key], padded[key]) for key in fed | drafted)
+
+
+def test_micro_batches_follow_llama_cpp_split_of_a_round():
+    """llama.cpp's split_equal(sequential): runs of consecutive ids, equal rows from each."""
+    from common.decoding.rounds import lone_row_sequences, micro_batches
+
+    assert micro_batches([(0, 1)], 512) == [[(0, 1)]]
+    assert micro_batches([(0, 1), (1, 1), (2, 1)], 512) == [[(0, 1), (1, 1), (2, 1)]]
+    assert micro_batches([(0, 3), (1, 1)], 512) == [[(0, 1), (1, 1)], [(0, 2)]]
+    assert micro_batches([(0, 2), (1, 1)], 512) == [[(0, 1), (1, 1)], [(0, 1)]]
+    assert micro_batches([(0, 1), (2, 1)], 512) == [[(0, 1)], [(2, 1)]]  # a gap: two passes
+    assert micro_batches([(0, 2), (1, 1), (2, 3)], 512) == [[(0, 1), (1, 1), (2, 1)], [(0, 1)], [(2, 2)]]
+    assert micro_batches([(0, 5)], 2) == [[(0, 2)], [(0, 2)], [(0, 1)]]  # n_ubatch caps a micro-batch
+    assert lone_row_sequences([(0, 2), (1, 1), (2, 3)], 512) == [0]
+    assert lone_row_sequences([(0, 1), (2, 1)], 512) == [0, 2]
+    assert lone_row_sequences([(0, 2), (1, 2)], 512) == []
 
 
 def test_round_costs_split_only_sizes_measured_slower_than_their_steps():

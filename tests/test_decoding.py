@@ -179,3 +179,34 @@ def test_concurrent_segment_streams_share_rounds_and_one_can_be_cancelled_from_a
     assert len(outcome) == 1 and victim.transcript is None  # the cancelled stream stopped, with CancelledError
     assert stats.shared_rounds > before and stats.max_rows == 4  # rows of different callers in one round
     assert stats.cancelled >= 1  # the victim's live sequences were freed
+
+
+def test_a_prompt_gets_the_same_logits_with_its_prefix_new_copied_or_kept(tiny_models):
+    """The prefix cache's three ways in (`common.decoding.prefixes`): bit-identical logits.
+
+    50 audio rows and 3 text tokens after a 20-odd-token prefix: fewer than 64 query rows after the
+    prefix, 64 or more with it, where llama.cpp's CPU flash attention changes kernel. Decoded in one
+    pass with the prefix, the rows get the other kernel (shown below), which is why a new prefix
+    takes a pass of its own."""
+    from common.decoding.prefixes import PrefixCache, Prompt
+    from common.models.llm import LlamaDecoder
+
+    decoder = LlamaDecoder(tiny_models / "qwen3-0.6b-asr.gguf", DecoderOptions(threads=2, n_ctx=256, n_seq_max=2))
+    try:
+        prefix = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n语音转写成英文："
+        rows = np.random.default_rng(0).standard_normal((50, decoder.n_embd)).astype(np.float32) * 0.5
+        prompt = Prompt(prefix, rows, [1, 2, 3])
+        cache = PrefixCache(decoder)
+        n = len(cache.ids(prefix))
+        assert 50 + 3 < 64 <= n + 50 + 3
+        new = cache.admit(prompt, 0)
+        copied = cache.admit(prompt, 1)  # sequence 0 holds the prefix
+        kept = cache.admit(prompt, 0)  # its own prefix stays
+        decoder.clear()
+        decoder.decode_embeddings(np.concatenate([decoder.token_embeddings(cache.ids(prefix)), rows,
+                                                  decoder.token_embeddings([1, 2, 3])]), 0, 0)
+        one_pass = np.array(decoder.logits(-1), copy=True)
+    finally:
+        decoder.close()
+    assert np.array_equal(new, copied) and np.array_equal(new, kept)
+    assert not np.array_equal(new, one_pass)

@@ -17,9 +17,8 @@ import pytest
 from common.audio.load import load_audio
 from common.engine import Engine, TranscribeOptions
 from common.models.encoder import AudioEncoder, CTCHead, OnnxModelError
-from common.models.llm import DecoderOptions, LlamaDecoder
+from common.models.llm import LlamaDecoder
 from common.models.session_cache import CACHE_ENV, CACHE_FOLDER, CACHE_WRITTEN, FROM_CACHE, UNCACHED
-from common.models.settings import ModelSettings
 from tests.exported import parity_engine
 
 ENCODER_INT8 = "FunASR_Nano_Encoder.int8.onnx"
@@ -194,25 +193,7 @@ def test_tokens_are_the_same_with_and_without_the_session_cache(tiny_models, zh_
     assert tokens[0] == tokens[1] == tokens[2]
 
 
-# ---------------------------------------------------------------------------- prefill
-
-
-def test_whole_prompt_in_one_decode_gives_the_logits_of_two(tiny_models):
-    """Text tokens as embedding rows in the same llama_decode as the audio rows: the same logits."""
-    settings = ModelSettings.load(tiny_models)
-    decoder = LlamaDecoder(tiny_models / "qwen3-0.6b-asr.f32.gguf", DecoderOptions(kv_f32=True, flash_attn=False))
-    try:
-        before = decoder.tokenize("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
-        rows = np.random.default_rng(2).standard_normal((9, settings.adaptor_dim)).astype(np.float32)
-        decoder.decode_tokens(before, 0)
-        decoder.decode_embeddings(rows, len(before))
-        two = np.array(decoder.logits(-1), copy=True)
-        decoder.clear()
-        decoder.decode_prompt(before, rows)
-        one = np.array(decoder.logits(-1), copy=True)
-    finally:
-        decoder.close()
-    assert np.array_equal(one, two)
+# ---------------------------------------------------------------------------- embedding rows
 
 
 def test_embedding_rows_equal_the_gguf_reference_dequantization(tiny_models):

@@ -8,14 +8,22 @@ rows are removed from its KV cache. Plain greedy decoding is the case with no pr
 Rows go in increasing sequence order: llama.cpp's split KV cache puts only consecutive sequence
 ids into one micro-batch, so any other order (or a gap) costs another pass over the weights.
 
-On the CPU backend the logits of a row do not depend on which other rows share its batch, as
-long as there is at least one: llama.cpp multiplies a lone row by the weights with another
-kernel (a vector dot product per output) than several rows (tiled), and the two sum in another
-order. With f32, f16 and bf16 weights the lone row's logits differ in the last bits (relative
-1e-6 for f32, 5e-4 for f16, measured), enough to flip a near-tie; with q8_0 they are the same.
-`pad_single_row` gives a lone row a second row (its own token again, one position on, logits
-read and thrown away, KV entry removed), so a sequence's logits never depend on the load: that
-costs a 2-row decode (1.33 single steps for f16 on 2 cores) whenever one sequence is live.
+A row's logits depend on how llama.cpp groups the rows it is given, in two ways, both measured
+on the CPU backend. llama.cpp splits a round into micro-batches of consecutive sequence ids, each
+sequence giving them the same number of rows (`micro_batches`), so a sequence with more rows than
+its neighbours finishes in micro-batches of its own. (1) A micro-batch of one row is multiplied by
+the weights with another kernel (a vector dot product per output) than several rows (tiled), and
+the two sum in another order: with f32, f16 and bf16 weights the logits differ in the last bits
+(relative 1e-6 for f32, 5e-4 for f16), enough to flip a near-tie; with q8_0 they are the same.
+(2) With flash attention, one query row of one sequence against 512 or more cache cells has its
+cache split among the threads and the parts summed, which no batch of two rows does: this holds
+for every weight type once a sequence passes 256 cells. Two or more rows are computed alike
+whatever their company (2 to 200 rows measured bit-identical).
+
+`pad_lone_rows` therefore gives every sequence that would be alone with one row in a micro-batch
+a second row (its last token again, one position on, logits read and thrown away, KV entry
+removed): a sequence's logits then never depend on the load (the scheduler's `batch_invariant`).
+That costs a 2-row decode (1.33 single steps for f16 on 2 cores) whenever one sequence is live.
 
 The other way round, `RoundCosts` may send a small round of plain rows as separate one-row steps:
 on some CPUs llama.cpp's multi-row kernels cost more for 2 or 3 rows than that many single steps
@@ -86,20 +94,48 @@ class RoundCosts:
         return one is None or batched > SPLIT_MARGIN * rows * one
 
 
+def micro_batches(rows: Sequence[tuple[int, int]], n_ubatch: int) -> list[list[tuple[int, int]]]:
+    """How llama.cpp's split KV cache divides a round: `rows` is (sequence id, row count) in
+    increasing id order; each micro-batch is (sequence id, rows taken) for its sequences.
+
+    Mirrors `llama_batch_allocr::split_equal(n_ubatch, sequential=true)`: a micro-batch starts at
+    the lowest sequence with rows left, takes the run of consecutive ids after it that still have
+    rows, and as many rows from each as the one with fewest has (at most n_ubatch in all).
+    """
+    left = dict(rows)
+    out: list[list[tuple[int, int]]] = []
+    while True:
+        live = [seq for seq, n in left.items() if n > 0]
+        if not live:
+            return out
+        run = [live[0]]
+        for seq in live[1:]:
+            if seq != run[-1] + 1:
+                break
+            run.append(seq)
+        take = min(min(left[seq] for seq in run), max(1, n_ubatch // len(run)))
+        for seq in run:
+            left[seq] -= take
+        out.append([(seq, take) for seq in run])
+
+
+def lone_row_sequences(rows: Sequence[tuple[int, int]], n_ubatch: int) -> list[int]:
+    """The sequences that would be decoded as a micro-batch of one row (see `micro_batches`)."""
+    return [batch[0][0] for batch in micro_batches(rows, n_ubatch) if len(batch) == 1 and batch[0][1] == 1]
+
+
 def decode_round(decoder: RoundDecoder, states: Sequence[SequenceState],
-                 config: SpeculativeConfig = DEFAULT_CONFIG, pad_single_row: bool = False,
+                 config: SpeculativeConfig = DEFAULT_CONFIG, pad_lone_rows: bool = False,
                  costs: RoundCosts | None = None) -> None:
     """One llama_decode for the states that are not done (given in increasing sequence order).
 
     States that do not fit in `n_batch` rows wait for the next round. A round of one plain row
-    takes `decoder.step`, the leanest call (the single-segment case), unless `pad_single_row`
-    asks for a second, discarded row (see the module docstring).
+    takes `decoder.step`, the leanest call (the single-segment case), unless `pad_lone_rows`
+    asks for padding rows (see the module docstring).
     """
     n_batch = decoder.n_batch
-    tokens: list[int] = []
-    positions: list[int] = []
-    seqs: list[int] = []
     plan: list[tuple[SequenceState, list[int]]] = []
+    used = 0
     for state in states:
         if state.done:
             continue
@@ -107,27 +143,40 @@ def decode_round(decoder: RoundDecoder, states: Sequence[SequenceState],
         if state.draft is not None:
             room = min(state.rule.max_new_tokens - len(state.tokens) - 1, decoder.n_ctx - state.pos - 1)
             proposal = state.draft.propose(room, config)
-        rows = 1 + len(proposal)
-        if len(tokens) + rows > n_batch:
-            proposal = proposal[:max(0, n_batch - len(tokens) - 1)]
-            rows = 1 + len(proposal)
-            if len(tokens) + rows > n_batch:
-                break  # this sequence waits for the next round
-        tokens.append(state.tokens[-1])
-        tokens.extend(proposal)
-        positions.extend(range(state.pos, state.pos + rows))
-        seqs.extend([state.seq] * rows)
+        room = n_batch - used - 1
+        if room < 0:
+            break  # this sequence and those after it wait for the next round
+        proposal = proposal[:room]
         plan.append((state, proposal))
+        used += 1 + len(proposal)
+    pads = _padded_sequences(plan, decoder) if pad_lone_rows and n_batch > 1 else set()
+    while pads and used + len(pads) > n_batch and len(plan) > 1:  # the last sequence waits instead
+        state, proposal = plan.pop()
+        used -= 1 + len(proposal)
+        pads = _padded_sequences(plan, decoder)
     if not plan:
         return
-    padded = pad_single_row and len(tokens) == 1 and positions[0] + 1 < decoder.n_ctx and n_batch > 1
-    timed = costs is not None and not padded and len(tokens) == len(plan)  # plain rows: one per sequence
+    tokens: list[int] = []
+    positions: list[int] = []
+    seqs: list[int] = []
+    real: list[int] = []  # the indices of rows that are not padding
+    for state, proposal in plan:
+        fed = [state.tokens[-1], *proposal]
+        real.extend(range(len(tokens), len(tokens) + len(fed)))
+        if state.seq in pads:
+            fed.append(fed[-1])
+        tokens.extend(fed)
+        positions.extend(range(state.pos, state.pos + len(fed)))
+        seqs.extend([state.seq] * len(fed))
+    timed = costs is not None and not pads and len(tokens) == len(plan)  # plain rows: one per sequence
     split = timed and costs.split(len(tokens))
     t0 = time.perf_counter()
-    if padded:
-        decoder.decode_many(tokens * 2, [positions[0], positions[0] + 1], seqs * 2, [True, True])
-        all_logits = decoder.logits_rows(1)
-        decoder.clear(seqs[0], positions[0] + 1)
+    if pads:
+        decoder.decode_many(tokens, positions, seqs, [True] * len(tokens))
+        all_logits = decoder.logits_rows(len(tokens))[real]
+        for state, proposal in plan:
+            if state.seq in pads:
+                decoder.clear(state.seq, state.pos + len(proposal) + 1)
     elif len(tokens) == 1:
         all_logits = decoder.step(tokens[0], positions[0], seqs[0])[None, :]
     elif split:
@@ -149,8 +198,16 @@ def decode_round(decoder: RoundDecoder, states: Sequence[SequenceState],
         row += 1 + len(proposal)
 
 
+def _padded_sequences(plan: Sequence[tuple[SequenceState, list[int]]], decoder: RoundDecoder) -> set[int]:
+    """The sequences of a round that get a padding row: alone with one row in a micro-batch, and
+    with a position left for it."""
+    lone = set(lone_row_sequences([(state.seq, 1 + len(proposal)) for state, proposal in plan], decoder.n_batch))
+    return {state.seq for state, proposal in plan
+            if state.seq in lone and state.pos + len(proposal) + 1 < decoder.n_ctx}
+
+
 def decode_to_end(decoder: RoundDecoder, states: Sequence[SequenceState],
-                  config: SpeculativeConfig = DEFAULT_CONFIG, pad_single_row: bool = False) -> None:
+                  config: SpeculativeConfig = DEFAULT_CONFIG, pad_lone_rows: bool = False) -> None:
     """Rounds until every state is done; each state's prompt must already be in its sequence.
 
     Afterwards each sequence's cache holds its prompt and the fed output tokens only (rejected
@@ -160,7 +217,7 @@ def decode_to_end(decoder: RoundDecoder, states: Sequence[SequenceState],
         state.start(decoder.stop_ids)
     ordered = sorted(states, key=lambda s: s.seq)
     while any(not s.done for s in ordered):
-        decode_round(decoder, ordered, config, pad_single_row)
+        decode_round(decoder, ordered, config, pad_lone_rows)
 
 
 def _advance(decoder: RoundDecoder, state: SequenceState, proposal: list[int], all_logits: np.ndarray,

@@ -30,14 +30,16 @@ Behaviours the tokens depend on (all tested against decoding each job alone):
   sequence ids in one pass, so a gap costs one more pass over the weights every round;
 - use the split cache (`DecoderOptions.kv_unified=False`, the default): each sequence's cache is
   then laid out exactly as when it is decoded alone, and a row's logits depend on the other rows
-  of its round only through whether there are any. llama.cpp computes a lone row with another
-  kernel than a batch (`common.decoding.rounds`): with q8_0 weights the logits are the same bit
-  for bit, with f16 they differ in the last bits, so a job whose company comes and goes (a server
-  under load) can meet a near-tie that flips a token (on random weights, about one token in a few
-  hundred; trained weights rarely have such ties). `batch_invariant=True` pads lone rows so that
-  every job gets exactly the tokens it gets in any company. A unified cache stores a shared prefix
-  once, but with flash attention (llama.cpp's CPU default) its results depend on where earlier
-  calls left free cells.
+  of its round only through how llama.cpp divides the round into micro-batches: a sequence left
+  with one row in a micro-batch of its own is computed with other kernels
+  (`common.decoding.rounds`). With f16 weights, or any weights past 256 cache cells, a job whose
+  company comes and goes (a server under load) can then meet a near-tie that flips a token (on
+  random weights, about one token in a few hundred; trained weights rarely have such ties).
+  `batch_invariant=True` pads such sequences so that every job gets exactly the tokens it gets in
+  any company. A unified cache stores a shared prefix once, but with flash attention (llama.cpp's
+  CPU default) its results depend on where earlier calls left free cells;
+- a prompt's prefix goes into the cache in a pass of its own (`common.decoding.prefixes`), so its
+  rows are computed alike whether the prefix was cached or not.
 """
 
 from __future__ import annotations
@@ -224,8 +226,9 @@ class Scheduler:
 
     `refill=False` admits jobs only when every sequence has ended (fixed groups: a benchmark
     comparison). `batch_invariant=True` makes every job's tokens independent of the other jobs
-    decoded with it: where the decoder's lone rows are not computed like batched ones (measured
-    once, `LlamaDecoder.lone_row_matches_batched`), a round with one sequence gets a padding row. `observer(event, detail)` sees "admit" (sequence id), "round" (the sequence ids
+    decoded with it: a sequence that llama.cpp would compute as a micro-batch of one row gets a
+    padding row (`common.decoding.rounds`), and small rounds are never split into one-row steps.
+    `observer(event, detail)` sees "admit" (sequence id), "round" (the sequence ids
     fed), "move" ((from, to)), "cancel" (sequence id): for tests and tracing.
     """
 
@@ -234,11 +237,8 @@ class Scheduler:
         self.decoder = decoder
         self.config = config
         self.refill = refill
-        self.pad_single_row = batch_invariant and not decoder.lone_row_matches_batched()
-        self.costs = None if self.pad_single_row else RoundCosts()  # small rounds split where that is cheaper
-        if self.pad_single_row:
-            log.debug("%s: a lone row is computed apart from batched ones; padding single-sequence rounds",
-                      getattr(decoder, "path", "decoder"))
+        self.pad_lone_rows = batch_invariant
+        self.costs = None if batch_invariant else RoundCosts()  # small rounds split where that is cheaper
         self.observer = observer
         self.width = max(1, int(decoder.n_seq_max))
         self.prefixes = PrefixCache(decoder)
@@ -406,7 +406,7 @@ class Scheduler:
         self._count_round(order)
         self._notify("round", tuple(order))
         try:
-            decode_round(self.decoder, [self._live[seq][1] for seq in order], self.config, self.pad_single_row,
+            decode_round(self.decoder, [self._live[seq][1] for seq in order], self.config, self.pad_lone_rows,
                          self.costs)
         except Exception as exc:  # a llama_decode failure: every job of the round fails with it
             for seq in order:

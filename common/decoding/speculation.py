@@ -11,9 +11,9 @@ The output is exactly plain greedy decoding's: every emitted token is the greedy
 stop rule of `common.decoding.sequence`) from the logits of the row that holds the tokens before
 it. What differs is only how many rows share one `llama_decode`; on the CPU
 backend the logits of a row do not depend on the other rows of its batch, so the tokens are
-identical, except that a lone row is computed apart (`common.decoding.rounds`): with f16
-weights, plain 1-row steps may then meet a near-tie differently, unless lone rows are padded
-(`batch_invariant`).
+identical, except that a micro-batch of one row is computed apart (`common.decoding.rounds`):
+with f16 weights, plain 1-row steps may then meet a near-tie differently, unless such rows are
+padded (`batch_invariant`).
 
 How many draft tokens to propose is a cost decision, not a guess: on the CPU a 2-row decode costs
 1.7 single steps and a 16-row one 5.3, so a proposal pays only when enough of it will be kept.

@@ -248,25 +248,6 @@ class LlamaDecoder:
             raise DecoderError(f"{self.path}: embedding rows of shape {rows.shape}, the model expects (n, {self.n_embd})")
         self._decode(rows.shape[0], start, seq, all_logits, rows=rows)
 
-    def decode_prompt(self, tokens: Sequence[int], rows: np.ndarray, seq: int = 0) -> None:
-        """Text tokens at positions 0.., then embedding rows (audio, text after it), in one pass when n_batch allows.
-
-        The tokens go in as their rows of the embedding table, the floats llama.cpp's own lookup
-        would give, so the logits are those of decoding the tokens and the rows apart; but the
-        weights are read once, not twice (a 44-position prompt of the full model: 0.17 s in one
-        call, 0.20 s as 20 tokens then 24 rows, q8_0, 2 threads).
-
-        The first llama_decode of a fresh context costs no more than later ones (0.174 s against
-        0.172 s for those 44 rows, measured in fresh processes): the weights are mapped with
-        MAP_POPULATE at load and the KV cache is cleared when the context is created, so there is
-        no first-touch cost left to hide, and a 1-token warm-up while the encoder runs would cost
-        21 ms to save 2.
-        """
-        rows = np.ascontiguousarray(rows, dtype=np.float32)
-        if len(tokens):
-            rows = np.concatenate([self.token_embeddings(tokens), rows], axis=0)
-        self.decode_embeddings(rows, 0, seq)
-
     def _decode(self, n: int, start: int, seq: int, all_logits: bool, *, tokens: Sequence[int] | None = None,
                 rows: np.ndarray | None = None) -> None:
         if n == 0:
