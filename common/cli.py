@@ -183,8 +183,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-speculative", action="store_true",
                    help="plain greedy decoding: do not verify the CTC head's draft (same text, slower)")
     p.add_argument("--batch-invariant", action="store_true",
-                   help="a segment's text never depends on what is decoded alongside it (f16/f32 GGUFs: "
-                        "steps with one segment live cost about 1.3x; q8_0 needs nothing)")
+                   help="a segment's text never depends on what is decoded alongside it (a step with one "
+                        "segment live decodes a second, discarded row: about 1.3x its time with f16 weights, "
+                        "up to 2.8x with q8_0)")
     # Benchmarks on random weights force a length; not for users.
     p.add_argument("--force-tokens", type=int, default=0, help=argparse.SUPPRESS)
 
