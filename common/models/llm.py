@@ -319,7 +319,9 @@ class LlamaDecoder:
 
         It depends on the weights' type and the CPU's kernels (see `common.decoding.rounds`), so it
         is measured: eight tokens go into `seq`, the last one is decoded alone, then again with a
-        second row; `seq` is emptied afterwards, so call it while the sequence is unused.
+        second row; `seq` is emptied afterwards, so call it while the sequence is unused. This is
+        the weights' side only: past 256 cells flash attention computes a lone row apart whatever
+        the weights, which is why `batch_invariant` pads without asking.
         """
         tokens = list(range(1000, 1008))
         last = len(tokens) - 1
