@@ -35,6 +35,7 @@ from common.audio.load import iter_audio_blocks, load_audio
 from common.audio.segments import SampleSpan, split_at_quiet_points
 from common.audio.vad import SileroVad, SpeechSegmenter, VadOptions, find_vad_model
 from common.decoding import Decoded, Job, Prompt, RepetitionGuard, Scheduler, StopRule
+from common.decoding.prefix_store import PrefixStore
 from common.decoding.repetition import loop_message
 from common.decoding.scheduler import Observer, StreamResults
 from common.models.ctc import CTCModel
@@ -307,7 +308,7 @@ class Engine:
                 f"adaptor output {self.settings.adaptor_dim}; export both from the same release"
             )
         self.scheduler = Scheduler(self.decoder, refill=hooks.refill, observer=observer,
-                                   batch_invariant=batch_invariant)
+                                   batch_invariant=batch_invariant, prefix_store=PrefixStore.for_decoder(self.decoder))
         self.load_seconds = time.perf_counter() - t0
 
     @classmethod

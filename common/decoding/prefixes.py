@@ -18,7 +18,8 @@ than for fewer, and the two differ in the last bits (logits by up to 5e-2 on a t
 measured). Were the prefix folded into the pass, 50 audio rows after a 20-token prefix would get
 the tiled kernel when the prefix is new and the other one when it is cached, so a segment's
 tokens would depend on what earlier jobs left in the cache. The extra pass costs one small
-prefill per prefix text a context meets.
+prefill per prefix text a context meets, and none in a fresh process that finds the prefix's
+cells saved on disk (`common.decoding.prefix_store`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+
+from common.decoding.prefix_store import PrefixStore
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,10 @@ class PrefixDecoder(Protocol):
 
     def copy_sequence(self, src: int, dst: int) -> None: ...
 
+    def sequence_state(self, seq: int) -> bytes: ...
+
+    def restore_sequence_state(self, seq: int, data: bytes, n_positions: int) -> bool: ...
+
     def decode_tokens(self, tokens: Sequence[int], start: int, seq: int = 0) -> None: ...
 
     def decode_embeddings(self, rows: np.ndarray, start: int, seq: int = 0) -> None: ...
@@ -64,8 +71,9 @@ class PrefixCache:
     Owned by the scheduler's thread: not thread-safe.
     """
 
-    def __init__(self, decoder: PrefixDecoder, max_texts: int = 16) -> None:
+    def __init__(self, decoder: PrefixDecoder, max_texts: int = 16, store: PrefixStore | None = None) -> None:
         self.decoder = decoder
+        self.store = store  # saved prefix cells on disk (`common.decoding.prefix_store`), for new prefixes
         self.max_texts = max_texts
         self._ids: OrderedDict[str, list[int]] = OrderedDict()
         self.held: dict[int, str] = {}  # sequence id -> prefix text its cache starts with
@@ -96,13 +104,25 @@ class PrefixCache:
             self.held.pop(seq, None)
             d.clear(seq, 0)
             if n and donor is None:
-                d.decode_tokens(ids, 0, seq)  # a pass of its own (module docstring)
+                self._fill(ids, seq)
             elif n:
                 d.copy_sequence(donor, seq)
             self.held[seq] = prompt.prefix
         d.clear(seq, n)
         d.decode_embeddings(rows, n, seq)
         return np.array(d.logits(-1), copy=True)
+
+    def _fill(self, ids: list[int], seq: int) -> None:
+        """A prefix no sequence holds: its saved cells, or a pass of its own (module docstring)."""
+        d = self.decoder
+        data = self.store.load(ids) if self.store is not None else None
+        if data is not None:
+            if d.restore_sequence_state(seq, data, len(ids)):
+                return
+            self.store.discard(ids)
+        d.decode_tokens(ids, 0, seq)
+        if self.store is not None:
+            self.store.save(ids, d.sequence_state(seq))
 
     def release(self, seq: int) -> None:
         """Drop what follows the prefix in `seq` (a finished or cancelled job); the prefix stays for reuse."""

@@ -57,6 +57,7 @@ from concurrent.futures import CancelledError, Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from common.decoding.prefix_store import PrefixStore
 from common.decoding.prefixes import PrefixCache, Prompt
 from common.decoding.rounds import RoundCosts, decode_round
 from common.decoding.sequence import Decoded, SequenceState, StopRule
@@ -233,7 +234,8 @@ class Scheduler:
     """
 
     def __init__(self, decoder: Any, *, config: SpeculativeConfig = DEFAULT_CONFIG, refill: bool = True,
-                 observer: Observer | None = None, batch_invariant: bool = False) -> None:
+                 observer: Observer | None = None, batch_invariant: bool = False,
+                 prefix_store: PrefixStore | None = None) -> None:
         self.decoder = decoder
         self.config = config
         self.refill = refill
@@ -241,7 +243,7 @@ class Scheduler:
         self.costs = None if batch_invariant else RoundCosts()  # small rounds split where that is cheaper
         self.observer = observer
         self.width = max(1, int(decoder.n_seq_max))
-        self.prefixes = PrefixCache(decoder)
+        self.prefixes = PrefixCache(decoder, store=prefix_store)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._waiting: deque[_Entry | _Stream | _Call] = deque()
         self._live: dict[int, tuple[_Entry, SequenceState]] = {}

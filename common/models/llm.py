@@ -237,6 +237,34 @@ class LlamaDecoder:
         """
         L.llama_memory_seq_cp(self._memory, src, dst, -1, -1)
 
+    def sequence_state(self, seq: int) -> bytes:
+        """`seq`'s KV cells as llama.cpp serializes them (`common.decoding.prefix_store` keeps them on disk)."""
+        size = L.llama_state_seq_get_size(self._ctx, seq)
+        buf = (ctypes.c_uint8 * size)()
+        n = L.llama_state_seq_get_data(self._ctx, buf, size, seq)
+        return ctypes.string_at(buf, n)
+
+    def restore_sequence_state(self, seq: int, data: bytes, n_positions: int) -> bool:
+        """Put cells saved by `sequence_state` into `seq` (emptied first); False, with `seq` empty,
+        when llama.cpp refuses them or they do not hold exactly positions 0 .. n_positions - 1."""
+        self.clear(seq)
+        src = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if L.llama_state_seq_set_data(self._ctx, src, len(data), seq) == 0:
+            return False
+        if (L.llama_memory_seq_pos_min(self._memory, seq), L.llama_memory_seq_pos_max(self._memory, seq)) \
+                != (0, n_positions - 1):
+            self.clear(seq)
+            return False
+        return True
+
+    def state_signature(self) -> str:
+        """What a sequence's cells depend on besides its tokens and the GGUF: llama.cpp's build and
+        CPU features, and the context settings that choose kernels or the cache's type."""
+        o = self.options
+        return "|".join([L.__version__, llama_system_info(), f"kv_f32={o.kv_f32}", f"flash_attn={o.flash_attn}",
+                         f"n_gpu_layers={o.n_gpu_layers}", f"kv_unified={o.kv_unified}", f"op_offload={o.op_offload}",
+                         f"extra_buffers={use_extra_buffers(o.extra_buffers)}"])
+
     def decode_tokens(self, tokens: Sequence[int], start: int, seq: int = 0, *, all_logits: bool = False) -> None:
         """Put `tokens` at positions start.. of `seq`; logits of the last one (or all) become readable."""
         self._decode(len(tokens), start, seq, all_logits, tokens=tokens)

@@ -59,10 +59,10 @@ class OpenedSession:
     cache_file: Path | None = None
 
 
-def user_cache_folder() -> Path:
-    """Where optimized graphs go when the model folder is read-only."""
+def user_cache_folder(kind: str = "ort") -> Path:
+    """Where optimized graphs (or another `kind` of start-up cache) go when the model folder is read-only."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "funasr-nano" / "ort"
+    return Path(base) / "funasr-nano" / kind
 
 
 def cache_enabled() -> bool:
