@@ -148,3 +148,31 @@ def test_no_writable_folder_or_switched_off_means_no_store_and_no_error(gguf, tm
         assert passes == 1
     monkeypatch.setenv(STORE_ENV, "0")
     assert _store_for(gguf) is None
+
+
+def test_a_sequence_moved_out_keeps_its_cells_when_the_next_job_comes_from_the_store(gguf):
+    """The scheduler moves sequence 1 into 0 (compaction) and admits a job into 1 whose prefix is
+    saved. llama.cpp copies stream buffers only at the next llama_decode, while restored cells are
+    written at once: restored before that decode, they would become the moved sequence's cells."""
+    rows = _rows(gguf)
+    other = PREFIX + "魔搭"
+    store = _store_for(gguf)
+    decoder = LlamaDecoder(gguf, DecoderOptions(threads=2, n_ctx=128, n_seq_max=2))
+    try:
+        PrefixCache(decoder, store=store).admit(Prompt(other, rows[:10], [11]), 0)  # `other` saved
+        decoder.clear()
+        prompt = Prompt(PREFIX, rows, [11, 12])
+        cache = PrefixCache(decoder, store=store)
+        token = int(np.argmax(cache.admit(prompt, 1)))
+        pos = cache.prompt_length(prompt)
+        decoder.copy_sequence(1, 0)
+        decoder.clear(1)
+        cache.moved(1, 0)
+        cache.admit(Prompt(other, rows[:10], [11]), 1)
+        moved = np.array(decoder.step(token, pos, 0), copy=True)
+        decoder.clear()
+        PrefixCache(decoder).admit(prompt, 0)
+        unmoved = np.array(decoder.step(token, pos, 0), copy=True)
+    finally:
+        decoder.close()
+    assert np.array_equal(moved, unmoved)

@@ -56,6 +56,8 @@ class PrefixDecoder(Protocol):
 
     def restore_sequence_state(self, seq: int, data: bytes, n_positions: int) -> bool: ...
 
+    def copy_pending(self, seq: int) -> bool: ...
+
     def decode_tokens(self, tokens: Sequence[int], start: int, seq: int = 0) -> None: ...
 
     def decode_embeddings(self, rows: np.ndarray, start: int, seq: int = 0) -> None: ...
@@ -115,7 +117,8 @@ class PrefixCache:
     def _fill(self, ids: list[int], seq: int) -> None:
         """A prefix no sequence holds: its saved cells, or a pass of its own (module docstring)."""
         d = self.decoder
-        data = self.store.load(ids) if self.store is not None else None
+        # a sequence just moved out of `seq` is copied at the next decode: restoring now would overwrite it
+        data = self.store.load(ids) if self.store is not None and not d.copy_pending(seq) else None
         if data is not None:
             if d.restore_sequence_state(seq, data, len(ids)):
                 return

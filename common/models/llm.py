@@ -158,6 +158,9 @@ class LlamaDecoder:
         self._tok_batch = L.llama_batch_init(self.n_batch, 0, options.n_seq_max)
         self._emb_batch = L.llama_batch_init(self.n_batch, self.n_embd, options.n_seq_max)
         self._embedding_rows: _EmbeddingTable | None = None
+        # Streams a cross-stream copy_sequence() involves: llama.cpp copies their buffers only at the
+        # next llama_decode, so until then no cells may be written into them directly.
+        self._copies_pending: set[int] = set()
         self.stop_ids = frozenset(self._special_id(s) for s in (IM_END, END_OF_TEXT))
 
     # ------------------------------------------------------------------ lifecycle
@@ -236,6 +239,13 @@ class LlamaDecoder:
         `dst` should be empty; with a split cache the copy happens at the next decode.
         """
         L.llama_memory_seq_cp(self._memory, src, dst, -1, -1)
+        if not self.options.kv_unified and src != dst:
+            self._copies_pending.update((src, dst))
+
+    def copy_pending(self, seq: int) -> bool:
+        """Whether `seq` is the source or target of a copy llama.cpp has not made yet (it makes it at
+        the next llama_decode): its buffer must not be written by `restore_sequence_state` before."""
+        return seq in self._copies_pending
 
     def sequence_state(self, seq: int) -> bytes:
         """`seq`'s KV cells as llama.cpp serializes them (`common.decoding.prefix_store` keeps them on disk)."""
@@ -246,7 +256,14 @@ class LlamaDecoder:
 
     def restore_sequence_state(self, seq: int, data: bytes, n_positions: int) -> bool:
         """Put cells saved by `sequence_state` into `seq` (emptied first); False, with `seq` empty,
-        when llama.cpp refuses them or they do not hold exactly positions 0 .. n_positions - 1."""
+        when llama.cpp refuses them or they do not hold exactly positions 0 .. n_positions - 1.
+
+        llama.cpp writes them into the stream's buffer at once, while a copy from or into that
+        stream waits for the next llama_decode (`copy_pending`): restoring then would corrupt the
+        copy (a sequence moved out of `seq` would get these cells), so that is refused.
+        """
+        if self.copy_pending(seq):
+            raise DecoderError(f"{self.path}: sequence {seq} has a KV copy pending; decode before restoring into it")
         self.clear(seq)
         src = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
         if L.llama_state_seq_set_data(self._ctx, src, len(data), seq) == 0:
@@ -301,6 +318,7 @@ class LlamaDecoder:
             rc = L.llama_decode(self._ctx, batch)
             if rc != 0:
                 raise DecoderError(f"{self.path}: llama_decode failed with code {rc} ({self._last_error()})")
+            self._copies_pending.clear()
 
     def decode_many(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[int],
                     outputs: Sequence[bool]) -> None:
@@ -327,6 +345,7 @@ class LlamaDecoder:
         rc = L.llama_decode(self._ctx, batch)
         if rc != 0:
             raise DecoderError(f"{self.path}: llama_decode failed with code {rc} ({self._last_error()})")
+        self._copies_pending.clear()
 
     def logits_rows(self, count: int) -> np.ndarray:
         """Logits of the first `count` outputs of the last decode as one (count, n_vocab) view."""
@@ -375,6 +394,7 @@ class LlamaDecoder:
         rc = L.llama_decode(self._ctx, batch)
         if rc != 0:
             raise DecoderError(f"{self.path}: llama_decode failed with code {rc} ({self._last_error()})")
+        self._copies_pending.clear()
         return np.ctypeslib.as_array(L.llama_get_logits_ith(self._ctx, -1), shape=(self.n_vocab,))
 
 
