@@ -176,3 +176,22 @@ def test_a_sequence_moved_out_keeps_its_cells_when_the_next_job_comes_from_the_s
     finally:
         decoder.close()
     assert np.array_equal(moved, unmoved)
+
+
+def test_only_the_most_recently_used_files_are_kept(gguf):
+    """Every new hotword list is a new prefix: a server must not fill the disk with them."""
+    import os
+
+    from common.decoding.prefix_store import MAX_FILES
+
+    store = PrefixStore(gguf, "sig")
+    for i in range(MAX_FILES):  # written long ago, in this order (whatever the file system's clock)
+        before = set(_store_files(gguf))
+        store.save([i], b"cells %d" % i)
+        (new,) = set(_store_files(gguf)) - before
+        os.utime(new, ns=((10**9 + i) * 10**9,) * 2)
+    assert store.load([0]) is not None  # used now: the most recent
+    for i in range(MAX_FILES, MAX_FILES + 5):
+        store.save([i], b"cells %d" % i)
+    assert len(_store_files(gguf)) == MAX_FILES
+    assert [store.load([i]) is not None for i in (0, 1, 5, 6, MAX_FILES + 4)] == [True, False, False, True, True]

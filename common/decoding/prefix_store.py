@@ -13,11 +13,13 @@ CPU features and cache settings.
 Where: `.prompt-cache/` beside the GGUF; where that cannot be written, the user's cache folder
 (`$XDG_CACHE_HOME/funasr-nano/prompts`, one sub-folder per model folder); where neither can, no
 store. A file whose checksum fails, or whose cells llama.cpp refuses, is deleted and the prefix
-decoded again. FUNASR_PROMPT_CACHE=0 switches it off.
+decoded again; the 32 most recently used files of a GGUF are kept, older ones deleted (every new
+hotword list is a new prefix). FUNASR_PROMPT_CACHE=0 switches it off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -33,6 +35,7 @@ STORE_FOLDER = ".prompt-cache"
 STORE_ENV = "FUNASR_PROMPT_CACHE"
 _KEY_LEN = 24
 _DIGEST_LEN = 32  # each file: sha256 of the cells, then the cells
+MAX_FILES = 32  # per GGUF and folder (2.3 MB each for the full model's default prefix)
 
 
 def store_enabled() -> bool:
@@ -74,6 +77,8 @@ class PrefixStore:
                 continue
             digest, data = raw[:_DIGEST_LEN], raw[_DIGEST_LEN:]
             if hashlib.sha256(data).digest() == digest:
+                with contextlib.suppress(OSError):
+                    os.utime(path)  # recently used: the last to be evicted
                 return data
             log.debug("%s: damaged prefix file, deleted", path)
             path.unlink(missing_ok=True)
@@ -95,11 +100,22 @@ class PrefixStore:
                 os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from other users of a shared model folder
                 os.replace(tmp, path)
                 log.debug("%s: prefix of %d positions saved", path, len(ids))
+                self._evict(path.parent)
                 return
             except OSError as exc:
                 log.debug("%s: cannot write the prefix (%s)", path, exc)
                 Path(tmp).unlink(missing_ok=True)
         log.debug("%s: no writable prompt cache folder", self.gguf)
+
+    def _evict(self, folder: Path) -> None:
+        """Keep the MAX_FILES most recently used files of this GGUF: a server meets a new prefix for
+        every new hotword list, and the disk must not fill with them."""
+        files = []
+        for path in folder.glob(f"{self.gguf.stem}.*.kv"):
+            with contextlib.suppress(OSError):
+                files.append((path.stat().st_mtime_ns, path))
+        for _, path in sorted(files, reverse=True)[MAX_FILES:]:
+            path.unlink(missing_ok=True)
 
     def discard(self, ids: Sequence[int]) -> None:
         """Delete the files of `ids` (llama.cpp refused what they hold)."""
