@@ -27,7 +27,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.models.session_cache import user_cache_folder
+from common.models.session_cache import shared_cache_folder
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,8 @@ class PrefixStore:
         self.gguf = Path(gguf)
         st = self.gguf.stat()
         self._base = "\n".join([signature, str(st.st_size), str(st.st_mtime_ns)])
-        shared = user_cache_folder("prompts") / hashlib.sha256(str(self.gguf.resolve().parent).encode()).hexdigest()[:16]
-        self.folders = folders if folders is not None else [self.gguf.parent / STORE_FOLDER, shared]
+        self.folders = folders if folders is not None else [self.gguf.parent / STORE_FOLDER,
+                                                            shared_cache_folder(self.gguf, "prompts")]
 
     @classmethod
     def for_decoder(cls, decoder) -> PrefixStore | None:  # noqa: ANN001 - a LlamaDecoder

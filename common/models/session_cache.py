@@ -65,6 +65,13 @@ def user_cache_folder(kind: str = "ort") -> Path:
     return Path(base) / "funasr-nano" / kind
 
 
+def shared_cache_folder(model_file: Path, kind: str = "ort") -> Path:
+    """The user cache's sub-folder for the model folder holding `model_file`: one per model folder,
+    so that two model folders never evict each other's files."""
+    digest = hashlib.sha256(str(model_file.resolve().parent).encode()).hexdigest()[:_KEY_LEN]
+    return user_cache_folder(kind) / digest
+
+
 def cache_enabled() -> bool:
     return os.environ.get(CACHE_ENV, "1").strip().lower() not in ("0", "off", "false", "no")
 
@@ -105,7 +112,7 @@ def cache_files(source: Path, providers: list[str], level: ort.GraphOptimization
     for i, folder in enumerate(folders):
         key = cache_key(source, providers, level, with_path=i > 0)
         if i > 0:  # a shared folder: one sub-folder per model folder, so they never evict each other's files
-            folder = folder / hashlib.sha256(str(source.resolve().parent).encode()).hexdigest()[:_KEY_LEN]
+            folder = folder / shared_cache_folder(source).name
         out.append(folder / f"{source.stem}.{key}.onnx")
     return out
 
