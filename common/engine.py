@@ -23,7 +23,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -83,6 +83,12 @@ class TranscribeOptions:
     # model folder has the CTC graph, else the segment's span shared out by characters. Costs one more CTC
     # head run per segment, so only outputs that show times (json, srt, vtt) ask for it.
     timestamps: bool = False
+    # Where a file's segments are prepared (features, encoder, draft). 0: on the decoding thread, each
+    # when a sequence is free for it, so a lone caller's encoder never competes with its decoding.
+    # N > 0: on the calling thread, up to N segments submitted ahead of their decoding: for many
+    # concurrent callers (the server), whose loading, VAD and encoding then overlap the other callers'
+    # decoding rounds instead of pausing them (the decoding thread does nothing else meanwhile).
+    prepare_ahead: int = 0
 
 
 @dataclass(frozen=True)
@@ -386,7 +392,8 @@ class Engine:
         t_start = time.perf_counter()
         sr = self.frontend.sample_rate
         source = str(audio) if isinstance(audio, (str, Path)) else "<waveform>"
-        vad = self._silero() if options.vad == "silero" else None
+        model = self._silero() if options.vad == "silero" else None
+        vad = model.stream() if model is not None else None  # this input's own VAD state
         n_samples = 0
         if vad is not None:
             if isinstance(audio, (str, Path)):
@@ -428,7 +435,8 @@ class Engine:
 
         total = 0 if vad is not None else len(cuts)
         cancel = _Cancellation()
-        return SegmentStream(self._decode_pieces(pieces, options, clock, cancel), finish, total, cancel)
+        decode = self._decode_ahead if options.prepare_ahead > 0 else self._decode_pieces
+        return SegmentStream(decode(pieces, options, clock, cancel), finish, total, cancel)
 
     def prepare(self, wave: np.ndarray, prompt: PromptOptions, clock: dict[str, float] | None = None
                 ) -> PreparedPrompt | None:
@@ -584,6 +592,52 @@ class Engine:
             assert segment is not None
             yield segment
 
+    def _decode_ahead(self, pieces: Iterable[tuple[SampleSpan, np.ndarray]], options: TranscribeOptions,
+                      clock: dict[str, float], cancel: _Cancellation) -> Iterator[Segment]:
+        """Segments of (span, audio) pairs in input order, each prepared on this (the caller's) thread
+        and submitted to the scheduler, at most `options.prepare_ahead` of them not yet decoded.
+
+        The scheduler's thread then only decodes: what this caller loads, detects and encodes
+        overlaps the rounds of everyone else's segments (`TranscribeOptions.prepare_ahead`).
+        """
+        order: deque[tuple[_Piece, Future | None]] = deque()  # input order, futures of the submitted ones
+        sr = self.frontend.sample_rate
+
+        def finished(room: int) -> Iterator[Segment]:
+            """The leading segments that are done; waits until fewer than `room` submitted ones are not."""
+            while order:
+                undone = [f for _, f in order if f is not None and not f.done()]
+                if len(undone) < room:
+                    break
+                wait(undone, return_when=FIRST_COMPLETED)
+            while order and (order[0][1] is None or order[0][1].done()):
+                piece, future = order.popleft()
+                if future is not None:
+                    assert piece.prepared is not None
+                    piece.segment = self._segment(piece.span, piece.prepared, future.result(), options, clock)
+                    piece.prepared = None
+                assert piece.segment is not None
+                yield piece.segment
+
+        try:
+            for span, audio in pieces:
+                cancel.check()
+                prepared = None if is_digital_silence(audio) else self.prepare(audio, options.prompt, clock)
+                piece = _Piece(span, prepared)
+                future = None
+                if prepared is None:
+                    piece.segment = Segment(*self._seconds(span), "", [], 0)
+                else:
+                    future = self.scheduler.submit(self._job(prepared, options, len(audio) / sr, clock))
+                    cancel.attach(future)
+                order.append((piece, future))
+                yield from finished(options.prepare_ahead)
+            yield from finished(1)
+        finally:
+            for _, future in order:  # stopped early: what is still queued or decoding is cancelled
+                if future is not None:
+                    future.cancel()
+
     def _job(self, prepared: PreparedPrompt, options: TranscribeOptions, seconds: float,
              clock: dict[str, float]) -> Job:
         """The decoding job of one prepared segment of `seconds` of audio: the file path's and submit_segment's."""
@@ -633,24 +687,33 @@ class Engine:
 
 
 class _Cancellation:
-    """A SegmentStream's cancel switch: works before the scheduler stream exists (then it never starts)."""
+    """A SegmentStream's cancel switch, for any thread: cancels what is attached (the scheduler stream,
+    or each submitted segment's future) and whatever is attached later (then it never starts)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._results: StreamResults | None = None
+        self._targets: list[StreamResults | Future] = []
         self._requested = False
 
-    def attach(self, results: StreamResults) -> None:
+    def attach(self, target: StreamResults | Future) -> None:
         with self._lock:
-            self._results = results
             if self._requested:
-                results.cancel()
+                target.cancel()
+                return
+            self._targets = [t for t in self._targets if not (isinstance(t, Future) and t.done())]
+            self._targets.append(target)
+
+    def check(self) -> None:
+        """Raise CancelledError once cancelled (the preparing thread, between two segments)."""
+        if self._requested:
+            raise CancelledError()
 
     def __call__(self) -> None:
         with self._lock:
             self._requested = True
-            if self._results is not None:
-                self._results.cancel()
+            targets, self._targets = self._targets, []
+        for target in targets:
+            target.cancel()
 
 
 def gpu_setup() -> tuple[int, list[str] | None]:

@@ -9,6 +9,7 @@ and leaves the others untouched. The reference is `testing.reference`, independe
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from concurrent.futures import CancelledError
 from pathlib import Path
@@ -133,20 +134,24 @@ def test_a_cancelled_job_frees_its_sequence_and_the_others_are_unaffected(tiny_m
     assert admitted_after[0] == cancelled[0]  # the waiting job took the cancelled job's sequence
 
 
-def test_concurrent_segment_streams_share_rounds_and_one_can_be_cancelled_from_another_thread(tiny_models, clip):
+@pytest.mark.parametrize("ahead", [0, 2], ids=["prepared-when-decoded", "prepared-ahead"])
+def test_concurrent_segment_streams_share_rounds_and_one_can_be_cancelled_from_another_thread(
+        tiny_models, clip, ahead):
     """Engine.segments() from several threads (a server's requests): their segments decode in the same
     rounds, each stream's text equals its text alone, and `SegmentStream.cancel()` from another thread
-    frees the cancelled stream's sequences while the others finish unchanged."""
+    frees the cancelled stream's sequences while the others finish unchanged; alike whether the
+    segments are prepared on the scheduler's thread or ahead on the callers' (`prepare_ahead`)."""
     from common.engine import BenchmarkHooks, TranscribeOptions
 
     waves = [clip[: 7 * SR], clip[2 * SR:], clip[SR: 9 * SR]]
-    options = [TranscribeOptions(prompt=p, vad="none", max_segment_seconds=3.0) for p in PROMPTS[:3]]
-    engine = _engine(tiny_models, 4, hooks=BenchmarkHooks(min_new_tokens=40))
+    options = [TranscribeOptions(prompt=p, vad="none", max_segment_seconds=3.0, prepare_ahead=ahead)
+               for p in PROMPTS[:3]]
+    engine = _engine(tiny_models, 4, hooks=BenchmarkHooks(min_new_tokens=40), batch_invariant=True)
     try:
-        want = [engine.transcribe(w, o).text for w, o in zip(waves, options)]
+        want = [engine.transcribe(w, dataclasses.replace(o, prepare_ahead=0)).text for w, o in zip(waves, options)]
         before = engine.scheduler.stats.shared_rounds
         streams = [engine.segments(w, o) for w, o in zip(waves, options)]
-        victim = engine.segments(clip, TranscribeOptions(vad="none", max_segment_seconds=2.0))
+        victim = engine.segments(clip, TranscribeOptions(vad="none", max_segment_seconds=2.0, prepare_ahead=ahead))
         got: list[str | None] = [None] * 3
         outcome: list[BaseException] = []
         victim_started = threading.Event()
@@ -179,6 +184,30 @@ def test_concurrent_segment_streams_share_rounds_and_one_can_be_cancelled_from_a
     assert len(outcome) == 1 and victim.transcript is None  # the cancelled stream stopped, with CancelledError
     assert stats.shared_rounds > before and stats.max_rows == 4  # rows of different callers in one round
     assert stats.cancelled >= 1  # the victim's live sequences were freed
+
+
+@pytest.mark.parametrize("ahead", [1, 3])
+def test_segments_prepared_ahead_are_at_most_that_many_in_the_scheduler(tiny_models, clip, ahead):
+    """`prepare_ahead=N`: the caller's thread prepares and submits a file's segments while earlier ones
+    decode, never more than N not yet decoded (memory stays bounded, and a lone file still fills N
+    sequences); the segments and their tokens are those of the file prepared on the scheduler's thread."""
+    from common.engine import BenchmarkHooks, TranscribeOptions
+
+    rounds: list[tuple[int, ...]] = []
+    engine = _engine(tiny_models, 4, hooks=BenchmarkHooks(min_new_tokens=12), batch_invariant=True,
+                     observer=lambda event, detail: rounds.append(detail) if event == "round" else None)
+    options = TranscribeOptions(vad="none", max_segment_seconds=1.5, max_new_tokens=12)
+    try:
+        want = engine.transcribe(clip, options)
+        rounds.clear()
+        got = engine.transcribe(clip, dataclasses.replace(options, prepare_ahead=ahead))
+    finally:
+        engine.close()
+    assert len(got.segments) >= 5
+    assert [s.token_ids for s in got.segments] == [s.token_ids for s in want.segments]
+    assert [(s.start, s.end) for s in got.segments] == [(s.start, s.end) for s in want.segments]
+    assert max(len(r) for r in rounds) == ahead
+    assert got.timings["encoder"] > 0
 
 
 def test_a_prompt_gets_the_same_logits_with_its_prefix_new_copied_or_kept(tiny_models):

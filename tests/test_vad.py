@@ -104,3 +104,20 @@ def test_streaming_gives_the_segments_of_the_whole_and_respects_the_limit(vad, c
     assert all(a <= b for a, b in zip(ends, starts[1:]))
     uncut = list(SpeechSegmenter(vad, VadOptions(max_segment_seconds=60.0, min_silence_seconds=1.5)).segments([wave]))
     assert max(s.end - s.start for s, _ in uncut) > 8 * SR and len(whole) > len(uncut)
+
+
+def test_streams_of_one_model_keep_their_own_state(vad, clip, layout):
+    """Two inputs fed in turn, block by block, through streams of one model (concurrent transcriptions):
+    each gets the probabilities it gets alone; through the one shared state they would not."""
+    other = layout[0][: len(clip)]
+    alone = [vad.probabilities(clip), vad.probabilities(other)]
+    streams = [vad.stream(), vad.stream()]
+    got: list[list[np.ndarray]] = [[], []]
+    blocks = [np.array_split(clip, 5), np.array_split(other, 5)]
+    for i in range(5):
+        for k in (0, 1):
+            got[k].append(streams[k].feed(blocks[k][i], last=i == 4))
+    shared = vad.stream()
+    mixed = [shared.feed(blocks[k][i], last=i == 4) for i in range(5) for k in (0, 1)]
+    assert np.array_equal(np.concatenate(got[0]), alone[0]) and np.array_equal(np.concatenate(got[1]), alone[1])
+    assert not np.array_equal(np.concatenate(mixed[0::2]), alone[0])

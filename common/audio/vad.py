@@ -19,6 +19,7 @@ for the segment in progress, so an hours-long stream needs bounded memory.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import shutil
 from collections.abc import Iterable, Iterator
@@ -99,6 +100,17 @@ class SileroVad:
             raise VadError(f"{self.path}: not a Silero VAD v5/v6 model (inputs {sorted(names)})")
         self._sr = np.array(SAMPLE_RATE, dtype=np.int64)
         self.reset()
+
+    def stream(self) -> SileroVad:
+        """A fresh stream on the same model: its own recurrent state, context and pending samples.
+
+        The state belongs to one audio stream, so concurrent transcriptions each take their own
+        (sharing one would carry one file's state into another's windows); the ONNX Runtime session,
+        which may run from several threads at once, is shared.
+        """
+        other = copy.copy(self)
+        other.reset()
+        return other
 
     def reset(self) -> None:
         self._state = np.zeros((2, 1, 128), np.float32)

@@ -77,8 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     preset = PRESETS[args.preset]
     args.batch_size = args.max_batch or preset.server_batch
     args.hotwords = "x" * args.max_prompt_chars  # the KV cache is sized for the longest prompt a request may send
+    # each request prepares its segments on its own worker thread, as many ahead as the batch holds:
+    # one request's loading, VAD and encoder then overlap the others' decoding instead of pausing it
     defaults = TranscribeOptions(max_new_tokens=args.max_new_tokens, max_segment_seconds=args.max_segment,
-                                 speculative=not args.no_speculative, vad=args.vad)
+                                 speculative=not args.no_speculative, vad=args.vad,
+                                 prepare_ahead=max(2, args.batch_size))
     config = ServerConfig(model_name=args.model_name, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                           max_upload_bytes=int(args.max_upload_mb * 2**20), max_audio_seconds=args.max_audio_seconds,
                           max_queue=args.max_queue, timeout=args.timeout, max_prompt_chars=args.max_prompt_chars,
