@@ -604,20 +604,26 @@ class Engine:
         sr = self.frontend.sample_rate
 
         def finished(room: int) -> Iterator[Segment]:
-            """The leading segments that are done; waits until fewer than `room` submitted ones are not."""
-            while order:
-                undone = [f for _, f in order if f is not None and not f.done()]
-                if len(undone) < room:
-                    break
-                wait(undone, return_when=FIRST_COMPLETED)
-            while order and (order[0][1] is None or order[0][1].done()):
-                piece, future = order.popleft()
-                if future is not None:
+            """The leading segments that are decoded, once fewer than `room` submitted ones are not.
+
+            A piece decoded behind a longer one keeps only its Segment, not its prompt, till its turn.
+            """
+            while True:
+                undone = []
+                for piece, future in order:
+                    if future is None or piece.segment is not None:
+                        continue
+                    if not future.done():
+                        undone.append(future)
+                        continue
                     assert piece.prepared is not None
                     piece.segment = self._segment(piece.span, piece.prepared, future.result(), options, clock)
                     piece.prepared = None
-                assert piece.segment is not None
-                yield piece.segment
+                if len(undone) < room:
+                    break
+                wait(undone, timeout=1.0, return_when=FIRST_COMPLETED)  # a timeout keeps Ctrl-C responsive
+            while order and order[0][0].segment is not None:
+                yield order.popleft()[0].segment
 
         try:
             for span, audio in pieces:
