@@ -185,7 +185,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-invariant", action="store_true",
                    help="a segment's text never depends on what is decoded alongside it (a step with one "
                         "segment live decodes a second, discarded row: about 1.3x its time with f16 weights, "
-                        "up to 2.8x with q8_0)")
+                        "up to 2.8x with q8_0; the server also keeps one KV stream per sequence instead of "
+                        "its shared cache)")
     # Benchmarks on random weights force a length; not for users.
     p.add_argument("--force-tokens", type=int, default=0, help=argparse.SUPPRESS)
 
@@ -296,13 +297,14 @@ def check_folders(args: argparse.Namespace) -> None:
 
 
 def load_engine(preset: Preset, args: argparse.Namespace, *, export: bool = True, hotwords: str | None = None,
-                preload=None):
+                preload=None, kv_unified: bool = False):
     """The Engine for this preset and these options; SetupError (one line) when the models cannot load.
 
     `export`: an empty model folder is exported first (the 03 scripts' first use); without it, a
     missing file is an error naming it (a corpus worker on a node that lacks the folder).
     `hotwords`: the longest hotwords any input will use, to size the KV cache (default: --hotwords).
     `preload` (TranscribeOptions): the sessions those options need are opened alongside the rest.
+    `kv_unified`: one KV cache for all sequences (`Engine.from_preset`; the server's default).
     """
     from common.engine import BenchmarkHooks, Engine
     from common.models.llm import DecoderError
@@ -315,7 +317,7 @@ def load_engine(preset: Preset, args: argparse.Namespace, *, export: bool = True
             max_new_tokens=args.max_new_tokens, max_segment_seconds=args.max_segment,
             hotwords=(args.hotwords or "") if hotwords is None else hotwords,
             encoder_path=encoder_path, gguf_path=gguf_path, hooks=BenchmarkHooks(min_new_tokens=args.force_tokens),
-            preload=preload, batch_invariant=args.batch_invariant)
+            preload=preload, batch_invariant=args.batch_invariant, kv_unified=kv_unified)
     except (DecoderError, ValueError, RuntimeError, OSError) as exc:
         raise SetupError(_one_line(exc)) from exc
 

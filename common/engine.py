@@ -333,17 +333,24 @@ class Engine:
         hooks: BenchmarkHooks = NO_HOOKS,
         preload: TranscribeOptions | None = None,
         batch_invariant: bool = False,
+        kv_unified: bool = False,
     ) -> Engine:
         """The models of a preset (`common.presets.PRESETS`), the KV cache sized for these limits.
 
         `max_new_tokens`, `max_segment_seconds` and `hotwords` size each sequence's cache; calls may
         ask for less, not more. A GPU preset offloads what this machine can and logs what it cannot.
+        `kv_unified`: one KV cache shared by all sequences, so a new segment's prompt joins the next
+        decoding round instead of a pass of its own (many concurrent callers: the server); not with
+        `batch_invariant`, which needs each sequence's cache laid out as when it is decoded alone.
         """
+        if kv_unified and batch_invariant:
+            raise ValueError("batch_invariant needs the split KV cache (kv_unified=False)")
         preset = PRESETS[name]
         model_dir = Path(model_dir)
         n_gpu_layers, providers = gpu_setup() if preset.gpu else (0, None)
         n_ctx = context_per_sequence(max(max_new_tokens, hooks.min_new_tokens), max_segment_seconds, hotwords)
-        options = DecoderOptions(threads=threads, n_gpu_layers=n_gpu_layers, n_seq_max=batch_size, n_ctx=n_ctx)
+        options = DecoderOptions(threads=threads, n_gpu_layers=n_gpu_layers, n_seq_max=batch_size, n_ctx=n_ctx,
+                                 kv_unified=kv_unified)
         return cls(model_dir, encoder_path=encoder_path or model_dir / preset.encoder_file,
                    gguf_path=gguf_path or model_dir / preset.gguf_file, threads=threads, providers=providers,
                    decoder_options=options, hooks=hooks, preload=preload, batch_invariant=batch_invariant)

@@ -199,6 +199,8 @@ class GGUFModel:
 ENGINES = {
     "f32-split": dict(gguf="qwen3-0.6b-asr.f32.gguf", kv_f32=True, flash_attn=False, kv_unified=False),
     "f16-split": dict(gguf="qwen3-0.6b-asr.gguf", kv_f32=False, flash_attn=None, kv_unified=False),
+    # one cache for all sequences: new prompts join the running round (the server's default)
+    "f32-unified": dict(gguf="qwen3-0.6b-asr.f32.gguf", kv_f32=True, flash_attn=False, kv_unified=True),
 }
 
 

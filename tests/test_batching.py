@@ -330,3 +330,57 @@ def test_split_rounds_give_the_tokens_of_batched_rounds(tiny_models, clip):
         batched.close()
         split.close()
     assert split_rounds >= 20 and got == want
+
+
+class _CountingDecoder:
+    """The real decoder, counting prompt passes of their own and rounds that hold a prompt's rows."""
+
+    def __init__(self, decoder) -> None:
+        self.decoder = decoder
+        self.prompt_passes = 0
+        self.rounds_with_prompts: list[tuple[set[int], set[int]]] = []  # (prompts' sequences, all sequences)
+
+    def __getattr__(self, name: str):
+        return getattr(self.decoder, name)
+
+    def decode_embeddings(self, rows, start, seq=0, **kwargs) -> None:
+        self.prompt_passes += 1
+        self.decoder.decode_embeddings(rows, start, seq, **kwargs)
+
+    def decode_rows(self, rows, positions, seqs, outputs) -> None:
+        prompts = {seq for seq, out in zip(seqs, outputs) if not out}  # only a prompt skips rows' logits
+        self.rounds_with_prompts.append((prompts, set(seqs)))
+        self.decoder.decode_rows(rows, positions, seqs, outputs)
+
+
+def test_new_prompts_join_the_running_round_with_a_unified_cache(tiny_models, clip):
+    """With one KV cache for all sequences, an admitted segment's prompt rows go into the next round
+    beside the other sequences' token rows (no pass of its own), and every segment still gets the
+    tokens of decoding it alone; the split cache keeps a pass per prompt."""
+    cuts = CUTS + [(0.5, 4.0), (3.0, 8.0)]
+    lengths = [5, 12, 8, 15, 6, 9, 11]  # segments end at different rounds: freed sequences refill mid-way
+    pieces = [clip[int(a * SR): int(b * SR)] for a, b in cuts]
+    single = _engine(tiny_models, ENGINES["f32-split"], 1)
+    unified = _engine(tiny_models, ENGINES["f32-unified"], 3)
+    split = _engine(tiny_models, ENGINES["f32-split"], 3)
+    try:
+        want = [_one_by_one(single, [piece], StopRule.forced(n))[0] for piece, n in zip(pieces, lengths)]
+        counting = {}
+        for name, engine in (("unified", unified), ("split", split)):
+            counting[name] = _CountingDecoder(engine.decoder)
+            engine.scheduler.decoder = counting[name]
+            rng = np.random.default_rng(0)  # drafts too: verified rows of several tokens beside prompts
+            drafts = [None if k is None else make_draft(w, k, rng, engine.decoder.n_vocab)
+                      for w, k in zip(want, ["own", None, "half", None, "random", "own", None])]
+            jobs = [Job(engine.prepare(p, PromptOptions()).prompt, StopRule.forced(n), d)
+                    for p, n, d in zip(pieces, lengths, drafts)]
+            got = dict(engine.scheduler.stream(jobs))
+            assert [got[i].tokens for i in range(len(jobs))] == want, name
+    finally:
+        for engine in (single, unified, split):
+            engine.close()
+    folded = counting["unified"]
+    assert folded.prompt_passes == 0
+    assert sum(len(prompts) for prompts, _ in folded.rounds_with_prompts) == len(pieces)  # each in one round
+    assert any(everyone - prompts for prompts, everyone in folded.rounds_with_prompts)  # beside token rows
+    assert counting["split"].prompt_passes == len(pieces) and not counting["split"].rounds_with_prompts

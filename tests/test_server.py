@@ -157,6 +157,25 @@ def test_eight_concurrent_requests_get_their_own_transcripts_and_share_rounds(se
     assert server.metric("funasr_sequences_in_flight") == 0
 
 
+def test_default_server_shares_one_kv_cache_and_serves_concurrent_requests(tiny_models, clips, server):
+    """Without --batch-invariant the server keeps one KV cache for all sequences (new prompts join the
+    running round: `common.decoding.rounds`, tested for tokens in test_batching); its concurrent
+    requests all get their transcripts and share rounds. /health says which cache each server has."""
+    assert httpx.get(f"{server.url}/health").json()["decoding"] == {
+        "max_batch": 4, "kv_cache": "split", "batch_invariant": True}
+    srv = Server(tiny_models, "--max-batch", "4", "--max-new-tokens", "24", batch_invariant=False)
+    try:
+        assert httpx.get(f"{srv.url}/health").json()["decoding"] == {
+            "max_batch": 4, "kv_cache": "unified", "batch_invariant": False}
+        with ThreadPoolExecutor(4) as pool:
+            texts = list(pool.map(lambda item: transcribe(srv, clips[item[0]], **item[1]), REQUESTS[:4]))
+        assert all(texts)
+        assert srv.metric("funasr_shared_rounds_total") > 0 and srv.metric("funasr_sequences_in_flight") == 0
+    finally:
+        assert srv.stop() in (0, -signal.SIGTERM), srv.output()
+    assert "Traceback" not in srv.output()
+
+
 # ------------------------------------------------------------------ bad input: status and one-line JSON error
 
 

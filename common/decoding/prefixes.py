@@ -97,6 +97,14 @@ class PrefixCache:
 
     def admit(self, prompt: Prompt, seq: int) -> np.ndarray:
         """Put `prompt` into sequence `seq`; returns a copy of the logits after its last position."""
+        rows, start = self.place_prefix(prompt, seq)
+        self.decoder.decode_embeddings(rows, start, seq)
+        return np.array(self.decoder.logits(-1), copy=True)
+
+    def place_prefix(self, prompt: Prompt, seq: int) -> tuple[np.ndarray, int]:
+        """Put `prompt`'s prefix into sequence `seq` (kept, copied, loaded or decoded) and cut what
+        follows it; returns the rows still to feed (the audio rows, then the text after them) and
+        the position of the first."""
         d = self.decoder
         ids = self.ids(prompt.prefix)
         n = len(ids)
@@ -111,8 +119,7 @@ class PrefixCache:
                 d.copy_sequence(donor, seq)
             self.held[seq] = prompt.prefix
         d.clear(seq, n)
-        d.decode_embeddings(rows, n, seq)
-        return np.array(d.logits(-1), copy=True)
+        return rows, n
 
     def _fill(self, ids: list[int], seq: int) -> None:
         """A prefix no sequence holds: its saved cells, or a pass of its own (module docstring)."""

@@ -55,6 +55,11 @@ class RoundDecoder(Protocol):
     def decode_many(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[int],
                     outputs: Sequence[bool]) -> None: ...
 
+    def decode_rows(self, rows: np.ndarray, positions: Sequence[int], seqs: Sequence[int],
+                    outputs: Sequence[bool]) -> None: ...
+
+    def token_embeddings(self, tokens: Sequence[int]) -> np.ndarray: ...
+
     def logits_rows(self, count: int) -> np.ndarray: ...
 
     def step(self, token: int, pos: int, seq: int = 0) -> np.ndarray: ...
@@ -140,6 +145,12 @@ def decode_round(decoder: RoundDecoder, states: Sequence[SequenceState],
     for state in states:
         if state.done:
             continue
+        if state.prompt_rows is not None:  # a prompt folded into this round (unified cache only)
+            if used + len(state.prompt_rows) > n_batch:
+                break
+            plan.append((state, []))
+            used += len(state.prompt_rows)
+            continue
         proposal: list[int] = []
         if state.draft is not None:
             room = min(state.rule.max_new_tokens - len(state.tokens) - 1, decoder.n_ctx - state.pos - 1)
@@ -156,6 +167,9 @@ def decode_round(decoder: RoundDecoder, states: Sequence[SequenceState],
         used -= 1 + len(proposal)
         pads = _padded_sequences(plan, decoder)
     if not plan:
+        return
+    if any(state.prompt_rows is not None for state, _ in plan):
+        _decode_with_prompts(decoder, plan, config)
         return
     tokens: list[int] = []
     positions: list[int] = []
@@ -197,6 +211,42 @@ def decode_round(decoder: RoundDecoder, states: Sequence[SequenceState],
     for state, proposal in plan:
         _advance(decoder, state, proposal, all_logits, argmaxes, row, config)
         row += 1 + len(proposal)
+
+
+def _decode_with_prompts(decoder: RoundDecoder, plan: Sequence[tuple[SequenceState, list[int]]],
+                         config: SpeculativeConfig) -> None:
+    """One llama_decode of embedding rows: the new sequences' prompt rows (only the last one's logits
+    read) beside the other sequences' token rows, looked up in the embedding table as llama.cpp
+    would. For the unified cache, where llama.cpp puts them all in one pass over the weights; a
+    prompt costs a few rows' share of a round instead of a pass of its own."""
+    rows: list[np.ndarray] = []
+    positions: list[int] = []
+    seqs: list[int] = []
+    outputs: list[bool] = []
+    for state, proposal in plan:
+        if state.prompt_rows is not None:
+            fed_rows, output = state.prompt_rows, [False] * (len(state.prompt_rows) - 1) + [True]
+        else:
+            fed = [state.tokens[-1], *proposal]
+            fed_rows, output = decoder.token_embeddings(fed), [True] * len(fed)
+        rows.append(fed_rows)
+        positions.extend(range(state.pos, state.pos + len(fed_rows)))
+        seqs.extend([state.seq] * len(fed_rows))
+        outputs.extend(output)
+    decoder.decode_rows(np.concatenate(rows, axis=0), positions, seqs, outputs)
+    all_logits = decoder.logits_rows(sum(outputs))
+    argmaxes = all_logits.argmax(axis=1)
+    row = 0
+    for state, proposal in plan:
+        if state.prompt_rows is None:
+            _advance(decoder, state, proposal, all_logits, argmaxes, row, config)
+            row += 1 + len(proposal)
+            continue
+        state.pos += len(state.prompt_rows)
+        state.prompt_rows = None
+        state.logits = np.array(all_logits[row], copy=True)
+        state.start(decoder.stop_ids)
+        row += 1
 
 
 def _padded_sequences(plan: Sequence[tuple[SequenceState, list[int]]], decoder: RoundDecoder) -> set[int]:

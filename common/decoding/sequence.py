@@ -80,19 +80,24 @@ class SequenceState:
 
     `logits` are those after the prompt (a copy); `pos` is where the next fed token goes (the
     prompt length at first). `tokens` collects the output; `draft` is None for plain greedy rows.
+    `prompt_rows`: the prompt's rows after its cached prefix, when they are to be fed in the next
+    round with the other sequences' rows (`pos` is then the first one's position, and `logits`
+    arrive with them).
     """
 
     seq: int
     pos: int
-    logits: np.ndarray
+    logits: np.ndarray | None
     rule: StopRule = StopRule()
     draft: Draft | None = None
     tokens: list[int] = field(default_factory=list)
     rounds: int = 0
     done: bool = False
+    prompt_rows: np.ndarray | None = None
 
     def start(self, stop_ids: frozenset[int]) -> None:
         """Take the first token from the prompt's logits (no decode needed)."""
+        assert self.logits is not None
         self.tokens = []
         self.done = False
         if self.rule.max_new_tokens <= 0:

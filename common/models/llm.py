@@ -47,9 +47,10 @@ class DecoderOptions:
     n_seq_max: int = DEFAULT_BATCH_SIZE  # sequences decoded together (segments of a batch)
     kv_f32: bool = False
     flash_attn: bool | None = None  # None: llama.cpp decides
-    # Several sequences (n_seq_max > 1): by default each gets its own KV stream of n_ctx cells (the
-    # cache is n_seq_max times larger); a unified cache (kv_unified=True) holds n_ctx cells shared by
-    # all sequences, and a prefix copied with copy_sequence() is stored once.
+    # Several sequences (n_seq_max > 1): by default each gets its own KV stream of n_ctx cells; a
+    # unified cache (kv_unified=True) holds n_ctx * n_seq_max cells shared by all sequences, a prefix
+    # copied with copy_sequence() is stored once, and a llama_decode may mix rows of any sequences in
+    # one pass over the weights (the split cache gives each run of sequences with equal rows a pass).
     kv_unified: bool = False
     # Ops on weights kept in host memory may run on a GPU backend for large batches (llama.cpp's
     # default). False keeps a CPU context entirely on the CPU, e.g. as a reference for GPU results.
@@ -125,7 +126,7 @@ class LlamaDecoder:
             raise DecoderError(f"{self.path}: llama.cpp cannot load this GGUF ({self._last_error()})")
 
         cparams = L.llama_context_default_params()
-        cparams.n_ctx = options.n_ctx * (1 if options.kv_unified else max(1, options.n_seq_max))
+        cparams.n_ctx = options.n_ctx * max(1, options.n_seq_max)
         cparams.kv_unified = options.kv_unified
         cparams.n_batch = options.n_batch
         cparams.n_ubatch = options.n_batch
@@ -154,6 +155,9 @@ class LlamaDecoder:
         self.n_vocab = int(L.llama_vocab_n_tokens(self._vocab))
         self.n_batch = int(L.llama_n_batch(self._ctx))
         self.n_ctx = int(L.llama_n_ctx_seq(self._ctx))  # positions one sequence may use
+        if options.kv_unified:
+            self.n_ctx = min(self.n_ctx, options.n_ctx)  # its share of the shared cells
+        self.kv_unified = bool(options.kv_unified)
         self.n_seq_max = int(L.llama_n_seq_max(self._ctx))
         self._tok_batch = L.llama_batch_init(self.n_batch, 0, options.n_seq_max)
         self._emb_batch = L.llama_batch_init(self.n_batch, self.n_embd, options.n_seq_max)
@@ -332,10 +336,31 @@ class LlamaDecoder:
         n = len(tokens)
         if n == 0:
             return
+        self._check_rows(n)
+        np.ctypeslib.as_array(self._tok_batch.token, shape=(self.n_batch,))[:n] = tokens
+        self._decode_batch(self._tok_batch, positions, seqs, outputs)
+
+    def decode_rows(self, rows: np.ndarray, positions: Sequence[int], seqs: Sequence[int],
+                    outputs: Sequence[bool]) -> None:
+        """`decode_many` for embedding rows (n, n_embd): prompt rows and token rows (`token_embeddings`)
+        of several sequences in one llama_decode."""
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        n = rows.shape[0]
+        if n == 0:
+            return
+        self._check_rows(n)
+        if rows.shape[1] != self.n_embd:
+            raise DecoderError(f"{self.path}: embedding rows of shape {rows.shape}, the model expects (n, {self.n_embd})")
+        ctypes.memmove(self._emb_batch.embd, rows.ctypes.data, rows.nbytes)
+        self._decode_batch(self._emb_batch, positions, seqs, outputs)
+
+    def _check_rows(self, n: int) -> None:
         if n > self.n_batch:
             raise DecoderError(f"{self.path}: {n} rows in one batch, more than n_batch={self.n_batch}")
-        batch = self._tok_batch
-        np.ctypeslib.as_array(batch.token, shape=(self.n_batch,))[:n] = tokens
+
+    def _decode_batch(self, batch, positions: Sequence[int], seqs: Sequence[int],  # noqa: ANN001 - llama_batch
+                      outputs: Sequence[bool]) -> None:
+        n = len(positions)
         np.ctypeslib.as_array(batch.pos, shape=(self.n_batch,))[:n] = positions
         np.ctypeslib.as_array(batch.n_seq_id, shape=(self.n_batch,))[:n] = 1
         np.ctypeslib.as_array(batch.logits, shape=(self.n_batch,))[:n] = np.asarray(outputs, dtype=np.int8)

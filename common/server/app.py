@@ -130,10 +130,14 @@ def create_app(config: ServerConfig, load_engine: Callable[[], Engine]) -> FastA
         if not state.admission.ready:
             return error_response(503, "the models are still loading", code="model_loading", type=SERVER,
                                   headers={"Retry-After": "5"})
+        scheduler = state.service.engine.scheduler
         return JSONResponse({"status": "ok", "model": config.model_name,
                              "in_flight": state.admission.in_flight,
                              "limits": {"max_upload_bytes": config.max_upload_bytes,
-                                        "max_audio_seconds": config.max_audio_seconds}})
+                                        "max_audio_seconds": config.max_audio_seconds},
+                             "decoding": {"max_batch": scheduler.width,
+                                          "kv_cache": "unified" if scheduler.unified else "split",
+                                          "batch_invariant": scheduler.pad_lone_rows}})
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -86,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
                           max_upload_bytes=int(args.max_upload_mb * 2**20), max_audio_seconds=args.max_audio_seconds,
                           max_queue=args.max_queue, timeout=args.timeout, max_prompt_chars=args.max_prompt_chars,
                           max_streams=args.max_streams, ui=not args.no_ui, defaults=defaults)
-    app = create_app(config, lambda: load_engine(preset, args))
+    # one KV cache for all sequences: a new request's prompt rows join the running decoding round
+    # (--batch-invariant keeps the split cache, where each sequence's cells lie as when alone)
+    app = create_app(config, lambda: load_engine(preset, args, kv_unified=not args.batch_invariant))
     if not args.no_ui:
         log.info("transcription page: http://%s:%d/", args.host, args.port)
     server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
