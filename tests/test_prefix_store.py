@@ -43,11 +43,16 @@ def gguf(tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     return path
 
 
-def _admit(gguf: Path, store: PrefixStore | None, rows: np.ndarray) -> tuple[np.ndarray, int]:
+def _options(unified: bool) -> DecoderOptions:
+    """One sequence in a split cache, or the second of two in a unified one (the server's)."""
+    return DecoderOptions(threads=2, n_ctx=128, n_seq_max=2 if unified else 1, kv_unified=unified)
+
+
+def _admit(gguf: Path, store: PrefixStore | None, rows: np.ndarray, unified: bool = False) -> tuple[np.ndarray, int]:
     """Logits after a 40-row prompt in a fresh context, and how many token passes it took."""
-    decoder = _CountingDecoder(LlamaDecoder(gguf, DecoderOptions(threads=2, n_ctx=128, n_seq_max=1)))
+    decoder = _CountingDecoder(LlamaDecoder(gguf, _options(unified)))
     try:
-        logits = PrefixCache(decoder, store=store).admit(Prompt(PREFIX, rows, [11, 12]), 0)
+        logits = PrefixCache(decoder, store=store).admit(Prompt(PREFIX, rows, [11, 12]), int(unified))
     finally:
         decoder.close()
     return logits, decoder.token_passes
@@ -65,20 +70,21 @@ def _store_files(gguf: Path) -> list[Path]:
     return sorted(folder.glob("*.kv")) if folder.is_dir() else []
 
 
-def _store_for(gguf: Path) -> PrefixStore:
-    decoder = LlamaDecoder(gguf, DecoderOptions(threads=2, n_ctx=128, n_seq_max=1))
+def _store_for(gguf: Path, unified: bool = False) -> PrefixStore:
+    decoder = LlamaDecoder(gguf, _options(unified))
     try:
         return PrefixStore.for_decoder(decoder)
     finally:
         decoder.close()
 
 
-def test_saved_cells_give_a_fresh_context_the_logits_of_decoding_the_prefix(gguf):
+@pytest.mark.parametrize("unified", [False, True], ids=["split", "unified"])
+def test_saved_cells_give_a_fresh_context_the_logits_of_decoding_the_prefix(gguf, unified):
     rows = _rows(gguf)
-    decoded, passes_without = _admit(gguf, None, rows)
-    written, passes_writing = _admit(gguf, _store_for(gguf), rows)
+    decoded, passes_without = _admit(gguf, None, rows, unified)
+    written, passes_writing = _admit(gguf, _store_for(gguf, unified), rows, unified)
     assert len(_store_files(gguf)) == 1
-    loaded, passes_loading = _admit(gguf, _store_for(gguf), rows)
+    loaded, passes_loading = _admit(gguf, _store_for(gguf, unified), rows, unified)
     assert (passes_without, passes_writing, passes_loading) == (1, 1, 0)  # loaded: no pass over the prefix
     assert np.array_equal(decoded, written) and np.array_equal(decoded, loaded)
 
