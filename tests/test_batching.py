@@ -368,7 +368,7 @@ def test_new_prompts_join_the_running_round_with_a_unified_cache(tiny_models, cl
         counting = {}
         for name, engine in (("unified", unified), ("split", split)):
             counting[name] = _CountingDecoder(engine.decoder)
-            engine.scheduler.decoder = counting[name]
+            engine.scheduler.decoder = engine.scheduler.prefixes.decoder = counting[name]
             rng = np.random.default_rng(0)  # drafts too: verified rows of several tokens beside prompts
             drafts = [None if k is None else make_draft(w, k, rng, engine.decoder.n_vocab)
                       for w, k in zip(want, ["own", None, "half", None, "random", "own", None])]

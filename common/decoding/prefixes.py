@@ -98,6 +98,10 @@ class PrefixCache:
     def admit(self, prompt: Prompt, seq: int) -> np.ndarray:
         """Put `prompt` into sequence `seq`; returns a copy of the logits after its last position."""
         rows, start = self.place_prefix(prompt, seq)
+        return self.feed(rows, start, seq)
+
+    def feed(self, rows: np.ndarray, start: int, seq: int) -> np.ndarray:
+        """Decode the rows `place_prefix` left to feed, in a pass of their own; a copy of the last one's logits."""
         self.decoder.decode_embeddings(rows, start, seq)
         return np.array(self.decoder.logits(-1), copy=True)
 

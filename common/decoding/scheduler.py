@@ -60,8 +60,6 @@ from concurrent.futures import CancelledError, Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import numpy as np
-
 from common.decoding.prefix_store import PrefixStore
 from common.decoding.prefixes import PrefixCache, Prompt
 from common.decoding.rounds import RoundCosts, decode_round
@@ -398,8 +396,7 @@ class Scheduler:
             if self.fold_prompts and len(rows) <= self.decoder.n_batch // 2:
                 state = SequenceState(seq=seq, pos=start, logits=None, rule=job.rule, draft=draft, prompt_rows=rows)
             else:
-                self.decoder.decode_embeddings(rows, start, seq)
-                logits = np.array(self.decoder.logits(-1), copy=True)
+                logits = self.prefixes.feed(rows, start, seq)
                 state = SequenceState(seq=seq, pos=start + len(rows), logits=logits, rule=job.rule, draft=draft)
         except Exception as exc:
             self._release(seq, forget=True)

@@ -292,13 +292,18 @@ class LlamaDecoder:
 
     def decode_embeddings(self, rows: np.ndarray, start: int, seq: int = 0, *, all_logits: bool = False) -> None:
         """Put embedding rows (n, n_embd) at positions start.. of `seq`, in as few llama_decode calls as n_batch allows."""
+        rows = self._embedding_rows_checked(rows)
+        self._decode(rows.shape[0], start, seq, all_logits, rows=rows)
+
+    def _embedding_rows_checked(self, rows: np.ndarray) -> np.ndarray:
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         if rows.ndim != 2 or rows.shape[1] != self.n_embd:
             raise DecoderError(f"{self.path}: embedding rows of shape {rows.shape}, the model expects (n, {self.n_embd})")
-        self._decode(rows.shape[0], start, seq, all_logits, rows=rows)
+        return rows
 
     def _decode(self, n: int, start: int, seq: int, all_logits: bool, *, tokens: Sequence[int] | None = None,
                 rows: np.ndarray | None = None) -> None:
+        """One sequence's tokens or rows at positions start.., n_batch at a time; the last one an output."""
         if n == 0:
             return
         if start + n > self.n_ctx:
@@ -306,23 +311,13 @@ class LlamaDecoder:
         batch = self._tok_batch if rows is None else self._emb_batch
         for lo in range(0, n, self.n_batch):
             hi = min(n, lo + self.n_batch)
-            m = hi - lo
             if rows is None:
-                np.ctypeslib.as_array(batch.token, shape=(self.n_batch,))[:m] = tokens[lo:hi]
+                np.ctypeslib.as_array(batch.token, shape=(self.n_batch,))[:hi - lo] = tokens[lo:hi]
             else:
                 ctypes.memmove(batch.embd, rows[lo:hi].ctypes.data, rows[lo:hi].nbytes)
-            np.ctypeslib.as_array(batch.pos, shape=(self.n_batch,))[:m] = np.arange(start + lo, start + hi)
-            np.ctypeslib.as_array(batch.n_seq_id, shape=(self.n_batch,))[:m] = 1
-            for i in range(m):
-                batch.seq_id[i][0] = seq
-            flags = np.ctypeslib.as_array(batch.logits, shape=(self.n_batch,))
-            flags[:m] = 1 if all_logits else 0
-            flags[m - 1] = 1
-            batch.n_tokens = m
-            rc = L.llama_decode(self._ctx, batch)
-            if rc != 0:
-                raise DecoderError(f"{self.path}: llama_decode failed with code {rc} ({self._last_error()})")
-            self._copies_pending.clear()
+            outputs = np.full(hi - lo, all_logits, dtype=bool)
+            outputs[-1] = True
+            self._decode_batch(batch, range(start + lo, start + hi), [seq] * (hi - lo), outputs)
 
     def decode_many(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[int],
                     outputs: Sequence[bool]) -> None:
@@ -344,13 +339,11 @@ class LlamaDecoder:
                     outputs: Sequence[bool]) -> None:
         """`decode_many` for embedding rows (n, n_embd): prompt rows and token rows (`token_embeddings`)
         of several sequences in one llama_decode."""
-        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        rows = self._embedding_rows_checked(rows)
         n = rows.shape[0]
         if n == 0:
             return
         self._check_rows(n)
-        if rows.shape[1] != self.n_embd:
-            raise DecoderError(f"{self.path}: embedding rows of shape {rows.shape}, the model expects (n, {self.n_embd})")
         ctypes.memmove(self._emb_batch.embd, rows.ctypes.data, rows.nbytes)
         self._decode_batch(self._emb_batch, positions, seqs, outputs)
 
