@@ -21,7 +21,7 @@ ray = pytest.importorskip("ray", reason="pip install -r requirements-corpus.txt"
 
 from common.corpus.cli import main as corpus_main  # noqa: E402
 from common.corpus.inputs import AudioFile, InputError, collect_inputs  # noqa: E402
-from common.corpus.store import CONSOLIDATED, PARTS, TIMING_COLUMNS, read_corpus  # noqa: E402
+from common.corpus.store import CONSOLIDATED, FILES, PARTS, TIMING_COLUMNS, CorpusStore, read_corpus  # noqa: E402
 
 # --batch-invariant on both sides: files batched with different company still get the same tokens (f16 GGUF)
 OPTIONS = ["--preset", "cpu", "--max-new-tokens", "8", "--threads", "2", "--quiet", "--batch-invariant"]
@@ -81,6 +81,21 @@ def _without_timings(table):
     return table.drop_columns(list(TIMING_COLUMNS)).to_pylist()
 
 
+def _inputs(corpus: Path) -> list[str]:
+    return [f.path for f in collect_inputs([str(corpus)])]
+
+
+def _assert_one_dataset(folder: Path, paths: list[str]) -> None:
+    """What a user's Parquet reader makes of the folder: exactly one row per file of `paths`, read_corpus's rows."""
+    import pandas as pd
+    import pyarrow.dataset as ds
+
+    assert sorted(pd.read_parquet(folder)["path"]) == sorted(paths)
+    table = ds.dataset(folder, format="parquet").to_table()
+    assert sorted(table["path"].to_pylist()) == sorted(paths)
+    assert table.sort_by("path").to_pylist() == read_corpus(folder).to_pylist()
+
+
 def test_every_file_has_one_row_with_the_clis_text_or_its_error(first_run: Path, corpus: Path, tiny_models: Path):
     table = read_corpus(first_run)
     rows = {r["path"]: r for r in table.to_pylist()}
@@ -103,21 +118,38 @@ def test_every_file_has_one_row_with_the_clis_text_or_its_error(first_run: Path,
     # the consolidated file is that same view, and the per-file outputs are the 03 script's
     assert pq.read_table(first_run / CONSOLIDATED).to_pylist() == table.to_pylist()
     some = good[0]
-    written = json.loads((first_run / "files" / Path(some).relative_to(corpus).with_suffix(".json")).read_text())
+    written = json.loads((first_run / FILES / Path(some).relative_to(corpus).with_suffix(".json")).read_text())
     assert written["text"] == oracle[some]["text"] and written["segments"] == oracle[some]["segments"]
-    assert (first_run / "files" / Path(some).relative_to(corpus).with_suffix(".srt")).is_file()
+    assert (first_run / FILES / Path(some).relative_to(corpus).with_suffix(".srt")).is_file()
+
+
+def test_the_output_folder_is_one_dataset_with_one_row_per_file(first_run: Path, corpus: Path):
+    # the per-file outputs (json, srt) and the journal sit beside the dataset, where readers do not look
+    _assert_one_dataset(first_run, _inputs(corpus))
+    assert sorted(p.name for p in first_run.iterdir() if not p.name.startswith(".")) == sorted(
+        [CONSOLIDATED, PARTS, FILES])
+    assert not list((first_run / PARTS).glob("*.parquet"))  # merged into the dataset, then deleted
 
 
 def test_a_worker_killed_mid_run_is_replaced_and_nothing_is_lost_or_doubled(first_run: Path, corpus: Path,
-                                                                            tiny_models: Path, tmp_path: Path):
+                                                                            tiny_models: Path, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch):
+    journal: list[dict] = []  # every row the driver received, read from the parts before they are merged
+    consolidate = CorpusStore.consolidate
+
+    def consolidate_after_reading_the_parts(store: CorpusStore, *args, **kwargs):
+        journal.extend(row for part in store.part_files() for row in pq.read_table(part).to_pylist())
+        return consolidate(store, *args, **kwargs)
+
+    monkeypatch.setattr(CorpusStore, "consolidate", consolidate_after_reading_the_parts)
     out = tmp_path / "crash"
     code = corpus_main([str(corpus), "--output", str(out), "--model-dir", str(tiny_models), "--test-crash-after", "3",
                         *OPTIONS])
     assert code == 1
     assert (out / ".test-crash-hook").is_file()  # the actor really exited after 3 files
-    journal = [row for part in sorted((out / PARTS).glob("part-*.parquet")) for row in pq.read_table(part).to_pylist()]
     assert sorted(r["path"] for r in journal) == sorted(r["path"] for r in read_corpus(first_run).to_pylist())
     assert _without_timings(read_corpus(out)) == _without_timings(read_corpus(first_run))
+    _assert_one_dataset(out, _inputs(corpus))
 
 
 def test_an_interrupted_run_resumed_gives_the_same_dataset(first_run: Path, corpus: Path, tiny_models: Path,
@@ -127,10 +159,16 @@ def test_an_interrupted_run_resumed_gives_the_same_dataset(first_run: Path, corp
     assert corpus_main([*args, "--test-stop-after", "4"]) == 130
     partial = read_corpus(out)
     assert 4 <= partial.num_rows < N_GOOD + N_BAD
-    (out / PARTS / ".part-deadbeef.parquet.1234.tmp").write_bytes(b"half a part")  # a write cut short
+    _assert_one_dataset(out, partial["path"].to_pylist())  # the interrupted run's rows are the dataset already
+    # what a driver killed at the wrong moment leaves: a write cut short, and a part whose rows the dataset
+    # already holds (killed between renaming the merged file and deleting the parts)
+    (out / PARTS / ".part-deadbeef.parquet.1234.tmp").write_bytes(b"half a part")
+    CorpusStore(out).write_part(partial.to_pylist()[:2])
+    _assert_one_dataset(out, partial["path"].to_pylist())
     assert corpus_main(args) == 1
     resumed = read_corpus(out)
     assert _without_timings(resumed) == _without_timings(read_corpus(first_run))
+    _assert_one_dataset(out, _inputs(corpus))
     # the files done before the interruption were not transcribed again: their rows kept their timings
     before = {r["path"]: r["seconds"] for r in partial.to_pylist() if r["error"] is None}
     after = {r["path"]: r["seconds"] for r in resumed.to_pylist()}
@@ -144,6 +182,7 @@ def test_a_run_with_everything_done_transcribes_nothing(first_run: Path, corpus:
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert f"{N_GOOD + N_BAD} files ({N_BAD} this run, {N_GOOD} already done), {N_BAD} failed" in line
     assert "audio hours per wall hour" in line
+    _assert_one_dataset(first_run, _inputs(corpus))  # the failed files' new rows replaced their old ones
 
 
 def test_manifest_languages_are_per_file_and_a_bad_one_fails_only_its_file(cluster, corpus: Path, tiny_models: Path,
@@ -154,6 +193,7 @@ def test_manifest_languages_are_per_file_and_a_bad_one_fails_only_its_file(clust
     assert corpus_main([str(manifest), "--output", str(tmp_path / "out"), "--model-dir", str(tiny_models),
                         *OPTIONS]) == 1
     english, bad = read_corpus(tmp_path / "out").to_pylist()
+    _assert_one_dataset(tmp_path / "out", clips)
     assert english["language"] == "en" and english["error"] is None and english["text"] is not None
     assert bad["error"].startswith(clips[1]) and "klingon" in bad["error"]
 
@@ -200,3 +240,76 @@ def test_one_row_per_key_prefers_a_transcript_to_an_error(tmp_path: Path):
     assert [(r["mtime_ns"], r["text"]) for r in store.rows().to_pylist()] == [(5, "hello"), (6, "hello again")]
     assert store.done_keys() == {("/a.wav", 1, 5), ("/a.wav", 1, 6)}
     assert np.all(np.diff(store.consolidate()["mtime_ns"].to_numpy()) > 0)
+    # a run whose inputs hold /a.wav as it is now (mtime 6) keeps that file's row only
+    assert [r["mtime_ns"] for r in store.consolidate({"/a.wav": ("/a.wav", 1, 6)}).to_pylist()] == [6]
+    assert [r["mtime_ns"] for r in pq.read_table(tmp_path).to_pylist()] == [6]
+
+
+def _row(path: str, error: str | None = None) -> dict:
+    from common.corpus.store import ROW_SCHEMA
+
+    return {**dict.fromkeys(ROW_SCHEMA.names), "path": path, "size": 1, "mtime_ns": 1,
+            "text": None if error else f"text of {path}", "error": error}
+
+
+def _folder_rows(folder: Path) -> list[tuple[str, str | None]]:
+    """(path, error) of each row a reader of the folder gets, pandas and pyarrow.dataset alike."""
+    import pandas as pd
+    import pyarrow.dataset as ds
+
+    by_arrow = [(r["path"], r["error"]) for r in ds.dataset(folder, format="parquet").to_table().to_pylist()]
+    frame = pd.read_parquet(folder)
+    assert sorted(frame["path"]) == sorted(p for p, _ in by_arrow)
+    return sorted(by_arrow, key=lambda row: (row[0], row[1] or ""))
+
+
+def test_a_consolidation_cut_short_never_shows_a_row_twice_nor_loses_one(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch):
+    store = CorpusStore(tmp_path)
+    store.prepare()
+    store.write_part([_row("/a.wav"), _row("/b.wav", "/b.wav: not audio")])
+    store.consolidate()  # run 1: b failed
+    store.write_part([_row("/b.wav")])  # run 2 (b retried, now transcribed; c new), parts not yet merged
+    store.write_part([_row("/c.wav")])
+    before = [("/a.wav", None), ("/b.wav", "/b.wav: not audio")]
+    after = [("/a.wav", None), ("/b.wav", None), ("/c.wav", None)]
+    assert _folder_rows(tmp_path) == before  # mid-run: the parts are not part of the dataset yet
+    assert [(r["path"], r["error"]) for r in read_corpus(tmp_path).to_pylist()] == after
+
+    def crash(*args, **kwargs):
+        raise OSError("killed")
+
+    with monkeypatch.context() as m:  # killed before the merged file replaced the dataset
+        m.setattr("common.corpus.store.os.replace", crash)
+        with pytest.raises(OSError, match="killed"):
+            store.consolidate()
+    assert _folder_rows(tmp_path) == before and len(store.part_files()) == 2
+    with monkeypatch.context() as m:  # killed after it, before the merged parts were deleted
+        m.setattr(Path, "unlink", crash)
+        with pytest.raises(OSError, match="killed"):
+            store.consolidate()
+    assert _folder_rows(tmp_path) == after and len(store.part_files()) == 2
+    (tmp_path / f".{CONSOLIDATED}.x1.tmp").write_bytes(b"half a dataset")  # and one killed while writing it
+    assert [(r["path"], r["error"]) for r in store.consolidate().to_pylist()] == after  # the next run's
+    assert _folder_rows(tmp_path) == after and store.part_files() == []
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_folder_of_the_earlier_layout_becomes_one_dataset(tmp_path: Path):
+    import pyarrow as pa
+
+    from common.corpus.store import ROW_SCHEMA
+
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "a.txt").write_text("text of /a.wav\n")
+    pq.write_table(pa.Table.from_pylist([_row("/a.wav")], schema=ROW_SCHEMA), tmp_path / CONSOLIDATED)
+    pq.write_table(pa.Table.from_pylist([_row("/a.wav"), _row("/b.wav")], schema=ROW_SCHEMA),
+                   tmp_path / "parts" / "part-0123.parquet")
+    store = CorpusStore(tmp_path)
+    assert store.done_keys() == {("/a.wav", 1, 1), ("/b.wav", 1, 1)}  # a resumed run skips both
+    store.prepare()
+    store.consolidate()
+    assert _folder_rows(tmp_path) == [("/a.wav", None), ("/b.wav", None)]
+    assert not (tmp_path / "parts").exists() and not (tmp_path / "files").exists()
+    assert (tmp_path / FILES / "a.txt").read_text() == "text of /a.wav\n"

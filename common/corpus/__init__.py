@@ -2,6 +2,7 @@
 
 inputs.py: folders, globs and manifests -> files and their keys; worker.py: the transcription actor
 (one Engine each); pipeline.py: the Ray Data graph, resuming and the summary; store.py: the Parquet
-output folder (atomic parts, one row per file when read); cli.py: the command line.
-`read_corpus(folder)` (store.py) reads a run's rows back, one per file.
+output folder (one dataset, one row per file; atomic parts merged into it); cli.py: the command line.
+A run's output folder is read as any Parquet dataset (`pandas.read_parquet(folder)`);
+`read_corpus(folder)` (store.py) also holds the rows of a run still going.
 """

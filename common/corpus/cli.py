@@ -41,10 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
           python {SCRIPT} "archive/**/*.mp3" manifest.csv --output out/ --formats txt,srt
           RAY_ADDRESS=auto python {SCRIPT} /data/lectures --output /data/out --threads 4
 
-        Output: out/transcripts.parquet, one row per file (path, size, mtime_ns, duration, text,
-        segments as JSON with times, model, preset, timings, error); out/parts/ holds the rows as they
-        were finished; out/files/ the per-file outputs of --formats. Re-running the same command on the
-        same --output skips the files already transcribed (same path, size and mtime) and retries
+        Output: out/ is one Parquet dataset (pandas.read_parquet("out/")): out/transcripts.parquet,
+        one row per file (path, size, mtime_ns, duration, text, segments as JSON with times, model,
+        preset, timings, error: set for a file that failed). out/_parts/ holds the rows of a run in
+        progress, merged into transcripts.parquet when it ends; out/_files/ the per-file outputs of
+        --formats (readers of the folder skip names starting with _). Re-running the same command on
+        the same --output skips the files already transcribed (same path, size and mtime) and retries
         the failed ones. A manifest is .txt (one path per line), or .csv/.jsonl with a path column
         and optional language and hotwords columns.
         """)
@@ -57,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=tuple(PRESETS), default="cpu-int8",
                    help="which model files and device, as the 03 scripts (default: cpu-int8)")
     p.add_argument("--formats", default="", metavar="LIST",
-                   help="also write per-file outputs under DIR/files/: a comma list of txt, json, srt, vtt")
+                   help="also write per-file outputs under DIR/_files/: a comma list of txt, json, srt, vtt")
     add_model_options(p)
     add_transcription_options(p)
     ray_group = p.add_argument_group("Ray")

@@ -7,17 +7,20 @@
         |                                   restarts a dead actor and retries its call
     iter_batches() on the driver            rows written as Parquet parts (common/corpus/store.py)
                                             and per-file outputs, at least every flush_seconds
+    CorpusStore.consolidate()               the parts merged into OUT/transcripts.parquet, the
+                                            folder's one dataset (interrupted runs too)
 
 Execution streams: Ray Data's backpressure keeps only a few rows per actor in flight, whatever the
 corpus size, and a file is decoded inside its actor in 60 s blocks. The driver writes because the
 rows are small (text, JSON) and that way the output folder only has to exist on the driver's
 machine, not on shared storage; the per-file outputs are rendered by the actors and written here.
 
-Resumable: the driver first reads the keys (path, size, mtime) already in the output folder and
-sends only the other files to Ray. An interrupted run flushes the rows it has received, so a
-re-run redoes only the files that were in flight. Rows of one key written twice (a retry, a race)
-are reduced to one when read (`CorpusStore.rows`), so the final dataset is the same as an
-uninterrupted run's, apart from the timing columns.
+Resumable: the driver first reads the keys (path, size, mtime) already in the output folder (the
+dataset and any parts a killed run left) and sends only the other files to Ray. An interrupted
+run flushes the rows it has received and consolidates them, so a re-run redoes only the files
+that were in flight. Rows of one key written twice (a retry, a race) are reduced to one when
+merged (`CorpusStore.consolidate`), so the final dataset is the same as an uninterrupted run's,
+apart from the timing columns.
 """
 
 from __future__ import annotations
@@ -99,7 +102,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
 
 def run(files: list[AudioFile], store: CorpusStore, settings: WorkerSettings, plan: Plan,
         targets: dict[str, dict[str, Path]] | None = None) -> Summary:
-    """Transcribe the files not yet in `store`, write their rows, consolidate; the summary.
+    """Transcribe the files not yet in `store`, write their rows, consolidate them into its dataset; the summary.
 
     `targets[path][fmt]`: where each file's rendered outputs go. KeyboardInterrupt (Ctrl-C, or the
     stop_after hook) is caught: what has arrived is written, and the summary says `interrupted`.
@@ -125,7 +128,8 @@ def run(files: list[AudioFile], store: CorpusStore, settings: WorkerSettings, pl
             _account_for_lost(todo, store, writer, plan)
     summary.transcribed = writer.received
     summary.audio_seconds = writer.audio_seconds
-    table = store.consolidate()
+    # the files' current keys: a row left from before a file changed is dropped, one row per input stays
+    table = store.consolidate({s.file.path: s.key for s in states})
     summary.dataset = store.consolidated
     summary.files = table.num_rows
     summary.failed = table.num_rows - table["error"].null_count
@@ -215,7 +219,7 @@ def _account_for_lost(todo: list[FileState], store: CorpusStore, writer: _RowWri
 
 
 def output_targets(files: list[AudioFile], folder: Path, formats: tuple[str, ...]) -> dict[str, dict[str, Path]]:
-    """Where each file's outputs go, under OUT/files/, named as the 03 scripts' --output-dir names them.
+    """Where each file's outputs go, under OUT/_files/, named as the 03 scripts' --output-dir names them.
 
     Computed from every input of the run (done or not), so the names do not change when a run resumes.
     """
