@@ -14,6 +14,7 @@ import sys
 from common.cli import OneLineParser, add_folder_options, export_folders
 from common.export.export_gguf import DEFAULT_TYPE, SUPPORTED_TYPES, ExportError, export_gguf, parse_types
 from common.export.release import ReleaseError
+from common.requirements import guarded
 
 EXAMPLES = """\
 examples:
@@ -55,4 +56,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with guarded("02_export_gguf.py", "base", "export"):  # a missing package: one error line, exit 2
+        sys.exit(main())

@@ -6,7 +6,10 @@ Run `python 03_inference_cpu.py --help` for the options; see README.md for the s
 
 import sys
 
-from common.cli import main
+from common.requirements import guarded
 
 if __name__ == "__main__":
-    sys.exit(main("cpu"))
+    with guarded("03_inference_cpu.py", "base"):  # a missing package: one error line, exit 2
+        from common.cli import main
+
+        sys.exit(main("cpu"))

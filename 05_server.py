@@ -7,7 +7,10 @@ openai-client examples.
 
 import sys
 
-from common.server.cli import main
+from common.requirements import guarded
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with guarded("05_server.py", "base", "server"):  # a missing package: one error line, exit 2
+        from common.server.cli import main
+
+        sys.exit(main())

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import sys
 
-from common.realtime.client import main
+from common.requirements import guarded
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with guarded("06_microphone.py", "base"):  # a missing package: one error line, exit 2
+        from common.realtime.client import main
+
+        sys.exit(main())

@@ -7,7 +7,10 @@ Needs `pip install -r requirements-corpus.txt` on top of requirements.txt.
 
 import sys
 
-from common.corpus.cli import main
+from common.requirements import guarded
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with guarded("07_transcribe_corpus.py", "base", "corpus"):  # a missing package: one error line, exit 2
+        from common.corpus.cli import main
+
+        sys.exit(main())

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import math
 import os
@@ -29,8 +30,12 @@ import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common.presets import PRESETS, Preset
+
+if TYPE_CHECKING:  # pragma: no cover
+    from common.output.results import Transcript
 
 ROOT = Path(__file__).resolve().parent.parent  # the project folder: the scripts, model-gguf/, the release
 DEFAULT_MODEL_DIR = ROOT / "model-gguf"
@@ -88,11 +93,17 @@ def add_folder_options(parser: argparse.ArgumentParser, *, export: bool) -> None
                       "use)")
     parser.add_argument("--release-dir", type=Path, default=None, metavar="DIR", help=release_help)
     parser.add_argument("--model-dir", type=Path, default=None, metavar="DIR", help=model_help)
+    parser.add_argument("--source", choices=("modelscope", "huggingface"), default="modelscope",
+                        help="where a missing release is downloaded from (default: modelscope; the huggingface copy "
+                             "lacks the CTC head: no timestamps aligned to the audio, no live partials, no "
+                             "speculative decoding). HTTPS_PROXY / NO_PROXY are honoured")
 
 
-def export_commands(model_dir: Path) -> str:
-    """The two commands that fill `model_dir`, for messages."""
+def export_commands(model_dir: Path, release_dir: Path | None = None) -> str:
+    """The two commands that fill `model_dir` (from `release_dir`), for messages."""
     target = "" if model_dir == DEFAULT_MODEL_DIR else f" --model-dir {model_dir}"
+    if release_dir is not None and release_dir != DEFAULT_RELEASE_DIR:
+        target = f" --release-dir {release_dir}{target}"
     return f"python 01_export_onnx.py{target} && python 02_export_gguf.py{target} --types f16,q8_0"
 
 
@@ -114,7 +125,7 @@ def export_folders(args: argparse.Namespace) -> tuple[Path, Path]:
         raise ReleaseError(f"{model_dir}: not a folder (--model-dir)")
     given = args.release_dir
     release = ensure_release(given if given is not None else DEFAULT_RELEASE_DIR,
-                             download=given is None or given.exists())
+                             download=given is None or given.exists(), source=args.source)
     return release, model_dir
 
 
@@ -136,12 +147,17 @@ def build_parser(preset: Preset) -> argparse.ArgumentParser:
         prog=preset.script, description=f"Transcribe audio with Fun-ASR-Nano. {preset.description}.",
         epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("audio", nargs="+", help="audio files (mp3, wav, flac, ogg, m4a, ...; any rate and channels)")
+    p.add_argument("audio", nargs="+",
+                   help="audio files (mp3, wav, flac, ogg, m4a, ...; any rate and channels); - reads one from stdin")
     p.add_argument("--format", choices=("txt", "json", "srt", "vtt"), default="txt",
                    help="output format: text, json with segments, or srt/vtt subtitles (default: txt)")
     p.add_argument("--output-dir", type=Path, default=None,
                    help="write one file per input here instead of stdout (created if needed)")
     p.add_argument("--overwrite", action="store_true", help="re-transcribe inputs whose output file exists")
+    p.add_argument("--stream", action="store_true",
+                   help='with --format json on stdout: JSON Lines, one {"type": "segment", ...} object per segment '
+                        'as it is decoded, then one {"type": "transcript", ...} per input (txt always prints '
+                        "each segment's text as it is decoded)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     add_model_options(p)
     add_transcription_options(p)
@@ -209,8 +225,12 @@ def main(preset_name: str, argv: list[str] | None = None) -> int:
 class _Job:
     """One input of a run and where its transcript goes (None: stdout)."""
 
-    source: str
+    source: str  # as given (`-`: stdin)
     target: Path | None
+    path: str = ""  # the file decoded (stdin's copy for `-`); the source itself when empty
+
+    def __post_init__(self) -> None:
+        self.path = self.path or self.source
 
 
 def _run(preset: Preset, args: argparse.Namespace) -> int:
@@ -222,6 +242,9 @@ def _run(preset: Preset, args: argparse.Namespace) -> int:
     if args.output_dir is None and len(sources) > 1 and args.format in SUBTITLE_FORMATS:
         raise SetupError(f"--format {args.format} with {len(sources)} inputs needs --output-dir "
                          "(one subtitle file per input)")
+    if args.stream and (args.format != "json" or args.output_dir is not None):
+        raise SetupError("--stream is for --format json on stdout (txt on stdout always shows each segment as it "
+                         "is decoded; --output-dir files are written whole)")
     check_folders(args)
     if args.output_dir is not None:
         try:
@@ -229,31 +252,54 @@ def _run(preset: Preset, args: argparse.Namespace) -> int:
         except WriteError as exc:
             raise SetupError(str(exc)) from exc
     targets = _targets(sources, args)
+    with contextlib.ExitStack() as cleanup:
+        # `-`: the audio comes on stdin, kept in a temporary file (the decoders seek; a pipe cannot)
+        stdin_file = cleanup.enter_context(_stdin_audio()) if STDIN in sources else None
+        failures: list[str] = []
+        jobs: list[_Job] = []
+        for source, target in zip(sources, targets):
+            path = stdin_file if source == STDIN else source
+            try:
+                if path is None:
+                    raise AudioError(STDIN, "no audio on stdin (0 bytes)")
+                check_audio_file(path)
+            except AudioError as exc:
+                _error(str(exc).replace(str(path), source, 1))
+                failures.append(source)
+                continue
+            if target is not None and target.exists() and not args.overwrite:
+                _note(f"{source}: skipped, {target} exists (use --overwrite)", args.quiet)
+                continue
+            jobs.append(_Job(source, target, str(path)))
+        if not jobs:  # nothing to transcribe: no model is loaded, let alone exported
+            return _summary(failures, len(sources), write_failed=False)
 
-    failures: list[str] = []
-    jobs: list[_Job] = []
-    for source, target in zip(sources, targets):
+        # the VAD and CTC sessions these options need load alongside the encoder and llama.cpp
+        engine = load_engine(preset, args, preload=transcribe_options(args, prompt, timestamps=args.format != "txt"))
+        write_failed = False
         try:
-            check_audio_file(source)
-        except AudioError as exc:
-            _error(str(exc))
-            failures.append(source)
-            continue
-        if target is not None and target.exists() and not args.overwrite:
-            _note(f"{source}: skipped, {target} exists (use --overwrite)", args.quiet)
-            continue
-        jobs.append(_Job(source, target))
-    if not jobs:  # nothing to transcribe: no model is loaded, let alone exported
-        return _summary(failures, len(sources), write_failed=False)
+            write_failed = _transcribe_all(engine, jobs, prompt, args, failures, several=len(sources) > 1)
+        finally:
+            engine.close()
+        return _summary(failures, len(sources), write_failed)
 
-    # the VAD and CTC sessions these options need load alongside the encoder and llama.cpp
-    engine = load_engine(preset, args, preload=transcribe_options(args, prompt, timestamps=args.format != "txt"))
-    write_failed = False
-    try:
-        write_failed = _transcribe_all(engine, jobs, prompt, args, failures, several=len(sources) > 1)
-    finally:
-        engine.close()
-    return _summary(failures, len(sources), write_failed)
+
+STDIN = "-"
+
+
+@contextlib.contextmanager
+def _stdin_audio():
+    """stdin's bytes in a temporary file (removed afterwards); None when stdin is empty or a terminal."""
+    import shutil
+    import tempfile
+
+    if sys.stdin is None or sys.stdin.isatty():
+        yield None
+        return
+    with tempfile.NamedTemporaryFile(prefix="funasr-stdin-", suffix=".audio") as tmp:
+        shutil.copyfileobj(sys.stdin.buffer, tmp)
+        tmp.flush()
+        yield Path(tmp.name) if tmp.tell() else None
 
 
 def _distinct(audio: list[str]) -> list[str]:
@@ -261,7 +307,7 @@ def _distinct(audio: list[str]) -> list[str]:
     seen: dict[str, str] = {}
     out = []
     for source in audio:
-        key = os.path.realpath(source)
+        key = source if source == STDIN else os.path.realpath(source)
         if key in seen:
             _error(f"warning: {source}: given twice (as {seen[key]}), transcribed once")
             continue
@@ -276,8 +322,9 @@ def _targets(sources: list[str], args: argparse.Namespace) -> list[Path | None]:
 
     if args.output_dir is None:
         return [None] * len(sources)
-    targets = output_paths(sources, args.output_dir, args.format)
-    plain = [output_path(s, args.output_dir, args.format) for s in sources]
+    named = ["stdin" if s == STDIN else s for s in sources]  # `-` -> stdin.txt
+    targets = output_paths(named, args.output_dir, args.format)
+    plain = [output_path(s, args.output_dir, args.format) for s in named]
     if len(sources) > 1 and targets != plain:
         renamed = [f"{s} -> {t}" for s, t, p in zip(sources, targets, plain) if t != p]
         _error(f"warning: inputs share a name; so that none overwrites another: {'; '.join(renamed)}")
@@ -286,11 +333,15 @@ def _targets(sources: list[str], args: argparse.Namespace) -> list[Path | None]:
 
 def check_folders(args: argparse.Namespace) -> None:
     """Folders named on the command line must exist: a typo is an error, not a download or an export."""
+    from common.export.release import not_a_release
+
     for option, path in (("--model-dir", args.model_dir), ("--release-dir", args.release_dir)):
         if path is not None and not path.exists():
             raise SetupError(f"{path}: no such folder ({option})")
         if path is not None and not path.is_dir():
             raise SetupError(f"{path}: not a folder ({option})")
+    if args.release_dir is not None and (problem := not_a_release(args.release_dir)) is not None:
+        raise SetupError(problem)  # whether or not the model folder needs an export: never silently ignored
     for option, path in (("--encoder", args.encoder), ("--gguf", args.gguf)):
         if path is not None and not path.is_file():
             raise SetupError(f"{path}: {'not a file' if path.exists() else 'no such file'} ({option})")
@@ -347,55 +398,155 @@ def preset_name_of(preset: Preset) -> str:
 
 def _transcribe_all(engine, jobs: list[_Job], prompt, args: argparse.Namespace, failures: list[str], *,
                     several: bool) -> bool:
-    """Transcribe and write every job; a failing input is listed in `failures`. True if a write failed."""
+    """Transcribe and write every job; a failing input is listed in `failures`. True if a write failed.
+
+    Stdout gets each segment as it is decoded (txt: its text; json with --stream: a JSON Lines record),
+    so a long file shows progress and Ctrl-C keeps what was printed. Files under --output-dir are
+    written whole at the end of their input, never partly (`write_atomic`).
+    """
     from common.output.writers import WriteError, render, render_json, write_atomic
 
     options = transcribe_options(args, prompt, timestamps=args.format != "txt")
     show_progress = not args.quiet and sys.stderr.isatty()
     write_failed = False
-    printed = 0
+    out = _Stdout(several)
     bar = _progress_bar(len(jobs), show_progress)
-    for job in jobs:
-        try:
-            with _native_stderr_silenced():
-                # one long input: a segment counter, shown only once decoding takes a while
-                segment_bar = _SegmentBar() if show_progress and len(jobs) == 1 else None
-                try:
-                    transcript = engine.transcribe(job.source, options, progress=segment_bar)
-                finally:
-                    if segment_bar is not None:
-                        segment_bar.close()
-            if transcript.duration == 0:  # shorter than one frame is fine (empty text), nothing at all is not
-                raise ValueError(f"{job.source}: no audio samples (the file holds no audio data)")
-            if job.target is not None:
-                write_atomic(job.target, render(transcript, args.format, max_cue_seconds=args.max_cue_seconds))
-            elif args.format == "txt" and several:  # head(1)'s layout: an empty transcript keeps its header
-                print(f"{chr(10) if printed else ''}==> {job.source} <==\n{transcript.text}", flush=True)
-            elif args.format == "txt":
-                print(transcript.text, flush=True)
-            elif args.format == "json":  # several inputs: JSON Lines, one object per line
-                print(render_json(transcript, compact=several), end="", flush=True)
-            else:
-                print(render(transcript, args.format, max_cue_seconds=args.max_cue_seconds), end="", flush=True)
-            printed += 1
-        except KeyboardInterrupt:
-            raise
-        except WriteError as exc:  # the output folder, not the input: exit 2, but the other inputs go on
-            _error(str(exc))
-            failures.append(job.source)
-            write_failed = True
-        except Exception as exc:  # one bad input must not stop the batch
-            message = _one_line(exc)
-            if not message.startswith(str(job.source)):
-                message = f"{job.source}: {message}"
-            _error(message)
-            failures.append(job.source)
-        finally:
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+    try:
+        for job in jobs:
+            try:
+                with _native_stderr_silenced():
+                    # one long input: a segment counter, shown only once decoding takes a while
+                    segment_bar = _SegmentBar() if show_progress and len(jobs) == 1 else None
+                    try:
+                        transcript = _transcribe_one(engine, job, options, args, out, segment_bar)
+                    finally:
+                        if segment_bar is not None:
+                            segment_bar.close()
+                if job.target is not None:
+                    write_atomic(job.target, render(transcript, args.format, max_cue_seconds=args.max_cue_seconds))
+                elif args.format == "txt":
+                    out.end_text(job.source)
+                elif args.format == "json" and args.stream:
+                    out.line(json.dumps({"type": "transcript", **transcript.to_dict()}, ensure_ascii=False))
+                elif args.format == "json":  # several inputs: JSON Lines, one object per line
+                    out.write(render_json(transcript, compact=several))
+                else:
+                    out.write(render(transcript, args.format, max_cue_seconds=args.max_cue_seconds))
+            except KeyboardInterrupt:
+                raise
+            except WriteError as exc:  # the output folder, not the input: exit 2, but the other inputs go on
+                _error(str(exc))
+                failures.append(job.source)
+                write_failed = True
+            except Exception as exc:  # one bad input must not stop the batch
+                out.abandon()
+                message = _one_line(exc).replace(job.path, job.source)
+                if not message.startswith(str(job.source)):
+                    message = f"{job.source}: {message}"
+                _error(message)
+                failures.append(job.source)
+            finally:
+                if bar is not None:
+                    bar.update(1)
+    except KeyboardInterrupt:
+        out.abandon()  # end the partly printed line: what was decoded stays on stdout
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
     return write_failed
+
+
+def _transcribe_one(engine, job: _Job, options, args: argparse.Namespace, out: _Stdout, progress) -> Transcript:
+    """One input's transcript, its segments shown on stdout as they are decoded (when stdout is its output)."""
+    stream = engine.segments(job.path, options)
+    to_stdout = job.target is None
+    if to_stdout and args.format == "txt":
+        out.start_text(job.source)
+    try:
+        for index, segment in enumerate(stream):
+            if progress is not None:
+                progress(len(stream.done), stream.total)
+            if to_stdout and args.format == "txt":
+                out.text(segment.text)
+            elif to_stdout and args.stream:
+                out.line(json.dumps({"type": "segment", "source": job.source, "index": index, **segment.to_dict()},
+                                    ensure_ascii=False))
+    finally:
+        stream.close()  # stopped early (an error, Ctrl-C): the segments still in the scheduler are cancelled
+    transcript = stream.transcript
+    assert transcript is not None
+    transcript.source = job.source  # `-`, not the temporary file stdin was copied to
+    if transcript.duration == 0:  # shorter than one frame is fine (empty text), nothing at all is not
+        raise ValueError(f"{job.source}: no audio samples (the file holds no audio data)")
+    return transcript
+
+
+class _Stdout:
+    """What goes to stdout, flushed as it comes: text deltas, `==> file <==` headers, JSON Lines.
+
+    A txt transcript is printed segment by segment; the deltas concatenate to exactly the transcript's
+    text (`common.engine.join_texts` decides the spaces between segments, so a first segment with blanks
+    around it waits for the second). A header is printed with an input's first text, or at its end (an
+    empty transcript keeps its header; an input that fails before any text has none).
+    """
+
+    def __init__(self, several: bool) -> None:
+        self.several = several
+        self.printed = 0  # inputs whose output is complete
+        self.source: str | None = None  # the input whose text is being printed
+        self.parts: list[str] = []
+        self.sent = ""
+        self.open = False  # a header or some text printed, the line not ended
+
+    def write(self, text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        self.printed += 1
+
+    def line(self, text: str) -> None:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+
+    def start_text(self, source: str) -> None:
+        self.source, self.parts, self.sent = source, [], ""
+
+    def text(self, segment_text: str) -> None:
+        from common.engine import join_texts
+
+        self.parts.append(segment_text)
+        if len(self.parts) == 1 and segment_text != segment_text.strip():
+            return  # join_texts keeps a lone segment as it is but strips it beside others: wait for the next
+        self._emit(join_texts(self.parts))
+
+    def end_text(self, source: str) -> None:
+        from common.engine import join_texts
+
+        self._emit(join_texts(self.parts) if self.parts else "", force_header=True)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        self.open, self.source = False, None
+        self.printed += 1
+
+    def abandon(self) -> None:
+        """An input failed or the run was interrupted: end its partly printed line, keep what it shows."""
+        if self.open:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            self.printed += 1
+        self.open, self.source = False, None
+
+    def _emit(self, full: str, force_header: bool = False) -> None:
+        if not full.startswith(self.sent):  # cannot happen with join_texts' rule; never print a wrong text
+            logging.getLogger(__name__).error("streamed text is not a prefix of the joined text")
+            return
+        delta, self.sent = full[len(self.sent):], full
+        if self.several and not self.open and (delta or force_header):
+            sys.stdout.write(f"{chr(10) if self.printed else ''}==> {self.source} <==\n")
+        if delta or force_header:
+            self.open = True
+        sys.stdout.write(delta)
+        sys.stdout.flush()
 
 
 def _summary(failures: list[str], n_inputs: int, write_failed: bool) -> int:
@@ -408,14 +559,30 @@ def _summary(failures: list[str], n_inputs: int, write_failed: bool) -> int:
 
 def model_files(preset: Preset, args: argparse.Namespace, model_dir: Path, *, export: bool = True
                 ) -> tuple[Path, Path]:
-    """The encoder and GGUF to load; exports them first when the model folder is empty (and `export`)."""
+    """The encoder and GGUF to load; exports them first when the model folder is empty (and `export`).
+
+    A model folder exported from another release than --release-dir (or from a release that changed
+    since: `common.export.release.export_mismatch`) is exported again from it; without `export` that is
+    an error giving the commands.
+    """
+    from common.export.release import export_mismatch
     from common.models.settings import SETTINGS_FILE
 
     encoder = args.encoder or model_dir / preset.encoder_file
     gguf = args.gguf or model_dir / preset.gguf_file
     empty = not model_dir.exists() or not any(p for p in model_dir.iterdir() if p.name != "README.md")
-    if empty and export:
-        _export(model_dir, args.release_dir, getattr(args, "quiet", False))
+    release = args.release_dir
+    stale = None if empty else export_mismatch(model_dir, release)
+    if stale is not None and release is None:  # the recorded release changed: export from it again
+        from common.export.release import read_export_record
+
+        release = Path(next(iter(read_export_record(model_dir).values()))["release"])
+    if (empty or stale) and not export:
+        raise SetupError(f"{stale or f'{model_dir} is empty'}; export with: "
+                         f"{export_commands(model_dir, release)}")
+    if (empty or stale) and export:
+        _export(model_dir, release, getattr(args, "quiet", False), stale or f"{model_dir} is empty",
+                getattr(args, "source", "modelscope"))
     missing = [p for p in (model_dir / SETTINGS_FILE, encoder, gguf) if not p.is_file()]
     if missing:
         names = ", ".join(str(p) for p in missing)
@@ -423,23 +590,42 @@ def model_files(preset: Preset, args: argparse.Namespace, model_dir: Path, *, ex
     return encoder, gguf
 
 
-def _export(model_dir: Path, release_dir: Path | None, quiet: bool) -> None:
-    """First use: fetch the release if needed and run 01 and 02, in child processes (torch stays out of here)."""
+def _export(model_dir: Path, release_dir: Path | None, quiet: bool, reason: str, source: str = "modelscope"
+            ) -> None:
+    """Run 01 and 02 in child processes (torch stays out of here), fetching the release first if needed.
+
+    Their output (the paths they wrote, download progress) goes to stderr: stdout carries only the
+    transcripts, so `> transcript.txt` and `--format json | python -m json.tool` work on a first run too.
+    """
+    from common.requirements import MissingRequirement, check
+
+    try:  # torch and funasr: not needed to transcribe, only to export
+        check(os.path.basename(sys.argv[0]) or "the export", "export")
+    except MissingRequirement as exc:
+        raise SetupError(f"{reason}, and the export cannot run: {exc}") from exc
     release = release_dir if release_dir is not None else DEFAULT_RELEASE_DIR
-    _note(f"{model_dir} is empty: exporting the model from {release} (first use only)", quiet)
-    folders = ["--model-dir", str(model_dir)] + (["--release-dir", str(release_dir)] if release_dir else [])
+    _note(f"{reason}: exporting the model from {release} (once)", quiet)
+    folders = ["--model-dir", str(model_dir), "--source", source]
+    folders += ["--release-dir", str(release_dir)] if release_dir else []
     steps = [
         [sys.executable, str(ROOT / "01_export_onnx.py"), *folders],
         [sys.executable, str(ROOT / "02_export_gguf.py"), *folders, "--types", "f16,q8_0"],
     ]
+    sys.stdout.flush()
     for cmd in steps:
         if quiet:
             cmd.append("--quiet")
-        if subprocess.run(cmd).returncode != 0:
-            raise SetupError(
-                f"{model_dir}: export failed; get the release with `modelscope download --model {RELEASE_ID} "
-                f"--local_dir {release}` and pass that folder as --release-dir"
-            )
+        if subprocess.run(cmd, stdout=sys.stderr.fileno()).returncode != 0:
+            raise SetupError(f"{model_dir}: export failed; {_release_hint(release, source)}")
+
+
+def _release_hint(release: Path, source: str) -> str:
+    """What to do when an export failed: get the release (into `release` only when it can be one)."""
+    from common.export.release import download_hint, not_a_release
+
+    if not_a_release(release) is not None:
+        return f"pass the folder of the {RELEASE_ID} release as --release-dir"
+    return download_hint(release, source)
 
 
 class _SegmentBar:

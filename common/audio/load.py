@@ -24,7 +24,9 @@ the read fails; FFmpeg skips the bad packets and goes on, as the ``ffmpeg`` CLI 
 So a read that fails mid-file switches to PyAV for the rest (the samples already produced are not
 produced twice), and a file that decodes to clearly less than its header announces (damage,
 truncation) gets one warning through ``logging``: name, what was skipped, seconds decoded vs
-the header's duration. An empty transcript of a cut file then never passes unnoticed.
+the header's duration. An empty transcript of a cut file then never passes unnoticed; one that
+decodes to less than one frame (25 ms) of what its header announces raises ``AudioError`` instead
+(at the end of the stream): no audio at all out of a non-empty file is a failed input, not a success.
 
 Everything streams: ``iter_audio_blocks`` decodes, downmixes and resamples chunk by chunk
 (soxr's streaming resampler gives the same samples as its one-shot call), so an hours-long file
@@ -48,6 +50,8 @@ _CHUNK_FRAMES = 65536
 # the duration, whichever is larger) is reported: MP3 padding and AAC priming stay well below it.
 SHORT_DECODE_SECONDS = 0.5
 SHORT_DECODE_FRACTION = 0.05
+# Less than one 25 ms analysis frame out of a file that announced more is no audio at all: an error.
+NO_AUDIO_SECONDS = 0.025
 
 logger = logging.getLogger(__name__)
 
@@ -217,6 +221,10 @@ def _report_shortfall(path: str | Path, log: _DecodeLog, sample_rate: int) -> No
         return
     amount = f"{decoded:.2f} s decoded" + (f" of the {header:.2f} s its header gives" if header is not None else "")
     kind = "damaged audio" if problems else "truncated or damaged audio"
+    if log.samples < NO_AUDIO_SECONDS * sample_rate:
+        # Nothing usable came out of a file that promised audio: an empty transcript with exit 0 would read
+        # as success in a batch script, so this is an error, not a warning.
+        raise AudioError(path, f"no audio decoded ({kind}): {'; '.join([*problems, amount])}")
     logger.warning("%s: %s: %s", path, kind, "; ".join([*problems, amount]))
 
 

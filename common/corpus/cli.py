@@ -130,13 +130,28 @@ def _run(args: argparse.Namespace) -> int:
         preset=args.preset, args=args, model=str(args.model_dir), formats=formats,
         context_hotwords=max(hotwords, key=len), crash_after=args.test_crash_after,
         crash_marker=str(output / ".test-crash-hook"))
-    connect(args.address, args.num_cpus)
+    _connect(connect, args)
     plan = _plan(args)
     summary = run(files, CorpusStore(output), settings, plan, output_targets(files, output, formats))
     print(summary.line(), flush=True)
     if summary.interrupted:
         return EXIT_INTERRUPTED
     return EXIT_FAILED_INPUTS if summary.failed else EXIT_OK
+
+
+def _connect(connect, args: argparse.Namespace) -> None:
+    """Join the cluster (or start a local one); no cluster at --address is one line, not Ray's traceback."""
+    try:
+        connect(args.address, args.num_cpus)
+    except ConnectionError as exc:
+        address = args.address or os.environ.get("RAY_ADDRESS")
+        raise SetupError(f"--address {address}: no Ray cluster there ({_first_line(exc)}); start one with "
+                         "`ray start --head`, or leave --address and RAY_ADDRESS unset for a local cluster") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0].rstrip(".") if lines else type(exc).__name__
 
 
 def _plan(args: argparse.Namespace):

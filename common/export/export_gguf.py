@@ -471,7 +471,13 @@ def export_gguf(
     of the bf16 checkpoint); if no such base was requested, a temporary bf16 file
     is written and removed afterwards.
     """
-    from common.export.release import llm_dir, load_state_dict, read_config, sub_state_dict
+    from common.export.release import (
+        llm_dir,
+        load_state_dict,
+        read_config,
+        sub_state_dict,
+        write_export_record,
+    )
 
     types = parse_types(types)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -509,4 +515,5 @@ def export_gguf(
         finally:
             if temporary:
                 src.unlink(missing_ok=True)
+    write_export_record(out_dir, "gguf", model_dir)
     return [written[t] for t in types]

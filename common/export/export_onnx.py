@@ -25,7 +25,14 @@ from typing import Any
 import torch
 
 from common.audio.vad import copy_vad_model
-from common.export.release import ReleaseError, llm_dir, load_state_dict, read_config, sub_state_dict
+from common.export.release import (
+    ReleaseError,
+    llm_dir,
+    load_state_dict,
+    read_config,
+    sub_state_dict,
+    write_export_record,
+)
 from common.models.settings import (
     CTC_FILE,
     CTC_INT8_FILE,
@@ -481,6 +488,7 @@ def export_onnx(model_dir: Path | str, out_dir: Path | str, *, int8: bool = True
     say(f"wrote {out_dir / SETTINGS_FILE}")
     _timed(say, "optimizing the graphs for this CPU (ONNX Runtime session cache)", warm_session_cache,
            [out_dir / files[k] for k in ("encoder", "encoder_int8", "ctc", "vad") if k in files], out_dir)
+    write_export_record(out_dir, "onnx", model_dir)
     return written
 
 

@@ -7,7 +7,11 @@ constants or errors stays cheap.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,57 +29,213 @@ class ReleaseError(RuntimeError):
     """A problem with the release folder, phrased as one line for the user."""
 
 
-def ensure_release(model_dir: Path | str | None = None, *, download: bool = True) -> Path:
-    """Return a release folder that has config.yaml and model.pt, downloading it if allowed.
+# --------------------------------------------------------------------------- which release an export came from
 
-    Downloading is done with `modelscope` because the ModelScope copy is the one
-    with the CTC head; the Hugging Face copy lacks it.
+# In the model folder: which release each exporter read (`onnx`: 01, `gguf`: 02), by path and fingerprint.
+# Without it a model folder exported once would be used whatever --release-dir says, and a user who tried a
+# test checkpoint and then downloaded the real release would keep getting the old model's output.
+RECORD_FILE = "release.json"
+EXPORT_PARTS = ("onnx", "gguf")
+_FINGERPRINT_BYTES = 1 << 20
+
+
+def is_release(path: Path) -> bool:
+    """Whether `path` holds the two files every export reads (config.yaml, model.pt)."""
+    return (path / "config.yaml").is_file() and (path / "model.pt").is_file()
+
+
+def not_a_release(path: Path) -> str | None:
+    """Why a folder given as a release cannot be one (one line), or None when it is one or is empty (a download
+    target)."""
+    if not path.exists() or is_release(path):
+        return None
+    if not path.is_dir():
+        return f"{path}: not a folder"
+    if not any(path.iterdir()):
+        return None
+    missing = [n for n in ("config.yaml", "model.pt") if not (path / n).is_file()]
+    return f"{path}: not a Fun-ASR-Nano release folder (missing {', '.join(missing)})"
+
+
+def release_fingerprint(release_dir: Path) -> str:
+    """A cheap identity of a release: SHA-256 over config.yaml and model.pt's size, first and last MiB.
+
+    Not a full hash (model.pt is 2 GB and this runs at every start): it tells the real release from a test
+    checkpoint, one release from another and a re-download that changed the weights, not a file edited
+    in its middle with its size kept.
+    """
+    digest = hashlib.sha256()
+    digest.update((release_dir / "config.yaml").read_bytes())
+    weights = release_dir / "model.pt"
+    size = weights.stat().st_size
+    digest.update(str(size).encode())
+    with open(weights, "rb") as f:
+        digest.update(f.read(_FINGERPRINT_BYTES))
+        f.seek(max(0, size - _FINGERPRINT_BYTES))
+        digest.update(f.read(_FINGERPRINT_BYTES))
+    return digest.hexdigest()
+
+
+def read_export_record(model_dir: Path) -> dict[str, dict[str, str]]:
+    """The model folder's record, part -> {"release": absolute path, "fingerprint"}; {} when absent or unreadable."""
+    try:
+        record = json.loads((model_dir / RECORD_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(record, dict):
+        return {}
+    return {part: entry for part, entry in record.items()
+            if part in EXPORT_PARTS and isinstance(entry, dict) and isinstance(entry.get("release"), str)}
+
+
+def write_export_record(model_dir: Path, part: str, release_dir: Path) -> None:
+    """Note (atomically) that `part` of the model folder was just exported from `release_dir`."""
+    record = read_export_record(model_dir)
+    record[part] = {"release": os.path.abspath(release_dir), "fingerprint": release_fingerprint(release_dir)}
+    tmp = model_dir / f".{RECORD_FILE}.tmp"
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, model_dir / RECORD_FILE)
+
+
+def export_mismatch(model_dir: Path, release_dir: Path | None) -> str | None:
+    """Why the export in `model_dir` is not (or no longer) that of `release_dir`, or None when it is.
+
+    `release_dir` None (not named on the command line): the release the record names, when it is still
+    there; an export whose release changed since (a re-download) is stale, one whose release is gone or
+    that has no record (made before records existed) is used as it is. A named release must be the one
+    both parts were exported from, path and fingerprint.
+    """
+    record = read_export_record(model_dir)
+    if release_dir is None:
+        paths = {entry["release"] for entry in record.values()}
+        if len(paths) != 1 or len(record) != len(EXPORT_PARTS):
+            return None if not record else f"{model_dir} was exported from more than one release"
+        release_dir = Path(paths.pop())
+        if not is_release(release_dir):
+            return None
+        if all(entry.get("fingerprint") == release_fingerprint(release_dir) for entry in record.values()):
+            return None
+        return f"{release_dir} has changed since {model_dir} was exported from it"
+    if not record:
+        return f"{model_dir} has no record of the release it was exported from"
+    wanted = os.path.abspath(release_dir)
+    fingerprint = release_fingerprint(release_dir) if is_release(release_dir) else None
+    for part in EXPORT_PARTS:
+        entry = record.get(part)
+        if entry is None:
+            return f"{model_dir} has no record of the release its {part} part was exported from"
+        if os.path.realpath(entry["release"]) != os.path.realpath(wanted):
+            return f"{model_dir} was exported from {entry['release']}, not {release_dir}"
+        if entry.get("fingerprint") != fingerprint:
+            return f"{release_dir} has changed since {model_dir} was exported from it"
+    return None
+
+
+@dataclass(frozen=True)
+class Source:
+    """A place the release can be downloaded from."""
+
+    name: str  # what --source takes
+    label: str
+    url: str  # probed before a download (through the proxy the environment names)
+    command: str  # the download command for a hint, with {path}
+    note: str = ""  # what this copy lacks, said before downloading it and in hints
+
+
+SOURCES: dict[str, Source] = {
+    "modelscope": Source("modelscope", "ModelScope", "https://www.modelscope.cn/",
+                         f"modelscope download --model {MODEL_ID} --local_dir {{path}}"),
+    "huggingface": Source("huggingface", "Hugging Face", "https://huggingface.co/",
+                          f"huggingface-cli download {MODEL_ID} --local-dir {{path}}",
+                          "the Hugging Face copy lacks the CTC head's weights (FunASR issue #3496): no timestamps "
+                          "aligned to the audio, no live partial text, no speculative decoding"),
+}
+DEFAULT_SOURCE = "modelscope"  # the copy with the CTC head
+
+
+def ensure_release(model_dir: Path | str | None = None, *, download: bool = True,
+                   source: str = DEFAULT_SOURCE) -> Path:
+    """Return a release folder that has config.yaml and model.pt, downloading it from `source` if allowed.
+
+    ModelScope is the default because its copy is the one with the CTC head; the Hugging Face copy
+    (`source="huggingface"`) lacks it.
     """
     path = Path(model_dir) if model_dir is not None else DEFAULT_RELEASE_DIR
-    if (path / "config.yaml").is_file() and (path / "model.pt").is_file():
+    if is_release(path):
         return path
-    if path.exists() and not path.is_dir():
-        raise ReleaseError(f"{path}: not a folder")
-    if path.exists() and any(path.iterdir()):
-        missing = [n for n in ("config.yaml", "model.pt") if not (path / n).is_file()]
-        raise ReleaseError(f"{path}: not a Fun-ASR-Nano release folder (missing {', '.join(missing)})")
+    problem = not_a_release(path)
+    if problem is not None:
+        raise ReleaseError(problem)  # no download hint: this folder is not where a release should go
     if not download:
-        raise ReleaseError(f"{path}: release folder not found; {_download_hint(path)}")
-    _download(path)
+        raise ReleaseError(f"{path}: release folder not found; {download_hint(path, source)}")
+    _download(path, SOURCES[source])
     return path
 
 
-def _download_hint(path: Path) -> str:
-    return (f"get it with `modelscope download --model {MODEL_ID} --local_dir {path}` "
-            f"on a machine with network access, then pass --release-dir {path}")
+def download_hint(path: Path, source: str = DEFAULT_SOURCE) -> str:
+    """How to get the release into `path` by hand (and the other source, with what it lacks)."""
+    chosen = SOURCES[source]
+    other = next(s for s in SOURCES.values() if s is not chosen)
+    lacks = f" ({chosen.note})" if chosen.note else ""
+    alternative = f"; or --source {other.name}" + (f" ({other.note})" if other.note else "")
+    return (f"get it with `{chosen.command.format(path=path)}`{lacks} on a machine with network access, "
+            f"then pass --release-dir {path}{alternative}")
 
 
-def _download(path: Path) -> None:
-    hint = _download_hint(path)
-    if not _modelscope_reachable():
-        raise ReleaseError(f"{path}: release folder not found and modelscope.cn is unreachable; {hint}")
+def _download(path: Path, source: Source) -> None:
+    hint = download_hint(path, source.name)
+    if not reachable(source.url):
+        raise ReleaseError(f"{path}: release folder not found and {source.label} ({source.url}) is unreachable "
+                           f"from here{_proxy_note(source.url)}; {hint}")
+    if source.note:
+        print(f"note: {source.note}", file=sys.stderr, flush=True)
+    print(f"Downloading {MODEL_ID} from {source.label} into {path} ...", file=sys.stderr, flush=True)
     try:
-        from modelscope import snapshot_download
+        if source.name == "huggingface":
+            from huggingface_hub import snapshot_download
+        else:
+            from modelscope import snapshot_download
     except ImportError as exc:
-        raise ReleaseError(f"{path}: release folder not found and modelscope is not installed; {hint}") from exc
-    print(f"Downloading {MODEL_ID} from ModelScope into {path} ...", file=sys.stderr, flush=True)
+        raise ReleaseError(f"{path}: release folder not found and {exc.name or source.name} is not installed; "
+                           f"{hint}") from exc
     try:
         snapshot_download(MODEL_ID, local_dir=str(path))
-    except Exception as exc:  # modelscope raises many kinds of network errors
+    except Exception as exc:  # the hubs' clients raise many kinds of network errors
         raise ReleaseError(f"{path}: could not download {MODEL_ID} ({type(exc).__name__}); {hint}") from exc
     if not (path / "model.pt").is_file():
         raise ReleaseError(f"{path}: download of {MODEL_ID} is incomplete (no model.pt); {hint}")
 
 
-def _modelscope_reachable(timeout: float = 3.0) -> bool:
-    """A quick TCP check, so an offline machine gets its one-line error in seconds, not after retries."""
-    import socket
+def reachable(url: str, timeout: float = 5.0) -> bool:
+    """Whether `url`'s server answers, through the proxy HTTPS_PROXY / HTTP_PROXY name unless NO_PROXY
+    exempts the host (urllib's own rules, as the hubs' clients follow them).
 
+    Quick, so an offline machine gets its one-line error in seconds rather than after the download
+    client's retries; any HTTP answer, an error status included, counts as reachable.
+    """
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, method="HEAD", headers={"User-Agent": "funasr-nano-export"})
     try:
-        with socket.create_connection(("www.modelscope.cn", 443), timeout=timeout):
+        with urllib.request.urlopen(request, timeout=timeout):
             return True
-    except OSError:
+    except urllib.error.HTTPError:
+        return True
+    except (urllib.error.URLError, OSError, ValueError):
         return False
+
+
+def _proxy_note(url: str) -> str:
+    """`(through the proxy at ...)` when one applies to `url`, so a user sees which way was tried."""
+    import urllib.parse
+    import urllib.request
+
+    parts = urllib.parse.urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy is None or urllib.request.proxy_bypass(parts.hostname or ""):
+        return " (no proxy set: HTTPS_PROXY)"
+    return f" (through the proxy {proxy})"
 
 
 def read_config(model_dir: Path | str) -> dict[str, Any]:

@@ -447,3 +447,45 @@ def sentence_times(text: str, start: float, end: float, times: Sequence[float] |
     starts = [min(end, max(start, float(times[i]))) for i in firsts]
     ends = starts[1:] + [max(end, starts[-1])] if starts else []
     return [Sentence(a, max(a, b), s) for a, b, s in zip(starts, ends, sentences)]
+
+
+@dataclass(frozen=True)
+class Word:
+    """One word of a segment and its span (seconds): a whole word where words are spaced, a character where not."""
+
+    word: str
+    start: float
+    end: float
+
+
+def word_times(text: str, start: float, end: float, times: Sequence[float] | None = None) -> list[Word]:
+    """The segment's words with their times: what verbose_json's `words[]` lists.
+
+    Words of space-separated scripts (English) are whole words, with the punctuation written against them
+    ("Hello," "world."); in scripts written without spaces (Chinese, Japanese) each character is one (with
+    the punctuation after it: "好，"), as there is no word boundary in the text to go by. A word starts at its first character's time (`times`,
+    per character of `text` as `char_times` gives them; None: shared out) and ends where the next one
+    starts, the last at the segment's `end`.
+    """
+    if times is None or len(times) != len(text):
+        times = proportional_char_times(text, start, end)
+    spans: list[tuple[int, int]] = []  # [first, last + 1) in text
+    i = 0
+    while i < len(text):
+        if text[i].isspace():
+            i += 1
+            continue
+        j = i + 1
+        if not _is_wide(text[i]):
+            while j < len(text) and not text[j].isspace() and not _is_wide(text[j]):
+                j += 1
+        while j < len(text) and unicodedata.category(text[j]).startswith("P"):  # 好， / world。: with their word
+            j += 1
+        spans.append((i, j))
+        i = j
+    words: list[Word] = []
+    for k, (a, b) in enumerate(spans):
+        begin = float(min(end, max(start, times[a])))
+        finish = float(times[spans[k + 1][0]]) if k + 1 < len(spans) else float(end)
+        words.append(Word(text[a:b], begin, min(max(float(end), begin), max(begin, finish))))
+    return words

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from common.output.language import language_code, text_language
+
 STAGES = ("load_audio", "vad", "features", "encoder", "prefill", "decode")
 
 
@@ -89,6 +91,9 @@ class Transcript:
 
     `vad` is "silero" when the Silero VAD chose the segments (None: cut at quiet points);
     `timestamps` says where sentence times came from, "ctc" or "segments" (None: not asked for).
+    `language` is given as the prompt names it (英文) or its code; it becomes the ISO code (`en`), and
+    when the model chose (None) the language of the text it wrote (`common.output.language`; None for
+    a text without letters). `language_from` says which: "request" or "text".
     """
 
     source: str
@@ -100,6 +105,13 @@ class Transcript:
     language: str | None = None
     vad: str | None = None
     timestamps: str | None = None
+    language_from: str = field(init=False, default="request")
+
+    def __post_init__(self) -> None:
+        if self.language is None:
+            self.language, self.language_from = text_language(self.text), "text"
+        else:
+            self.language = language_code(self.language)
 
     @property
     def tokens_per_second(self) -> float:
@@ -114,6 +126,7 @@ class Transcript:
             "source": self.source,
             "text": self.text,
             "language": self.language,
+            "language_from": self.language_from,
             "duration": round(self.duration, 3),
             "segments": [s.to_dict() for s in self.segments],
             "timings": self.timings.to_dict(),

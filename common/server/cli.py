@@ -93,7 +93,13 @@ def main(argv: list[str] | None = None) -> int:
         log.info("transcription page: http://%s:%d/", args.host, args.port)
     server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                     timeout_graceful_shutdown=int(args.timeout) + 5))
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        # Ctrl-C: uvicorn has shut down gracefully, then re-raises the signal, which asyncio turns into
+        # KeyboardInterrupt: exit quietly with the shell's code for an interrupt (128 + SIGINT), not 30 lines
+        # of traceback
+        return 130
     return 0
 
 

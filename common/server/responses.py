@@ -4,8 +4,8 @@
 - `srt` / `vtt`: the 03 scripts' subtitle writers (`common.output.writers`);
 - `verbose_json`: `task, language, duration, text, segments[{id, seek, start, end, text, tokens,
   temperature}]` (segments are the VAD's; avg_logprob and friends are not computed and not sent),
-  plus `words[{word, start, end}]` per character from the CTC alignment when word granularity is
-  asked for;
+  plus `words[{word, start, end}]` (whole words in English, characters in Chinese and Japanese) from the
+  CTC alignment when word granularity is asked for; `language`: the one asked for, else the text's;
 - stream: `transcript.text.delta` events as segments are decoded, then `transcript.text.done`.
   Two additions OpenAI's clients ignore (extra fields): each delta event carries the `segment`
   it comes from (`{id, start, end, text}`; a delta may be empty while `join_texts` holds a first
@@ -24,7 +24,7 @@ import math
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from common.engine import join_texts
-from common.output.alignment import proportional_char_times
+from common.output.alignment import word_times
 from common.output.results import Segment, Transcript
 from common.output.writers import render_srt_file, render_vtt_file
 from common.server.requests import TranscriptionRequest
@@ -38,28 +38,16 @@ def usage(transcript: Transcript) -> dict[str, object]:
 
 
 def words(segments: list[Segment]) -> list[dict[str, object]]:
-    """Each non-blank character and its span: its start to the next character's (or the segment's end).
-
-    Starts come from the CTC forced alignment; a segment whose text cannot be aligned (more
-    characters than the audio has frames) has its span shared out by characters, as its sentences do.
-    """
-    out: list[dict[str, object]] = []
-    for segment in segments:
-        times = segment.char_times
-        if times is None or len(times) != len(segment.text):
-            times = proportional_char_times(segment.text, segment.start, segment.end)
-        for i, char in enumerate(segment.text):
-            if char.isspace():
-                continue
-            end = times[i + 1] if i + 1 < len(times) else segment.end
-            out.append({"word": char, "start": round(times[i], 3), "end": round(max(end, times[i]), 3)})
-    return out
+    """Each word and its span (`common.output.alignment.word_times`: whole words in English, characters in
+    Chinese and Japanese), from the CTC forced alignment where the segment has it, else shared out."""
+    return [{"word": w.word, "start": round(w.start, 3), "end": round(w.end, 3)}
+            for s in segments for w in word_times(s.text, s.start, s.end, s.char_times)]
 
 
 def verbose_json(transcript: Transcript, request: TranscriptionRequest) -> dict[str, object]:
     body: dict[str, object] = {
         "task": "transcribe",
-        "language": request.language_code,
+        "language": transcript.language or request.language_code,  # asked for, else the text's (zh/en/ja)
         "duration": round(transcript.duration, 3),
         "text": transcript.text,
         "segments": [{"id": i, "seek": 0, "start": s.start, "end": s.end, "text": s.text,
