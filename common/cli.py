@@ -414,7 +414,7 @@ def _transcribe_all(engine, jobs: list[_Job], prompt, args: argparse.Namespace, 
     try:
         for job in jobs:
             try:
-                with _native_stderr_silenced():
+                with _native_stderr_silenced(), current_input(job.source, job.path):
                     # one long input: a segment counter, shown only once decoding takes a while
                     segment_bar = _SegmentBar() if show_progress and len(jobs) == 1 else None
                     try:
@@ -693,14 +693,37 @@ class _StderrLines(logging.Handler):
     """Notes and warnings of our modules as `note: ...` / `warning: ...` lines on whatever sys.stderr is.
 
     A StreamHandler would keep the stderr of its creation, which `_native_stderr_silenced` mutes.
+    While an input is transcribed (`current_input`), a warning that does not name it (a segment's
+    decoding loop, logged by the scheduler's thread) gets its name in front: with several inputs a
+    `segment 1.44-4.00 s` alone would not say which file.
     """
+
+    source: str | None = None  # the input being transcribed, as the user gave it
+    path: str | None = None  # the file decoded for it (stdin's temporary copy for `-`)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             prefix = "note" if record.levelno == logging.INFO else record.levelname.lower()
-            print(f"{prefix}: {record.getMessage()}", file=sys.stderr, flush=True)
+            message = record.getMessage()
+            source, path = _StderrLines.source, _StderrLines.path
+            if source is not None and record.levelno >= logging.WARNING:
+                if path and path != source and message.startswith(path):
+                    message = source + message[len(path):]
+                elif not message.startswith(source):
+                    message = f"{source}: {message}"
+            print(f"{prefix}: {message}", file=sys.stderr, flush=True)
         except Exception:  # logging must never break a run
             self.handleError(record)
+
+
+@contextlib.contextmanager
+def current_input(source: str, path: str | None = None):
+    """Name `source` in the warnings logged while it is transcribed (see `_StderrLines`)."""
+    _StderrLines.source, _StderrLines.path = source, path or source
+    try:
+        yield
+    finally:
+        _StderrLines.source = _StderrLines.path = None
 
 
 def log_to_stderr() -> None:

@@ -402,3 +402,39 @@ def test_english_words_are_whole_words_and_chinese_ones_characters():
     times = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]  # per character of "ab cd efgh."
     aligned = word_times("ab cd efgh.", 0.0, 2.0, times)
     assert [(w.word, w.start, w.end) for w in aligned] == [("ab", 0.0, 0.3), ("cd", 0.3, 0.6), ("efgh.", 0.6, 2.0)]
+
+
+# --------------------------------------------------------------------------- 7: noise
+
+
+def test_a_second_server_on_a_used_port_is_one_line_before_anything_else(tiny_models):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = run("05_server.py", "--preset", "cpu", "--model-dir", tiny_models, "--port", port, timeout=120)
+    (line,) = proc.stderr.strip().splitlines()  # no page URL, no uvicorn start-up before the failure
+    assert proc.returncode == 2 and line.startswith(f"error: cannot listen on 127.0.0.1:{port} ("), line
+
+
+def test_warnings_while_a_file_is_transcribed_name_it(capsys):
+    import logging
+
+    from common.cli import current_input, log_to_stderr
+
+    log_to_stderr()
+    log = logging.getLogger("common.decoding.scheduler")
+    with current_input("talk.mp3"):
+        log.warning("segment 1.44-4.00 s: decoding loop detected after 300 tokens; segment stopped")
+        log.warning("talk.mp3: truncated or damaged audio: 0.19 s decoded")
+    with current_input("-", "/tmp/funasr-stdin-x.audio"):
+        log.warning("/tmp/funasr-stdin-x.audio: truncated or damaged audio")
+    log.warning("no input: as it was")
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: talk.mp3: segment 1.44-4.00 s: decoding loop detected after 300 tokens; segment stopped",
+        "warning: talk.mp3: truncated or damaged audio: 0.19 s decoded",
+        "warning: -: truncated or damaged audio",
+        "warning: no input: as it was",
+    ]

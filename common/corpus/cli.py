@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     ray_group.add_argument("--rows-per-part", type=positive(int), default=64,
                            help="rows per Parquet part file (default 64; a part is also written every 30 s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--verbose", action="store_true", help="Ray's own start-up and execution logs too")
     p.add_argument("--test-crash-after", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--test-stop-after", type=int, default=0, help=argparse.SUPPRESS)
     return p
@@ -140,7 +141,27 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _connect(connect, args: argparse.Namespace) -> None:
-    """Join the cluster (or start a local one); no cluster at --address is one line, not Ray's traceback."""
+    """Join the cluster (or start a local one); no cluster at --address is one line, not Ray's traceback.
+
+    Without --verbose, Ray's start-up logs (none about the corpus) stay in Ray's log files: Ray is
+    initialized here with its logging at ERROR (`connect` then finds it initialized and keeps it).
+    Ray Data's execution logs, which it configures itself when a dataset runs, still show.
+    """
+    if not args.verbose:
+        import logging
+
+        import ray
+
+        from common.corpus.pipeline import ROOT
+
+        init = {"address": args.address} if args.address or os.environ.get("RAY_ADDRESS") else {
+            "num_cpus": args.num_cpus}
+        try:
+            ray.init(**init, runtime_env={"py_modules": [str(ROOT / "common")]}, logging_level=logging.ERROR)
+        except ConnectionError:
+            pass  # connect() below fails the same way and says so
+        for name in ("ray", "ray.data"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     try:
         connect(args.address, args.num_cpus)
     except ConnectionError as exc:

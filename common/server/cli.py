@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("common").setLevel(args.log_level.upper())
     try:
         check_folders(args)
+        _check_port(args.host, args.port)
     except SetupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_SETUP
@@ -101,6 +102,25 @@ def main(argv: list[str] | None = None) -> int:
         # of traceback
         return 130
     return 0
+
+
+def _check_port(host: str, port: int) -> None:
+    """SetupError when the address cannot be listened on (another server has it): before the models load
+    and before the page's URL is printed, not uvicorn's error after a start-up that went nowhere."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise SetupError(f"--host {host}: {exc.strerror or exc}") from exc
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise SetupError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); is another server "
+                             "running there? choose another --port") from exc
 
 
 class _Server:
