@@ -454,6 +454,7 @@ def test_cli_exports_f16_and_q8_0(release_dir: Path, tmp_path: Path) -> None:
     assert "quantiz" not in proc.stderr.lower()  # llama.cpp's per-tensor log stays off with --quiet
     names = sorted(p.name for p in out.iterdir() if p.suffix == ".gguf")
     assert names == ["qwen3-0.6b-asr.gguf", "qwen3-0.6b-asr.q8_0.gguf"]  # the temporary bf16 source is gone
+    assert sorted(p.name for p in out.iterdir()) == [*names, "release.json"]  # which release they came from
     for name in names:
         with capture_llama_log(), GGUFModel(out / name) as model:
             assert model.decode_tokens([151644, 872]).shape == (2, 151936)
@@ -474,7 +475,6 @@ def test_cli_missing_model_dir_without_network(tmp_path: Path) -> None:
     (tmp_path / "absent").mkdir()  # an existing empty --release-dir is a download target
     proc = _run_cli(
         "--release-dir", str(tmp_path / "absent"), "--model-dir", str(tmp_path / "o"), "--quiet", timeout=180
-    assert sorted(p.name for p in out.iterdir()) == [*names, "release.json"]  # which release they came from
     )
     elapsed = time.monotonic() - start
     if proc.returncode == 0:
