@@ -31,7 +31,7 @@ from typing import TypeVar
 import numpy as np
 
 from common.audio.features import FrontendConfig, audio_token_count, compute_features
-from common.audio.load import iter_audio_blocks, load_audio
+from common.audio.load import AudioTooLong, iter_audio_blocks, load_audio
 from common.audio.segments import SampleSpan, split_at_quiet_points
 from common.audio.vad import SileroVad, SpeechSegmenter, VadOptions, find_vad_model
 from common.decoding import Decoded, Job, Prompt, RepetitionGuard, Scheduler, StopRule
@@ -89,6 +89,9 @@ class TranscribeOptions:
     # concurrent callers (the server), whose loading, VAD and encoding then overlap the other callers'
     # decoding rounds instead of pausing them (the decoding thread does nothing else meanwhile).
     prepare_ahead: int = 0
+    # Decoding stops with AudioTooLong once more audio than this has been decoded (None: no limit):
+    # a server's bound on work, which a container header that lies about its length cannot lift.
+    max_audio_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -402,15 +405,21 @@ class Engine:
         model = self._silero() if options.vad == "silero" else None
         vad = model.stream() if model is not None else None  # this input's own VAD state
         n_samples = 0
+        limit = options.max_audio_seconds
+        if not isinstance(audio, (str, Path)) and limit is not None and np.size(audio) > limit * sr:
+            raise AudioTooLong(source, limit)
+        cancel = _Cancellation()
         if vad is not None:
             if isinstance(audio, (str, Path)):
-                blocks = iter_audio_blocks(audio, VAD_BLOCK_SECONDS, sr)  # opening errors surface here
+                # opening errors surface here
+                blocks = iter_audio_blocks(audio, VAD_BLOCK_SECONDS, sr, max_seconds=limit)
             else:
                 blocks = iter([np.asarray(audio, dtype=np.float32).reshape(-1)])
 
             def counted(items: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
                 nonlocal n_samples
                 for block in items:
+                    cancel.check()  # silence or noise yields no segment: stop between blocks too
                     n_samples += len(block)
                     yield block
 
@@ -418,7 +427,8 @@ class Engine:
             spans = SpeechSegmenter(vad, vad_options, sr).segments(counted(_timed(blocks, clock, "load_audio")))
             pieces: Iterator[tuple[SampleSpan, np.ndarray]] = _timed(spans, clock, "vad")
         else:
-            wave = load_audio(audio, sr) if isinstance(audio, (str, Path)) else np.asarray(audio, dtype=np.float32)
+            wave = (load_audio(audio, sr, max_seconds=limit) if isinstance(audio, (str, Path))
+                    else np.asarray(audio, dtype=np.float32))
             clock["load_audio"] = time.perf_counter() - t_start
             n_samples = wave.shape[0]
             cuts = split_at_quiet_points(wave, sr, options.max_segment_seconds)
@@ -441,7 +451,6 @@ class Engine:
             )
 
         total = 0 if vad is not None else len(cuts)
-        cancel = _Cancellation()
         decode = self._decode_ahead if options.prepare_ahead > 0 else self._decode_pieces
         return SegmentStream(decode(pieces, options, clock, cancel), finish, total, cancel)
 

@@ -33,7 +33,8 @@ class Server:
     text could depend on which other requests were decoding beside it, and the tests compare texts
     across such timings."""
 
-    def __init__(self, models: Path, *extra: str, batch_invariant: bool = True) -> None:
+    def __init__(self, models: Path, *extra: str, batch_invariant: bool = True,
+                 env: dict[str, str] | None = None) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(models.parent / f"server-{self.port}.log", "w+")  # noqa: SIM115
@@ -41,7 +42,7 @@ class Server:
                "--port", str(self.port), "--threads", "2", "--log-level", "warning", *extra]
         if batch_invariant:
             cmd.append("--batch-invariant")
-        env = {k: v for k, v in os.environ.items() if k != "FUNASR_API_KEY"}
+        env = {**{k: v for k, v in os.environ.items() if k != "FUNASR_API_KEY"}, **(env or {})}
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         if not wait_until_healthy(self.url, self.proc, 120):
             self.stop()

@@ -52,6 +52,11 @@ SHORT_DECODE_SECONDS = 0.5
 SHORT_DECODE_FRACTION = 0.05
 # Less than one 25 ms analysis frame out of a file that announced more is no audio at all: an error.
 NO_AUDIO_SECONDS = 0.025
+# Below this a file holds no speech band to transcribe, and resampling it to 16 kHz would multiply
+# its samples (a 3 KB WAV that says 1 Hz would become half an hour of audio in memory).
+MIN_SAMPLE_RATE = 4000
+# libsndfile's frame count for a stream of unknown length (a FLAC written without it): SF_COUNT_MAX.
+_UNKNOWN_FRAMES = 2**62
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +68,26 @@ class AudioError(Exception):
         self.path = str(path)
         self.problem = " ".join(str(problem).split())  # one line, whatever the library said
         super().__init__(f"{self.path}: {self.problem}")
+
+
+class AudioTooLong(AudioError):
+    """More decoded audio than the caller's limit (`max_seconds`): decoding stopped there, whatever
+    the container's header claimed."""
+
+    def __init__(self, path: str | Path, limit_seconds: float) -> None:
+        self.limit_seconds = limit_seconds
+        super().__init__(path, f"more than {limit_seconds:g} s of audio (decoding stopped there)")
+
+
+def _check_rate(path: str | Path, rate: int) -> None:
+    if rate < MIN_SAMPLE_RATE:
+        raise AudioError(path, f"sample rate {rate} Hz is below {MIN_SAMPLE_RATE} Hz: not speech audio")
+
+
+def _sf_frames(sf_file) -> int | None:  # noqa: ANN001 - soundfile.SoundFile
+    """The frame count libsndfile read from the header, or None where it does not know it."""
+    frames = sf_file.frames
+    return frames if 0 < frames < _UNKNOWN_FRAMES else None
 
 
 def check_audio_file(path: str | Path) -> Path:
@@ -157,7 +182,7 @@ def _soundfile_chunks(sf_file, path: str | Path, sample_rate: int, log: _DecodeL
     resampler = _Resampler(path, int(sf_file.samplerate), sample_rate)
     # soundfile.read() stops at the frame count in the header even if more data follows; do the
     # same so the sample count matches funasr's.
-    remaining = sf_file.frames if sf_file.frames > 0 else None
+    remaining = _sf_frames(sf_file)
     failure: Exception | None = None
     with sf_file:
         while remaining is None or remaining > 0:
@@ -228,12 +253,24 @@ def _report_shortfall(path: str | Path, log: _DecodeLog, sample_rate: int) -> No
     logger.warning("%s: %s: %s", path, kind, "; ".join([*problems, amount]))
 
 
-def _counted(chunks: Iterator[np.ndarray], path: str | Path, sample_rate: int, log: _DecodeLog
-             ) -> Iterator[np.ndarray]:
-    """`chunks`, counting samples; at the end, the warning if the file fell short."""
-    for y in chunks:
-        log.samples += len(y)
-        yield y
+def _counted(chunks: Iterator[np.ndarray], path: str | Path, sample_rate: int, log: _DecodeLog,
+             max_seconds: float | None = None) -> Iterator[np.ndarray]:
+    """`chunks`, counting samples; at the end, the warning if the file fell short.
+
+    With `max_seconds`, AudioTooLong as soon as more than that has been decoded: a header can lie
+    about the length, and silence or noise never yields a segment whose end could be checked.
+    """
+    limit = None if max_seconds is None else int(max_seconds * sample_rate)
+    try:
+        for y in chunks:
+            log.samples += len(y)
+            if limit is not None and log.samples > limit:
+                raise AudioTooLong(path, max_seconds)
+            yield y
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()  # the decoder's file and buffers go now, not at garbage collection
     _report_shortfall(path, log, sample_rate)
 
 
@@ -270,6 +307,13 @@ def _av_chunks(path: str | Path, sample_rate: int, log: _DecodeLog, sf_reason: s
     if not container.streams.audio:
         container.close()
         raise AudioError(path, "contains no audio stream")
+    rate = container.streams.audio[0].codec_context.sample_rate
+    if rate:
+        try:
+            _check_rate(path, rate)
+        except AudioError:
+            container.close()
+            raise
     if log.header_seconds is None:
         log.header_seconds = _av_duration(av, container)
     return _av_decode(av, container, path, sample_rate, log)
@@ -323,45 +367,52 @@ def _av_decode(av, container, path: str | Path, sample_rate: int, log: _DecodeLo
         raise AudioError(path, "no decodable audio (every packet failed to decode)")
 
 
-def _chunks(path: str | Path, sample_rate: int) -> Iterator[np.ndarray]:
+def _chunks(path: str | Path, sample_rate: int, max_seconds: float | None = None) -> Iterator[np.ndarray]:
     """Open eagerly (errors surface at the call), then stream mono chunks at ``sample_rate``."""
     p = check_audio_file(path)
     log = _DecodeLog()
     sf_file, sf_reason = _open_soundfile(p)
     if sf_file is not None:
-        if sf_file.frames > 0 and sf_file.samplerate > 0:
-            log.header_seconds = sf_file.frames / sf_file.samplerate
+        try:
+            _check_rate(path, int(sf_file.samplerate))
+        except AudioError:
+            sf_file.close()
+            raise
+        frames = _sf_frames(sf_file)
+        if frames is not None:
+            log.header_seconds = frames / sf_file.samplerate
         chunks = _soundfile_chunks(sf_file, path, sample_rate, log)
     elif p.suffix.lower() == ".pcm":
         chunks = _pcm_chunks(p)
     else:
         chunks = _av_chunks(path, sample_rate, log, sf_reason)
-    return _counted(chunks, path, sample_rate, log)
+    return _counted(chunks, path, sample_rate, log, max_seconds)
 
 
-def load_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
+def load_audio(path: str | Path, sample_rate: int = 16000, max_seconds: float | None = None) -> np.ndarray:
     """The whole file as mono float32 in [-1, 1] at ``sample_rate``, as funasr would load it.
 
     Raises ``AudioError`` when the file is missing, empty, not audio or undecodable. A valid file
     that holds no samples gives an empty array: the caller decides what that means.
     """
-    parts = list(_chunks(path, sample_rate))
+    parts = list(_chunks(path, sample_rate, max_seconds))
     if not parts:
         return np.zeros(0, np.float32)
     return np.concatenate(parts)
 
 
 def iter_audio_blocks(
-    path: str | Path, block_seconds: float = 60.0, sample_rate: int = 16000
+    path: str | Path, block_seconds: float = 60.0, sample_rate: int = 16000, max_seconds: float | None = None
 ) -> Iterator[np.ndarray]:
     """Stream the file as consecutive mono float32 blocks of ``block_seconds`` (the last shorter).
 
     The concatenation equals ``load_audio(path, sample_rate)`` exactly, and memory stays bounded
     by one block plus one decoder chunk, so hours-long files are fine. Errors opening the file are
-    raised here, at the call, not at the first ``next()``.
+    raised here, at the call, not at the first ``next()``. ``max_seconds``: AudioTooLong once more
+    than that is decoded (the blocks before it are yielded).
     """
     block = max(1, int(round(block_seconds * sample_rate)))
-    chunks = _chunks(path, sample_rate)
+    chunks = _chunks(path, sample_rate, max_seconds)
 
     def blocks() -> Iterator[np.ndarray]:
         pending: list[np.ndarray] = []
@@ -393,8 +444,9 @@ def audio_duration(path: str | Path) -> float | None:
     sf_file, _ = _open_soundfile(p)
     if sf_file is not None:
         with sf_file:
-            if sf_file.frames > 0 and sf_file.samplerate > 0:
-                return sf_file.frames / sf_file.samplerate
+            frames = _sf_frames(sf_file)
+            if frames is not None and sf_file.samplerate > 0:
+                return frames / sf_file.samplerate
     try:
         import av
     except ImportError:

@@ -100,8 +100,15 @@ class Error:
     kind: str = "invalid_request_error"  # OpenAI's error.type; "server_error" for ours
 
 
-ServerEvent = (SessionCreated | SessionUpdated | SpeechStarted | SpeechStopped | Committed | TranscriptionDelta
-               | TranscriptionCompleted | TranscriptionFailed | Error)
+@dataclass(frozen=True)
+class Cleared:
+    """The audio appended and not yet committed was dropped (`input_audio_buffer.clear`)."""
 
-__all__ = ["Committed", "Error", "ServerEvent", "SessionCreated", "SessionUpdated", "SpeechStarted", "SpeechStopped",
+    type: ClassVar[str] = "input_audio_buffer.cleared"
+
+
+ServerEvent = (SessionCreated | SessionUpdated | SpeechStarted | SpeechStopped | Committed | TranscriptionDelta
+               | TranscriptionCompleted | TranscriptionFailed | Error | Cleared)
+
+__all__ = ["Cleared", "Committed", "Error", "ServerEvent", "SessionCreated", "SessionUpdated", "SpeechStarted", "SpeechStopped",
            "TranscriptionCompleted", "TranscriptionDelta", "TranscriptionFailed"]

@@ -14,11 +14,14 @@ Client events (JSON text messages) that are understood:
     `input_audio_buffer.commit` ends a segment.
 - `input_audio_buffer.append` `{"audio": base64 PCM16 mono little-endian}`.
 - `input_audio_buffer.commit`: ends the segment in progress now.
+- `input_audio_buffer.clear`: drops the audio appended and not yet committed (the speech in
+  progress, if any: it gets no final); answered with `input_audio_buffer.cleared`.
 
 Every bad frame gets one `error` event (`error.code` below) and the session goes on:
-`invalid_json`, `invalid_event` (not an object, no type), `unknown_event` (a type not listed
-above), `invalid_value` (a setting out of range), `invalid_base64`, `invalid_audio` (odd byte
-count), `session_not_configured` (audio or commit before `session.update`). The session itself
+`invalid_json` (also: nested too deeply), `invalid_event` (not an object, no type), `unknown_event`
+(a type not listed above), `invalid_value` (a setting out of range or of the wrong type, a prompt
+over the server's `max_prompt_chars`), `invalid_base64`, `invalid_audio` (odd byte count),
+`session_not_configured` (audio or commit before `session.update`). The session itself
 adds `input_audio_buffer_commit_empty`, `falling_behind` and `server_error`.
 
 `handle(session, message)` applies one client message and returns the events to send now; the
@@ -83,16 +86,31 @@ class AudioCommit:
     event_id: str | None = None
 
 
-ClientEvent = SessionUpdate | AudioAppend | AudioCommit
+@dataclass(frozen=True)
+class AudioClear:
+    event_id: str | None = None
 
 
-def parse(message: str | bytes, current: SessionSettings | None = None) -> ClientEvent:
-    """One client message as a client event; `current` is what a session.update's missing fields keep."""
-    current = current or SessionSettings()
+ClientEvent = SessionUpdate | AudioAppend | AudioCommit | AudioClear
+CLIENT_EVENT_TYPES = (*UPDATE_TYPES, "input_audio_buffer.append", "input_audio_buffer.commit",
+                      "input_audio_buffer.clear")
+
+
+def _loads(message: str | bytes) -> Any:
+    """json.loads, with a message nested deeper than Python's recursion limit as ProtocolError."""
     try:
-        data = json.loads(message)
+        return json.loads(message)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError("invalid_json", f"not a JSON message: {exc}") from None
+    except RecursionError:
+        raise ProtocolError("invalid_json", "not a JSON message: nested too deeply") from None
+
+
+def parse(message: str | bytes, current: SessionSettings | None = None, *,
+          max_prompt_chars: int | None = None) -> ClientEvent:
+    """One client message as a client event; `current` is what a session.update's missing fields keep."""
+    current = current or SessionSettings()
+    data = _loads(message)
     if not isinstance(data, dict) or not isinstance(data.get("type"), str):
         raise ProtocolError("invalid_event", "a client event is a JSON object with a string `type`", "type")
     kind, event_id = data["type"], data.get("event_id")
@@ -101,7 +119,7 @@ def parse(message: str | bytes, current: SessionSettings | None = None) -> Clien
         session = data.get("session", {})
         if not isinstance(session, dict):
             raise ProtocolError("invalid_value", "`session` must be an object", "session")
-        return SessionUpdate(_settings(session, current), UPDATE_TYPES[kind], event_id)
+        return SessionUpdate(_settings(session, current, max_prompt_chars), UPDATE_TYPES[kind], event_id)
     if kind == "input_audio_buffer.append":
         audio = data.get("audio")
         if not isinstance(audio, str):
@@ -115,15 +133,16 @@ def parse(message: str | bytes, current: SessionSettings | None = None) -> Clien
         return AudioAppend(pcm, event_id)
     if kind == "input_audio_buffer.commit":
         return AudioCommit(event_id)
-    raise ProtocolError("unknown_event", f"unknown or unsupported client event type {kind!r}; this server takes "
-                        f"{', '.join([*UPDATE_TYPES, 'input_audio_buffer.append', 'input_audio_buffer.commit'])}",
-                        "type")
+    if kind == "input_audio_buffer.clear":
+        return AudioClear(event_id)
+    raise ProtocolError("unknown_event", f"unknown or unsupported client event type {kind[:64]!r}; this server takes "
+                        f"{', '.join(CLIENT_EVENT_TYPES)}", "type")
 
 
 def handle(session, message: str | bytes) -> list[ServerEvent]:
     """Apply one client message to `session` (a RealtimeSession); the events to send back now."""
     try:
-        event = parse(message, session.settings)
+        event = parse(message, session.settings, max_prompt_chars=session.config.max_prompt_chars)
     except ProtocolError as exc:
         return [Error(exc.code, exc.message, exc.param, _event_id(message))]
     if isinstance(event, SessionUpdate):
@@ -134,6 +153,8 @@ def handle(session, message: str | bytes) -> list[ServerEvent]:
                       None, event.event_id)]
     if isinstance(event, AudioAppend):
         return session.append(event.audio)
+    if isinstance(event, AudioClear):
+        return session.clear()
     return session.commit(event.event_id)
 
 
@@ -195,7 +216,7 @@ def encode_audio(pcm16: bytes) -> str:
 # ---------------------------------------------------------------------- settings <-> JSON
 
 
-def _settings(session: dict[str, Any], current: SessionSettings) -> SessionSettings:
+def _settings(session: dict[str, Any], current: SessionSettings, max_prompt_chars: int | None) -> SessionSettings:
     """A session.update's `session` object over the current settings (GA or beta shape)."""
     audio_in = session.get("audio", {}).get("input", {}) if isinstance(session.get("audio"), dict) else {}
     if not isinstance(audio_in, dict):
@@ -213,7 +234,7 @@ def _settings(session: dict[str, Any], current: SessionSettings) -> SessionSetti
     if transcription is not None:
         if not isinstance(transcription, dict):
             raise ProtocolError("invalid_value", "transcription settings must be an object", "transcription")
-        prompt, model = _prompt(transcription, prompt), str(transcription.get("model") or model)
+        prompt, model = _prompt(transcription, prompt, max_prompt_chars), _model(transcription.get("model"), model)
     vad = current.vad
     if "turn_detection" in audio_in or "turn_detection" in session:
         vad = _vad(audio_in["turn_detection"] if "turn_detection" in audio_in else session["turn_detection"])
@@ -234,15 +255,38 @@ def _rate(fmt: Any) -> int:
     return rate
 
 
-def _prompt(transcription: dict[str, Any], current: PromptOptions) -> PromptOptions:
+MAX_MODEL_CHARS = 128
+
+
+def _model(value: Any, current: str) -> str:
+    if value is None or value == "":
+        return current
+    if not isinstance(value, str) or len(value) > MAX_MODEL_CHARS or not value.isprintable():
+        raise ProtocolError("invalid_value", f"`model` must be a string of at most {MAX_MODEL_CHARS} printable "
+                            "characters", "transcription.model")
+    return value
+
+
+def _prompt(transcription: dict[str, Any], current: PromptOptions, max_prompt_chars: int | None) -> PromptOptions:
     language, hotwords = current.language, current.hotwords
     if "language" in transcription:
+        value = transcription["language"]
+        if value is not None and not isinstance(value, str):
+            raise ProtocolError("invalid_value", "`language` must be a string (an ISO code such as zh, or empty "
+                                "for automatic)", "transcription.language")
         try:
-            language = resolve_language(transcription["language"] or None)
-        except (LanguageError, AttributeError) as exc:
+            language = resolve_language(value or None)
+        except LanguageError as exc:
             raise ProtocolError("invalid_value", str(exc), "transcription.language") from None
     if "prompt" in transcription:
-        hotwords = parse_hotwords(str(transcription["prompt"] or ""))
+        value = transcription["prompt"]
+        if value is not None and not isinstance(value, str):
+            raise ProtocolError("invalid_value", "`prompt` must be a string of comma-separated hotwords",
+                                "transcription.prompt")
+        if max_prompt_chars is not None and value and len(value) > max_prompt_chars:
+            raise ProtocolError("invalid_value", f"`prompt` holds {len(value)} characters; this server takes at most "
+                                f"{max_prompt_chars} (--max-prompt-chars)", "transcription.prompt")
+        hotwords = parse_hotwords(value or "")
     return dataclasses.replace(current, language=language, hotwords=hotwords)
 
 
@@ -285,8 +329,8 @@ def _session_json(session_id: str | None, settings: SessionSettings, beta: bool)
 
 def _event_id(message: str | bytes) -> str | None:
     try:
-        data = json.loads(message)
-    except (ValueError, UnicodeDecodeError):
+        data = _loads(message)
+    except ProtocolError:
         return None
     value = data.get("event_id") if isinstance(data, dict) else None
     return value if isinstance(value, str) else None

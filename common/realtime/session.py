@@ -48,6 +48,7 @@ from common.audio.vad import (
 )
 from common.realtime.audio_input import ManualTurns, StreamResampler, pcm16_samples
 from common.realtime.events import (
+    Cleared,
     Committed,
     Error,
     ServerEvent,
@@ -158,6 +159,13 @@ class RealtimeSession:
         self._queue.put(("audio", samples, seconds))
         return []
 
+    def clear(self) -> list[ServerEvent]:
+        """Drop the audio appended and not yet committed (the speech in progress gets no final);
+        `input_audio_buffer.cleared` follows once the audio queued before it is through."""
+        self._check_open()
+        self._queue.put(("clear",))
+        return []
+
     def commit(self, event_id: str | None = None) -> list[ServerEvent]:
         """Close the segment in progress now (its final follows); an error event later if there is none
         (answering `event_id`, the client's commit event)."""
@@ -218,10 +226,13 @@ class RealtimeSession:
                     self._on_update(item[1])
                 elif kind == "finish":
                     self._on_finish(item[1])
+                elif kind == "clear":
+                    self._on_clear()
                 self._deliver_finals()
-            except Exception as exc:  # noqa: BLE001 - one failing step must not end the stream
-                log.exception("%s: %s failed", self.id, kind)
-                self._emit(Error("server_error", f"{kind}: {_one_line(exc)}", kind="server_error"))
+            except Exception:  # noqa: BLE001 - one failing step must not end the stream
+                log.exception("%s: %s failed", self.id, kind)  # the detail (paths included) stays in the log
+                self._emit(Error("server_error", f"processing {kind} failed (see the server's log)",
+                                 kind="server_error"))
         with self._lock:
             finals, self._finals = list(self._finals), deque()
         for final in finals:
@@ -270,6 +281,13 @@ class RealtimeSession:
         else:
             self._options = dataclasses.replace(self._options, prompt=settings.prompt)
             self._applied = settings
+
+    def _on_clear(self) -> None:
+        """A fresh resampler and segmenter: what the old ones held (open speech, lookahead) is dropped."""
+        self._offset += self._segmenter.total
+        self._open = None
+        self._apply(self._applied)
+        self._emit(Cleared())
 
     def _on_finish(self, done: threading.Event) -> None:
         self._restart(self._applied)
@@ -354,8 +372,10 @@ class RealtimeSession:
                 segment = final.pending.result()
             except CancelledError:
                 continue
-            except Exception as exc:  # noqa: BLE001 - the decoder failed this segment: say so, go on
-                self._emit(TranscriptionFailed(final.item_id, "transcription_failed", _one_line(exc)))
+            except Exception:  # noqa: BLE001 - the decoder failed this segment: say so, go on
+                log.exception("%s: %s failed", self.id, final.item_id)  # the detail stays in the server's log
+                self._emit(TranscriptionFailed(final.item_id, "transcription_failed",
+                                               "decoding this segment failed (see the server's log)"))
                 continue
             self._emit(TranscriptionCompleted(final.item_id, segment.text, round(segment.start * 1000),
                                               round(segment.end * 1000)))
@@ -378,8 +398,3 @@ class RealtimeSession:
 
 def _ms(samples: int) -> int:
     return round(samples * 1000 / MODEL_RATE)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

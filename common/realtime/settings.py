@@ -52,6 +52,8 @@ class RealtimeConfig:
     max_segment_seconds: float = DEFAULT_MAX_SEGMENT_SECONDS
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     speculative: bool = True
+    # longest hotword prompt a client may set (None: any): the server's KV cache is sized for it
+    max_prompt_chars: int | None = None
 
 
 DEFAULT_CONFIG = RealtimeConfig()

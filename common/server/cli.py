@@ -27,6 +27,13 @@ from common.presets import PRESETS
 log = logging.getLogger(__name__)
 API_KEY_ENV = "FUNASR_API_KEY"
 DEFAULT_PRESET = "cpu-int8"
+# Largest WebSocket message: an input_audio_buffer.append of ~30 s of 24 kHz PCM16 in base64
+WS_MAX_MESSAGE_BYTES = 2 * 2**20
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    """--allowed-origins as the app compares them: lower case, no trailing slash."""
+    return tuple(o.strip().rstrip("/").lower() for o in text.split(",") if o.strip())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vad", choices=("silero", "none"), default="silero", help="as in the 03 scripts")
     p.add_argument("--max-streams", type=positive(int), default=8,
                    help="real-time WebSocket sessions at once on /v1/realtime (default: 8)")
+    p.add_argument("--upload-timeout", type=positive(float), default=120.0,
+                   help="seconds to receive one request's upload; slower ones get 408 (default: 120)")
+    p.add_argument("--max-uploads", type=positive(int), default=None,
+                   help="requests receiving their upload at once; more get 503 (default: half of --max-queue)")
+    p.add_argument("--header-timeout", type=positive(float), default=10.0,
+                   help="seconds a connection may take to send a request's headers, then it is closed (default: 10)")
+    p.add_argument("--max-connections", type=positive(int), default=1000,
+                   help="open connections at once; more are closed at once (default: 1000)")
+    p.add_argument("--allowed-origins", default="",
+                   help="comma-separated origins of other web pages that may use the API and the WebSocket "
+                        "(e.g. https://app.example.com; '*': any); a page served by this server and clients "
+                        "that send no Origin (curl, SDKs) always may (default: none)")
     p.add_argument("--no-ui", action="store_true", help="do not serve the transcription page at /")
     p.add_argument("--model-name", default="fun-asr-nano", help="the id /v1/models lists (default: fun-asr-nano)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -74,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from common.engine import TranscribeOptions
     from common.server.app import ServerConfig, create_app
+    from common.server.connections import protocol_class, quiet_accept_errors, raise_descriptor_limit
 
     preset = PRESETS[args.preset]
     args.batch_size = args.max_batch or preset.server_batch
@@ -86,14 +106,20 @@ def main(argv: list[str] | None = None) -> int:
     config = ServerConfig(model_name=args.model_name, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                           max_upload_bytes=int(args.max_upload_mb * 2**20), max_audio_seconds=args.max_audio_seconds,
                           max_queue=args.max_queue, timeout=args.timeout, max_prompt_chars=args.max_prompt_chars,
-                          max_streams=args.max_streams, ui=not args.no_ui, defaults=defaults)
+                          max_streams=args.max_streams, upload_timeout=args.upload_timeout,
+                          max_uploads=args.max_uploads, allowed_origins=_origins(args.allowed_origins),
+                          ui=not args.no_ui, defaults=defaults)
     # one KV cache for all sequences: a new request's prompt rows join the running decoding round
     # (--batch-invariant keeps the split cache, where each sequence's cells lie as when alone)
     app = create_app(config, lambda: load_engine(preset, args, kv_unified=not args.batch_invariant))
     if not args.no_ui:
         log.info("transcription page: http://%s:%d/", args.host, args.port)
+    max_connections = raise_descriptor_limit(args.max_connections)
+    quiet_accept_errors()
     server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                    timeout_graceful_shutdown=int(args.timeout) + 5))
+                                    timeout_graceful_shutdown=int(args.timeout) + 5,
+                                    http=protocol_class(args.header_timeout, max_connections),
+                                    ws_max_size=WS_MAX_MESSAGE_BYTES))
     try:
         server.run()
     except KeyboardInterrupt:

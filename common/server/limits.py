@@ -2,19 +2,35 @@
 
 - `UploadLimit` (ASGI middleware) refuses a body over `--max-upload-mb` with 413: at once when
   Content-Length says so, else as soon as the streamed body passes the cap (nothing more is read);
+  and with 408 a body that, past its first UPLOAD_GRACE_SECONDS, has come slower on average than
+  MIN_UPLOAD_BYTES_PER_SECOND (a byte a second would hold its slot until `--upload-timeout`);
 - `Admission` bounds the requests accepted at once (`--max-queue`): one more gets 503 with
-  Retry-After before its upload is read; while the models load or the server shuts down, 503 too;
-- `check_api_key` compares the `Authorization: Bearer` token in constant time (`secrets.compare_digest`).
+  Retry-After before its upload is read; while the models load or the server shuts down, 503 too.
+  Of those, at most `max_uploads` may be reading their upload at once, so that slow senders (which
+  `--upload-timeout` ends) can never hold the whole queue; Retry-After is the time the queue
+  needs to drain at the rate requests have been finishing;
+- `check_api_key` compares the `Authorization: Bearer` token in constant time (`secrets.compare_digest`);
+- `origin_allowed` lets a browser page of another origin use the API only when `--allowed-origins`
+  names it (a page can POST a form or open a WebSocket anywhere; its Origin header says where from).
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import secrets
-from dataclasses import dataclass
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.server.errors import AUTHENTICATION, ApiError, busy
+
+UPLOAD_GRACE_SECONDS = 10.0
+MIN_UPLOAD_BYTES_PER_SECOND = 4096  # 32 kbit/s: slower than any network a client uploads audio over
 
 
 def upload_too_large(limit_bytes: int) -> ApiError:
@@ -37,6 +53,7 @@ class UploadLimit:
             await upload_too_large(self.max_bytes).response()(scope, receive, send)
             return
         seen = 0
+        start = time.monotonic()
 
         async def limited() -> Message:
             nonlocal seen
@@ -45,19 +62,39 @@ class UploadLimit:
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
                     raise upload_too_large(self.max_bytes)
+                elapsed = time.monotonic() - start
+                if (message.get("more_body") and elapsed > UPLOAD_GRACE_SECONDS
+                        and seen < MIN_UPLOAD_BYTES_PER_SECOND * elapsed):
+                    raise ApiError(408, f"the upload is too slow ({seen / elapsed:.0f} bytes/s after {elapsed:.0f} s)",
+                                   code="upload_timeout", param="file")
             return message
 
         await self.app(scope, limited, send)
 
 
+RETRY_AFTER_UNKNOWN = 5  # seconds, before any request has finished to measure the drain rate
+RETRY_AFTER_MAX = 3600
+RATE_WINDOW = 32  # finished requests the drain rate is measured over
+
+
 @dataclass
 class Admission:
-    """Requests accepted and not yet answered, at most `max_queue`; `draining` once shutdown began."""
+    """Requests accepted and not yet answered, at most `max_queue`; `draining` once shutdown began.
+
+    Used from the event loop only (no lock needed).
+    """
 
     max_queue: int
+    max_uploads: int | None = None  # requests reading their upload at once; None: half the queue
     in_flight: int = 0
+    uploading: int = 0
     draining: bool = False
     ready: bool = False
+    _finished: deque[float] = field(default_factory=lambda: deque(maxlen=RATE_WINDOW))
+
+    @property
+    def upload_limit(self) -> int:
+        return self.max_uploads if self.max_uploads is not None else max(1, self.max_queue // 2)
 
     def enter(self) -> Slot:
         """A slot for one request, or ApiError 503 (loading, shutting down, queue full) with Retry-After."""
@@ -67,9 +104,20 @@ class Admission:
             raise busy("the models are still loading; retry shortly", "model_loading", retry_after=5)
         if self.in_flight >= self.max_queue:
             raise busy(f"the server is busy: {self.in_flight} requests in progress (--max-queue {self.max_queue})",
-                       "queue_full")
+                       "queue_full", retry_after=self.retry_after())
         self.in_flight += 1
         return Slot(self)
+
+    def retry_after(self) -> int:
+        """Seconds until the requests in flight are likely done, at the rate recent ones finished."""
+        if len(self._finished) < 2 or self._finished[-1] <= self._finished[0]:
+            return RETRY_AFTER_UNKNOWN
+        per_second = (len(self._finished) - 1) / (self._finished[-1] - self._finished[0])
+        return max(1, min(RETRY_AFTER_MAX, math.ceil(self.in_flight / per_second)))
+
+    def _release(self) -> None:
+        self.in_flight -= 1
+        self._finished.append(time.monotonic())
 
 
 class Slot:
@@ -78,9 +126,23 @@ class Slot:
     def __init__(self, admission: Admission) -> None:
         self._admission: Admission | None = admission
 
+    @contextlib.contextmanager
+    def uploading(self) -> Iterator[None]:
+        """While the request's body is read: ApiError 503 when `upload_limit` requests already are."""
+        admission = self._admission
+        assert admission is not None
+        if admission.uploading >= admission.upload_limit:
+            raise busy(f"the server is busy: {admission.uploading} uploads in progress; retry shortly",
+                       "too_many_uploads", retry_after=RETRY_AFTER_UNKNOWN)
+        admission.uploading += 1
+        try:
+            yield
+        finally:
+            admission.uploading -= 1
+
     def release(self) -> None:
         if self._admission is not None:
-            self._admission.in_flight -= 1
+            self._admission._release()
             self._admission = None
 
 
@@ -92,3 +154,14 @@ def check_api_key(authorization: str | None, api_key: str | None) -> None:
     if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
         raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key",
                        type=AUTHENTICATION)
+
+
+def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...]) -> bool:
+    """Whether a request may be served: no Origin (not a browser), the page's own origin (Origin's
+    host equals the Host header), an origin `allowed` names, or any with `*`."""
+    if origin is None or "*" in allowed:
+        return True
+    origin = origin.strip().rstrip("/").lower()
+    if origin in allowed:
+        return True
+    return host is not None and urlsplit(origin).netloc == host.strip().lower()

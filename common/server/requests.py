@@ -18,6 +18,7 @@ from common.models.prompt import LanguageError, PromptOptions, parse_hotwords, r
 from common.server.errors import bad_request
 
 RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+MAX_MODEL_CHARS = 128  # the `model` field is echoed in a response header: short printable ASCII only
 GRANULARITIES = ("segment", "word")
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
@@ -60,6 +61,15 @@ def _flag(form: FormData, name: str, default: bool) -> bool:
     if text in _FALSE:
         return False
     raise bad_request(f"'{name}' must be true or false, not {value!r}", param=name)
+
+
+def _model_name(value: str | None, default: str) -> str:
+    """The `model` field, safe to echo in the `openai-model` header: printable ASCII, at most
+    MAX_MODEL_CHARS. A newline there would make the HTTP layer refuse the response's headers."""
+    name = (value or "").strip() or default
+    if len(name) > MAX_MODEL_CHARS or not name.isascii() or not name.isprintable():
+        raise bad_request(f"'model' must be printable ASCII of at most {MAX_MODEL_CHARS} characters", param="model")
+    return name
 
 
 def parse_request(form: FormData, *, default_model: str, max_prompt_chars: int) -> TranscriptionRequest:
@@ -114,6 +124,6 @@ def parse_request(form: FormData, *, default_model: str, max_prompt_chars: int) 
     prompt = PromptOptions(language=language, itn=_flag(form, "itn", True), hotwords=parse_hotwords(words_text))
 
     stream = _flag(form, "stream", False)
-    return TranscriptionRequest(upload=upload, model=(_one(form, "model") or default_model).strip() or default_model,
+    return TranscriptionRequest(upload=upload, model=_model_name(_one(form, "model"), default_model),
                                 language=language, language_code=code, prompt=prompt,
                                 response_format=response_format, words="word" in granularities, stream=stream)

@@ -18,7 +18,7 @@ from concurrent.futures import CancelledError, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from common.audio.load import AudioError, audio_duration
+from common.audio.load import AudioError, AudioTooLong, audio_duration
 from common.engine import Engine, SegmentStream, TranscribeOptions
 from common.output.results import Segment, Transcript
 from common.server.errors import ApiError, bad_request
@@ -26,9 +26,16 @@ from common.server.errors import ApiError, bad_request
 AUDIO_SLACK_SECONDS = 1.0  # decoded audio may run this much past the header's duration before it counts
 
 
-def audio_too_long(seconds: float, limit: float) -> ApiError:
-    return ApiError(413, f"audio is {seconds:.1f} s long; this server takes at most {limit:g} s (--max-audio-seconds)",
+def audio_too_long(seconds: float | None, limit: float) -> ApiError:
+    """413; `seconds` None when decoding stopped at the limit (the length beyond it is not known)."""
+    length = f"is {seconds:.1f} s long" if seconds is not None else "goes on past the limit"
+    return ApiError(413, f"audio {length}; this server takes at most {limit:g} s (--max-audio-seconds)",
                     code="audio_too_long", param="file")
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 @dataclass(frozen=True)
@@ -81,10 +88,15 @@ class TranscriptionService:
         loop = asyncio.get_running_loop()
         running = Running(loop)
         running.future = asyncio.wrap_future(self.executor.submit(self._run, running, path, name, options))
+        # a request whose client left (or timed out) never awaits its outcome: retrieve it here so
+        # that asyncio does not log "Future exception was never retrieved" for each one
+        running.future.add_done_callback(_retrieve)
         return running
 
     def options(self, **choices: object) -> TranscribeOptions:
-        return replace(self.defaults, **choices)
+        """The defaults with `choices`, decoding stopped past the audio limit whatever the header says."""
+        return replace(self.defaults, max_audio_seconds=self.limits.max_audio_seconds + AUDIO_SLACK_SECONDS,
+                       **choices)
 
     def _run(self, running: Running, path: Path, name: str, options: TranscribeOptions) -> Transcript:
         """On a worker thread: check the audio, decode it segment by segment, post each segment."""
@@ -95,6 +107,8 @@ class TranscriptionService:
                 if seconds is not None and seconds > limit + AUDIO_SLACK_SECONDS:
                     raise audio_too_long(seconds, limit)
                 stream = self.engine.segments(path, options)
+            except AudioTooLong:
+                raise audio_too_long(None, limit) from None
             except AudioError as exc:
                 raise bad_request(f"{name}: {exc.problem}", param="file", code="invalid_audio") from None
             running._attach(stream)
@@ -103,6 +117,8 @@ class TranscriptionService:
                     if segment.end > limit + AUDIO_SLACK_SECONDS:
                         raise audio_too_long(segment.end, limit)
                     running._post(segment)
+            except AudioTooLong:
+                raise audio_too_long(None, limit) from None
             except AudioError as exc:  # damaged further in
                 raise bad_request(f"{name}: {exc.problem}", param="file", code="invalid_audio") from None
             finally:
