@@ -162,25 +162,17 @@ def child_raw(spec: dict[str, Any]) -> dict[str, Any]:
 
     import llama_cpp as L
 
-    from common.models.llm import DecoderOptions, LlamaDecoder, use_extra_buffers
+    from common.models.llm import DecoderOptions, LlamaDecoder, load_llama_api
 
     threads, n, length = spec["threads"], spec["tokens"], spec["prompt_tokens"]
     gguf = spec["gguf"]
     out: dict[str, Any] = {}
 
-    # --- high-level API, with LlamaDecoder's choice of llama.cpp's extra buffer types (like with like;
-    # `Llama` has no switch for it, so its default model params are adjusted in this child process)
-    default_params = L.llama_cpp.llama_model_default_params
-
-    def params_like_ours() -> Any:
-        params = default_params()
-        params.use_extra_bufts = use_extra_buffers(DecoderOptions().extra_buffers)
-        return params
-
-    L.llama_cpp.llama_model_default_params = params_like_ours
-    llm = L.Llama(model_path=gguf, n_ctx=max(512, length + n + 8), n_threads=threads, n_threads_batch=threads,
-                  n_gpu_layers=spec.get("n_gpu_layers", 0), verbose=False)
-    L.llama_cpp.llama_model_default_params = default_params
+    # --- high-level API, loaded through the project's guarded loader: LlamaDecoder's choice of
+    # llama.cpp's extra buffer types (like with like, and never the AMX kernels that crash)
+    llm = load_llama_api(gguf, n_gpu_layers=spec.get("n_gpu_layers", 0),
+                         extra_buffers=DecoderOptions().extra_buffers, n_ctx=max(512, length + n + 8),
+                         n_threads=threads, n_threads_batch=threads, verbose=False)
     text_ids = llm.tokenize(RAW_PROMPT_TEXT.encode(), add_bos=False, special=False)
     prompt = _raw_prompt(lambda _text: list(text_ids), length)
     stops = {llm.token_eos()} | set(llm.tokenize(b"<|im_end|><|endoftext|>", add_bos=False, special=True))

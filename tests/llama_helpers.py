@@ -19,16 +19,7 @@ import llama_cpp
 import numpy as np
 
 from common.engine import Engine
-from common.models.llm import DecoderOptions
-
-_backend_ready = False
-
-
-def _ensure_backend() -> None:
-    global _backend_ready
-    if not _backend_ready:
-        llama_cpp.llama_backend_init()
-        _backend_ready = True
+from common.models.llm import DecoderOptions, load_llama_model
 
 
 @contextlib.contextmanager
@@ -58,11 +49,10 @@ class GGUFModel:
         n_threads: int = 2,
         f32_cache: bool = True,
     ) -> None:
-        _ensure_backend()
         self.path = Path(path)
-        mparams = llama_cpp.llama_model_default_params()
-        mparams.n_gpu_layers = 0
-        self.model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
+        # the project's one guarded load: llama.cpp's default params would take its AMX kernels on
+        # AMX Xeons, which crashed this helper (SIGSEGV in the q8_0 export tests)
+        self.model = load_llama_model(self.path, n_gpu_layers=0)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {self.path}")
         cparams = llama_cpp.llama_context_default_params()

@@ -140,24 +140,58 @@ def test_concurrent_segment_streams_share_rounds_and_one_can_be_cancelled_from_a
     """Engine.segments() from several threads (a server's requests): their segments decode in the same
     rounds, each stream's text equals its text alone, and `SegmentStream.cancel()` from another thread
     frees the cancelled stream's sequences while the others finish unchanged; alike whether the
-    segments are prepared on the scheduler's thread or ahead on the callers' (`prepare_ahead`)."""
+    segments are prepared on the scheduler's thread or ahead on the callers' (`prepare_ahead`).
+
+    The cancel comes at a chosen state, not after a race: the scheduler's observer holds a round in
+    which the victim's second or later segment decodes while another of its segments has not started,
+    until the main thread has cancelled. So its live sequences must be freed (exactly those) and the
+    rest never admitted, however the threads are scheduled on a loaded machine."""
     from common.engine import BenchmarkHooks, TranscribeOptions
 
     waves = [clip[: 7 * SR], clip[2 * SR:], clip[SR: 9 * SR]]
     options = [TranscribeOptions(prompt=p, vad="none", max_segment_seconds=3.0, prepare_ahead=ahead)
                for p in PROMPTS[:3]]
-    engine = _engine(tiny_models, 4, hooks=BenchmarkHooks(min_new_tokens=40), batch_invariant=True)
+    # the hotwords prompt: a prefix no other stream has, so the scheduler's rows tell which are the victim's
+    victim_options = TranscribeOptions(prompt=PROMPTS[3], vad="none", max_segment_seconds=2.0, prepare_ahead=ahead)
+    watching = threading.Event()
+    cancel_point = threading.Event()  # a round holds: a victim segment live, one admitted before, one not yet
+    cancel_sent = threading.Event()
+    freed = threading.Event()
+    victim_seen: list = []  # the victim's admitted segments (scheduler entries), as rounds show them
+    at_cancel: dict[str, int] = {}
+    cancels: list[int] = []
+
+    def observe(event: str, detail: object) -> None:  # on the scheduler's thread
+        if not watching.is_set():
+            return
+        if event == "cancel":
+            cancels.append(detail)
+            if len(cancels) == at_cancel.get("live"):
+                freed.set()
+        if event != "round" or cancel_point.is_set():
+            return
+        # the scheduler's own table of live sequences: safe to read on its thread, between admissions and decoding
+        live = [entry for entry, _ in engine.scheduler._live.values() if entry.job.prompt.prefix == victim_prefix]
+        victim_seen.extend(e for e in live if all(e is not seen for seen in victim_seen))
+        if live and 2 <= len(victim_seen) < victim_segments:
+            at_cancel.update(live=len(live), admitted=len(victim_seen))
+            cancel_point.set()
+            assert cancel_sent.wait(timeout=120), "the main thread never cancelled"
+
+    engine = _engine(tiny_models, 4, hooks=BenchmarkHooks(min_new_tokens=40), batch_invariant=True, observer=observe)
     try:
         alone = [engine.transcribe(w, dataclasses.replace(o, prepare_ahead=0)) for w, o in zip(waves, options)]
         want = [t.text for t in alone]
         stream_segments = sum(len(t.segments) for t in alone)
-        victim_segments = len(engine.transcribe(clip, TranscribeOptions(vad="none", max_segment_seconds=2.0)).segments)
+        victim_segments = len(engine.transcribe(clip, dataclasses.replace(victim_options, prepare_ahead=0)).segments)
+        assert victim_segments >= 4
+        victim_prefix = engine.prepare(clip[:SR], PROMPTS[3]).prefix
+        assert victim_prefix not in {engine.prepare(clip[:SR], o.prompt).prefix for o in options}
         before, admitted_before = engine.scheduler.stats.shared_rounds, engine.scheduler.stats.admitted
         streams = [engine.segments(w, o) for w, o in zip(waves, options)]
-        victim = engine.segments(clip, TranscribeOptions(vad="none", max_segment_seconds=2.0, prepare_ahead=ahead))
+        victim = engine.segments(clip, victim_options)
         got: list[str | None] = [None] * 3
         outcome: list[BaseException] = []
-        victim_started = threading.Event()
 
         def consume(i: int) -> None:
             for _ in streams[i]:
@@ -167,28 +201,35 @@ def test_concurrent_segment_streams_share_rounds_and_one_can_be_cancelled_from_a
         def consume_victim() -> None:
             try:
                 for _ in victim:
-                    victim_started.set()
+                    pass
             except CancelledError as exc:
                 outcome.append(exc)
 
         threads = [threading.Thread(target=consume, args=(i,)) for i in range(3)]
         threads.append(threading.Thread(target=consume_victim))
+        watching.set()
         for t in threads:
             t.start()
-        assert victim_started.wait(timeout=300)
-        victim.cancel()
+        try:
+            assert cancel_point.wait(timeout=300), "the victim never had a segment live with more to come"
+            victim.cancel()
+        finally:
+            cancel_sent.set()  # the held round goes on
+        assert freed.wait(timeout=300)  # the scheduler dropped the victim's live sequences
         for t in threads:
             t.join(timeout=300)
+        assert not any(t.is_alive() for t in threads)
         stats = engine.scheduler.stats
         assert engine.scheduler.live == 0
     finally:
+        cancel_sent.set()
         engine.close()
     assert got == want
     assert len(outcome) == 1 and victim.transcript is None  # the cancelled stream stopped, with CancelledError
     assert stats.shared_rounds > before and stats.max_rows == 4  # rows of different callers in one round
-    if ahead == 0:  # prepared ahead, the victim's next segments may still wait for a sequence when cancelled
-        assert stats.cancelled >= 1  # the victim's live sequences were freed
-    assert stats.admitted - admitted_before < stream_segments + victim_segments  # the victim's rest never started
+    assert stats.cancelled == at_cancel["live"] == len(cancels)  # the victim's live sequences, and only them, freed
+    # the victim's rest never started: only what it had admitted when cancelled
+    assert stats.admitted - admitted_before <= stream_segments + at_cancel["admitted"] < stream_segments + victim_segments
 
 
 @pytest.mark.parametrize("ahead", [1, 3])

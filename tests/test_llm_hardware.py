@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from common.models import llm
+from common.models.gguf_file import GGUF_MAGIC
 from common.models.llm import extra_buffers_safe, llama_system_info
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +33,37 @@ AVX2_ONLY = "CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 
                                             ("CUDA : ARCHS = 900 | CPU : AVX2 = 1 | AMX_INT8 = 1 | ", False)])
 def test_extra_buffers_refused_exactly_where_llama_cpp_reports_amx(info: str, safe: bool):
     assert extra_buffers_safe(info) is safe
+
+
+@pytest.mark.parametrize(("info", "wanted", "used"), [(SAPPHIRE_RAPIDS, True, False), (SAPPHIRE_RAPIDS, False, False),
+                                                      (EPYC, True, True), (EPYC, False, False)])
+def test_every_way_of_loading_takes_the_guard(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, info: str,
+                                              wanted: bool, used: bool):
+    """The guarded loader, LlamaDecoder (through it) and the high-level `Llama` API (benchmarks) all ask
+    llama.cpp for extra buffer types only where it reports no AMX. llama.cpp's load is replaced by a
+    recorder of the parameters it gets, so this holds on any CPU."""
+    import llama_cpp.llama as api
+
+    got: list[bool] = []
+
+    def record(_path: bytes, params: object) -> None:  # llama.cpp refusing the file: a None model
+        got.append(bool(params.use_extra_bufts))
+        return None
+
+    monkeypatch.setattr(llm, "llama_system_info", lambda: info)
+    monkeypatch.setattr(llm.L, "llama_model_load_from_file", record)  # what the guarded loader calls
+    monkeypatch.setattr(api.llama_cpp, "llama_model_load_from_file", record)  # what `Llama` calls
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(GGUF_MAGIC + bytes(60))
+
+    assert llm.load_llama_model(gguf, extra_buffers=wanted) is None
+    with pytest.raises(llm.DecoderError):
+        llm.LlamaDecoder(gguf, llm.DecoderOptions(extra_buffers=wanted))
+    defaults = api.llama_cpp.llama_model_default_params
+    with pytest.raises(ValueError, match="Failed to load model"):
+        llm.load_llama_api(gguf, extra_buffers=wanted, verbose=False)
+    assert api.llama_cpp.llama_model_default_params is defaults  # llama-cpp-python's own defaults are back
+    assert got == [used] * 3
 
 
 def test_system_info_is_llama_cpps_feature_line():

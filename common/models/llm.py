@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import llama_cpp as L
 import numpy as np
@@ -100,6 +102,51 @@ def use_extra_buffers(wanted: bool) -> bool:
     return False
 
 
+def llama_model_params(*, n_gpu_layers: int = 0, extra_buffers: bool = True) -> L.llama_model_params:
+    """llama.cpp's model parameters with the AMX guard applied: what every model load in this project uses.
+
+    llama.cpp's defaults turn its extra buffer types on, so a load that starts from them anywhere
+    else (a test helper, a benchmark) takes the AMX kernels that crash on AMX Xeons: the test suite
+    died with SIGSEGV that way while the runtime was safe. Hence one place builds these parameters,
+    and a test fails on any other file that loads a model (tests/test_ci_rules.py).
+    """
+    params = L.llama_model_default_params()
+    params.n_gpu_layers = n_gpu_layers
+    params.use_extra_bufts = use_extra_buffers(extra_buffers)
+    return params
+
+
+def load_llama_model(path: Path | str, *, n_gpu_layers: int = 0,
+                     extra_buffers: bool = True) -> L.llama_model_p | None:
+    """The one guarded llama.cpp model load (`llama_model_params`); the `llama_model` pointer, or None
+    where llama.cpp refuses the file (its log says why). The caller frees it with `llama_model_free`."""
+    L.llama_backend_init()
+    params = llama_model_params(n_gpu_layers=n_gpu_layers, extra_buffers=extra_buffers)
+    return L.llama_model_load_from_file(str(path).encode(), params)
+
+
+_high_level_lock = threading.Lock()
+
+
+def load_llama_api(path: Path | str, *, n_gpu_layers: int = 0, extra_buffers: bool = True,
+                   **kwargs: Any) -> L.Llama:
+    """llama-cpp-python's high-level `Llama` on a GGUF (the benchmarks' ceiling), with the same guard.
+
+    `Llama` builds its model parameters from `llama_model_default_params()` and has no switch for
+    the extra buffer types, so that function is swapped for `llama_model_params` while it loads
+    (under a lock: the swap is process-wide). `kwargs` go to `Llama` (context settings, verbose...).
+    """
+    import llama_cpp.llama as api
+
+    with _high_level_lock:
+        default = api.llama_cpp.llama_model_default_params
+        api.llama_cpp.llama_model_default_params = lambda: llama_model_params(extra_buffers=extra_buffers)
+        try:
+            return L.Llama(model_path=str(path), n_gpu_layers=n_gpu_layers, **kwargs)
+        finally:
+            api.llama_cpp.llama_model_default_params = default
+
+
 def _check_gguf_file(path: Path) -> None:
     if not path.is_file():
         raise DecoderError(f"{path}: GGUF file not found")
@@ -118,10 +165,8 @@ class LlamaDecoder:
         llama_log.install()
         L.llama_backend_init()
 
-        mparams = L.llama_model_default_params()
-        mparams.n_gpu_layers = options.n_gpu_layers
-        mparams.use_extra_bufts = use_extra_buffers(options.extra_buffers)
-        self._model = L.llama_model_load_from_file(str(self.path).encode(), mparams)
+        self._model = load_llama_model(self.path, n_gpu_layers=options.n_gpu_layers,
+                                       extra_buffers=options.extra_buffers)
         if not self._model:
             raise DecoderError(f"{self.path}: llama.cpp cannot load this GGUF ({self._last_error()})")
 
