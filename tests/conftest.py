@@ -14,6 +14,10 @@ if str(ROOT) not in sys.path:
 
 from testing.checkpoint import build_checkpoint  # noqa: E402
 
+# CI's rules (testing/ci_rules.py): FUNASR_STRICT_SKIPS fails a run with skipped tests, FUNASR_FAULT_LOG
+# receives the Python stacks of a native crash; both set by .ci/run, neither changes a plain local run.
+pytest_plugins = ["testing.ci_rules"]
+
 SHARED_AUDIO = ROOT.parent / "shared" / "audio"
 ZH_MP3 = SHARED_AUDIO / "zh_news_10s.mp3"
 

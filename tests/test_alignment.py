@@ -90,7 +90,7 @@ def trained() -> list[bytes]:
 
 
 def tiktoken_encoding(pieces: list[bytes]):
-    tiktoken = pytest.importorskip("tiktoken")
+    tiktoken = pytest.importorskip("tiktoken", reason="pip install -r requirements.txt (funasr brings it)")
     return tiktoken.Encoding("test", pat_str=GPT2_PATTERN, mergeable_ranks={b: i for i, b in enumerate(pieces)},
                              special_tokens={})
 
@@ -120,7 +120,7 @@ def test_split_pieces_known_answer() -> None:
 
 def test_split_pieces_matches_regex() -> None:
     """Same pieces as the `regex` module on the pattern, on samples and random strings of tricky characters."""
-    regex = pytest.importorskip("regex")
+    regex = pytest.importorskip("regex", reason="pip install -r requirements.txt (funasr brings it)")
     pattern = regex.compile(GPT2_PATTERN)
     for text in SAMPLES:
         assert split_pieces(text) == pattern.findall(text), text

@@ -29,6 +29,7 @@ from common.audio.load import AudioError, audio_duration, iter_audio_blocks, loa
 from tests.audio_fixtures import espeak_wav, have_espeak, make_aac_m4a, make_tone_wav, tone_signal
 
 TOL = 1e-4
+EXPORT_REQUIREMENTS = "pip install torch==2.13.0 && pip install -r requirements.txt"  # funasr, the reference
 RELEASE_FRONTEND_CONF = {  # frontend_conf of the Fun-ASR-Nano config.yaml
     "fs": 16000,
     "window": "hamming",
@@ -45,7 +46,7 @@ CFG = FrontendConfig.from_dict(RELEASE_FRONTEND_CONF)
 
 @pytest.fixture(scope="module")
 def funasr_frontend():
-    pytest.importorskip("funasr")
+    pytest.importorskip("funasr", reason=EXPORT_REQUIREMENTS)
     from funasr.frontends.wav_frontend import WavFrontend
 
     return WavFrontend(
@@ -109,7 +110,7 @@ def test_synthetic_files_match_funasr(
     assert_features_match(path, funasr_frontend)
 
 
-@pytest.mark.skipif(not have_espeak(), reason="espeak-ng is not installed")
+@pytest.mark.skipif(not have_espeak(), reason="espeak-ng is not installed (apt-get install espeak-ng)")
 def test_espeak_speech_matches_funasr(tmp_path: Path, funasr_frontend) -> None:
     path = espeak_wav(tmp_path / "speech.wav", "The quick brown fox jumps over the lazy dog, twice.")
     assert_features_match(path, funasr_frontend)  # 22050 Hz mono speech
@@ -130,7 +131,8 @@ def test_truncated_mp3_decodes_what_is_there(tmp_path: Path, zh_mp3: Path, funas
     assert compute_features(wave, CFG).shape == (0, 560)
 
 
-@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="funasr's fallback for m4a needs the ffmpeg CLI")
+@pytest.mark.skipif(shutil.which("ffmpeg") is None,
+                    reason="funasr's fallback for m4a needs the ffmpeg CLI (apt-get install ffmpeg)")
 def test_m4a_goes_through_ffmpeg_like_funasr(tmp_path: Path) -> None:
     """libsndfile cannot read AAC; funasr then runs the ffmpeg CLI (16 kHz mono s16), we run the
     same libswresample via PyAV. Different FFmpeg builds: equal within a 16-bit step or two."""
@@ -168,7 +170,7 @@ def test_fbank_speed_smoke() -> None:
 
 
 def test_lfr_matches_funasr() -> None:
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip("torch", reason=EXPORT_REQUIREMENTS)
     from funasr.frontends.wav_frontend import apply_lfr as funasr_apply_lfr
 
     rng = np.random.default_rng(0)
@@ -209,7 +211,7 @@ def test_frontend_config_from_release_dict() -> None:
 
 
 def test_cmvn_matches_funasr(tmp_path: Path) -> None:
-    pytest.importorskip("funasr")
+    pytest.importorskip("funasr", reason=EXPORT_REQUIREMENTS)
     from funasr.frontends.wav_frontend import WavFrontend
 
     rng = np.random.default_rng(1)
@@ -247,8 +249,8 @@ def test_audio_token_count_matches_funasr_data_load_speech() -> None:
     """Run the official FunASRNano.data_load_speech with stand-ins for the model, tokenizer and
     frontend (the frontend returns as many rows as the 'audio' has samples) and read the
     fake_token_len it computes: the official count, for every length, without a checkpoint."""
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("funasr")
+    torch = pytest.importorskip("torch", reason=EXPORT_REQUIREMENTS)
+    pytest.importorskip("funasr", reason=EXPORT_REQUIREMENTS)
     from funasr.models.fun_asr_nano.model import FunASRNano
 
     class Frontend:

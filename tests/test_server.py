@@ -27,12 +27,8 @@ from common.audio.load import load_audio
 from common.output.language import text_language
 from tests.server_process import KEY, ROOT, Server
 
-openai = pytest.importorskip("openai")  # requirements-test.txt installs it; a missing one fails below
+openai = pytest.importorskip("openai", reason="pip install -r requirements-test.txt")  # tests/test_ci_rules.py fails without it
 SR = 16000
-
-
-def test_openai_client_is_installed() -> None:
-    import openai as client  # noqa: F401 - importorskip above must not hide a broken install
 
 
 @pytest.fixture(scope="module")
