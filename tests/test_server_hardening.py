@@ -123,7 +123,7 @@ def tmpdir_of_server(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def hard_server(tiny_models: Path, tmpdir_of_server: Path):
-    srv = Server(tiny_models, "--api-key", KEY, "--max-queue", "6", "--max-uploads", "2", "--upload-timeout", "3",
+    srv = Server(tiny_models, "--api-key", KEY, "--max-queue", "6", "--max-slow-uploads", "2", "--upload-timeout", "3",
                  "--header-timeout", "2", "--max-connections", "40", "--max-streams", "2",
                  "--max-audio-seconds", "20", "--max-prompt-chars", "40", "--allowed-origins", ALLOWED,
                  "--max-upload-mb", "40", env={"TMPDIR": str(tmpdir_of_server)})
@@ -278,7 +278,7 @@ def test_slow_uploads_hold_a_bounded_share_of_the_queue_and_time_out(hard_server
     t0 = time.monotonic()
     slow = [_slow_upload(srv) for _ in range(4)]
     statuses = [_status_of(sock, trickle=True) for sock in slow]
-    # --max-uploads 2 of the 6 places: the others are refused at once, the two time out (--upload-timeout 3)
+    # --max-slow-uploads 2 of the 6 places: the others are refused after 2 s, the two time out (--upload-timeout 3)
     assert sorted(statuses) == [408, 408, 503, 503], statuses
     assert time.monotonic() - t0 < 10
     assert _idle(srv, 5)

@@ -37,7 +37,14 @@ from common.realtime.settings import RealtimeConfig
 from common.realtime.websocket import AbortableConnections, add_realtime_route, offered_authorization
 from common.server import responses
 from common.server.errors import SERVER, ApiError, bad_request, error_response, install_handlers
-from common.server.limits import Admission, Slot, UploadLimit, check_api_key, origin_allowed
+from common.server.limits import (
+    SLOW_UPLOAD_SECONDS,
+    Admission,
+    Slot,
+    UploadLimit,
+    check_api_key,
+    origin_allowed,
+)
 from common.server.metrics import CONTENT_TYPE, Metrics
 from common.server.requests import TranscriptionRequest, parse_request
 from common.server.service import Limits, Running, TranscriptionService
@@ -68,7 +75,7 @@ class ServerConfig:
     max_prompt_chars: int = 200
     max_streams: int = 8  # real-time WebSocket sessions at once (/v1/realtime)
     upload_timeout: float = 120.0  # seconds to receive one request's body
-    max_uploads: int | None = None  # requests reading their body at once (None: half of max_queue)
+    max_slow_uploads: int | None = None  # uploads still running after 2 s, at once (None: half of max_queue)
     # browser pages of other origins that may use the API (lower case, no trailing slash; "*": any);
     # a page's own origin always may, clients that send no Origin (curl, SDKs) too
     allowed_origins: tuple[str, ...] = ()
@@ -79,7 +86,7 @@ class ServerConfig:
 class _State:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.admission = Admission(config.max_queue, config.max_uploads)
+        self.admission = Admission(config.max_queue, config.max_slow_uploads)
         self.service: TranscriptionService | None = None
         self.load_error: str | None = None
         self.metrics = Metrics(lambda: self.service.engine.scheduler if self.service is not None else None)
@@ -196,12 +203,7 @@ def create_app(config: ServerConfig, load_engine: Callable[[], Engine]) -> FastA
         try:
             check_api_key(request.headers.get("authorization"), config.api_key)
             owned.slot = state.admission.enter()
-            with owned.slot.uploading():
-                try:
-                    req = await asyncio.wait_for(_receive(request, owned), config.upload_timeout)
-                except TimeoutError:
-                    raise ApiError(408, f"the upload took longer than {config.upload_timeout:g} s (--upload-timeout)",
-                                   code="upload_timeout", param="file") from None
+            req = await _receive_in_time(request, owned)
             fmt = req.response_format
             assert state.service is not None and owned.upload is not None
             if req.words and state.service.engine.ctc is None:
@@ -224,6 +226,24 @@ def create_app(config: ServerConfig, load_engine: Callable[[], Engine]) -> FastA
             raise
         finally:
             owned.release()
+
+    async def _receive_in_time(request: Request, owned: _Owned) -> TranscriptionRequest:
+        """`_receive` within --upload-timeout, holding a slow-upload place once it has run SLOW_UPLOAD_SECONDS."""
+        assert owned.slot is not None
+        receiving = asyncio.ensure_future(_receive(request, owned))
+        try:
+            await asyncio.wait({receiving}, timeout=min(SLOW_UPLOAD_SECONDS, config.upload_timeout))
+            if receiving.done():
+                return receiving.result()
+            with owned.slot.slow_upload():
+                return await asyncio.wait_for(receiving, max(0.0, config.upload_timeout - SLOW_UPLOAD_SECONDS))
+        except TimeoutError:
+            raise ApiError(408, f"the upload took longer than {config.upload_timeout:g} s (--upload-timeout)",
+                           code="upload_timeout", param="file") from None
+        finally:
+            if not receiving.done():
+                receiving.cancel()
+                await asyncio.gather(receiving, return_exceptions=True)
 
     async def _receive(request: Request, owned: _Owned) -> TranscriptionRequest:
         """The request's fields checked and its upload saved to a temporary file that `owned` holds

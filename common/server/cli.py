@@ -63,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="real-time WebSocket sessions at once on /v1/realtime (default: 8)")
     p.add_argument("--upload-timeout", type=positive(float), default=120.0,
                    help="seconds to receive one request's upload; slower ones get 408 (default: 120)")
-    p.add_argument("--max-uploads", type=positive(int), default=None,
-                   help="requests receiving their upload at once; more get 503 (default: half of --max-queue)")
+    p.add_argument("--max-slow-uploads", type=positive(int), default=None,
+                   help="requests still receiving their upload 2 s after it began, at once; more get 503 "
+                        "(default: half of --max-queue)")
     p.add_argument("--header-timeout", type=positive(float), default=10.0,
                    help="seconds a connection may take to send a request's headers, then it is closed (default: 10)")
     p.add_argument("--max-connections", type=positive(int), default=1000,
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                           max_upload_bytes=int(args.max_upload_mb * 2**20), max_audio_seconds=args.max_audio_seconds,
                           max_queue=args.max_queue, timeout=args.timeout, max_prompt_chars=args.max_prompt_chars,
                           max_streams=args.max_streams, upload_timeout=args.upload_timeout,
-                          max_uploads=args.max_uploads, allowed_origins=_origins(args.allowed_origins),
+                          max_slow_uploads=args.max_slow_uploads, allowed_origins=_origins(args.allowed_origins),
                           ui=not args.no_ui, defaults=defaults)
     # one KV cache for all sequences: a new request's prompt rows join the running decoding round
     # (--batch-invariant keeps the split cache, where each sequence's cells lie as when alone)

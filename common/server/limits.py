@@ -6,9 +6,10 @@
   MIN_UPLOAD_BYTES_PER_SECOND (a byte a second would hold its slot until `--upload-timeout`);
 - `Admission` bounds the requests accepted at once (`--max-queue`): one more gets 503 with
   Retry-After before its upload is read; while the models load or the server shuts down, 503 too.
-  Of those, at most `max_uploads` may be reading their upload at once, so that slow senders (which
-  `--upload-timeout` ends) can never hold the whole queue; Retry-After is the time the queue
-  needs to drain at the rate requests have been finishing;
+  Of those, at most `max_slow_uploads` may still be receiving their upload SLOW_UPLOAD_SECONDS
+  after they began, so that slow senders (which `--upload-timeout` ends) can never hold the whole
+  queue while quick uploads never meet the limit; Retry-After is the time the queue needs to
+  drain at the rate requests have been finishing;
 - `check_api_key` compares the `Authorization: Bearer` token in constant time (`secrets.compare_digest`);
 - `origin_allowed` lets a browser page of another origin use the API only when `--allowed-origins`
   names it (a page can POST a form or open a WebSocket anywhere; its Origin header says where from).
@@ -29,6 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.server.errors import AUTHENTICATION, ApiError, busy
 
+SLOW_UPLOAD_SECONDS = 2.0  # an upload still running after this counts against max_slow_uploads
 UPLOAD_GRACE_SECONDS = 10.0
 MIN_UPLOAD_BYTES_PER_SECOND = 4096  # 32 kbit/s: slower than any network a client uploads audio over
 
@@ -85,16 +87,16 @@ class Admission:
     """
 
     max_queue: int
-    max_uploads: int | None = None  # requests reading their upload at once; None: half the queue
+    max_slow_uploads: int | None = None  # slow uploads at once (see SLOW_UPLOAD_SECONDS); None: half the queue
     in_flight: int = 0
-    uploading: int = 0
+    slow_uploads: int = 0
     draining: bool = False
     ready: bool = False
     _finished: deque[float] = field(default_factory=lambda: deque(maxlen=RATE_WINDOW))
 
     @property
-    def upload_limit(self) -> int:
-        return self.max_uploads if self.max_uploads is not None else max(1, self.max_queue // 2)
+    def slow_upload_limit(self) -> int:
+        return self.max_slow_uploads if self.max_slow_uploads is not None else max(1, self.max_queue // 2)
 
     def enter(self) -> Slot:
         """A slot for one request, or ApiError 503 (loading, shutting down, queue full) with Retry-After."""
@@ -127,18 +129,18 @@ class Slot:
         self._admission: Admission | None = admission
 
     @contextlib.contextmanager
-    def uploading(self) -> Iterator[None]:
-        """While the request's body is read: ApiError 503 when `upload_limit` requests already are."""
+    def slow_upload(self) -> Iterator[None]:
+        """While a slow upload goes on: ApiError 503 when `slow_upload_limit` others already do."""
         admission = self._admission
         assert admission is not None
-        if admission.uploading >= admission.upload_limit:
-            raise busy(f"the server is busy: {admission.uploading} uploads in progress; retry shortly",
-                       "too_many_uploads", retry_after=RETRY_AFTER_UNKNOWN)
-        admission.uploading += 1
+        if admission.slow_uploads >= admission.slow_upload_limit:
+            raise busy(f"the server is busy: {admission.slow_uploads} slow uploads in progress; retry shortly",
+                       "too_many_slow_uploads", retry_after=RETRY_AFTER_UNKNOWN)
+        admission.slow_uploads += 1
         try:
             yield
         finally:
-            admission.uploading -= 1
+            admission.slow_uploads -= 1
 
     def release(self) -> None:
         if self._admission is not None:
