@@ -122,13 +122,15 @@ def test_truncated_mp3_decodes_what_is_there(tmp_path: Path, zh_mp3: Path, funas
     part.write_bytes(zh_mp3.read_bytes()[:20000])
     assert_features_match(part, funasr_frontend)
     # The first 1000 bytes hold a few frames: after the encoder delay 47 samples at 48 kHz remain,
-    # 16 at 16 kHz, less than one 25 ms window -> no feature rows. (funasr itself crashes on it:
-    # it shrinks the window to the clip and kaldi-native-fbank rejects the tiny FFT.)
+    # 16 at 16 kHz, less than one 25 ms window: no audio at all out of a file that announced 10 s, an
+    # error naming the file (issue 26), and such a wave has no feature rows. (funasr itself crashes on
+    # it: it shrinks the window to the clip and kaldi-native-fbank rejects the tiny FFT.)
     tiny = tmp_path / "tiny.mp3"
     tiny.write_bytes(zh_mp3.read_bytes()[:1000])
-    wave = load_audio(tiny)
-    assert 0 < len(wave) < 400
-    assert compute_features(wave, CFG).shape == (0, 560)
+    with pytest.raises(AudioError, match="no audio decoded") as caught:
+        load_audio(tiny)
+    assert caught.value.path == str(tiny)
+    assert compute_features(np.zeros(16, np.float32), CFG).shape == (0, 560)
 
 
 @pytest.mark.skipif(shutil.which("ffmpeg") is None,

@@ -172,6 +172,7 @@ def test_scripts_print_what_the_engine_computes(script, encoder, gguf, tiny_mode
     assert proc.stdout == expected + "\n"
     if script == "03_inference_gpu.py":
         assert "running on the CPU" in proc.stderr or "runs on the CPU" in proc.stderr
+        assert "-DGGML_CUDA=on" in proc.stderr and "pip install" in proc.stderr  # how to get a GPU build
 
 
 def test_json_output_has_segments_timings_and_speed(tiny_models, zh_mp3, tmp_path):
@@ -179,7 +180,7 @@ def test_json_output_has_segments_timings_and_speed(tiny_models, zh_mp3, tmp_pat
                        "--format", "json", "--output-dir", str(tmp_path), "--language", "中文", "--vad", "none")
     assert proc.returncode == 0, proc.stderr
     data = json.loads((tmp_path / "zh_news_10s.json").read_text(encoding="utf-8"))
-    assert data["language"] == "中文"
+    assert data["language"] == "zh" and data["language_from"] == "request"  # --language 中文, as its ISO code
     assert data["segments"][0]["start"] == 0.0 and data["segments"][0]["end"] == pytest.approx(data["duration"])
     for stage in ("load_audio", "features", "encoder", "prefill", "decode", "total"):
         assert data["timings"][stage] >= 0

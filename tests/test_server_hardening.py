@@ -10,11 +10,8 @@ attacks against any running server and prints what each got.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import os
 import socket
-import struct
 import subprocess
 import time
 from pathlib import Path
@@ -25,6 +22,7 @@ import psutil
 import pytest
 import soundfile as sf
 
+from testing import attacks
 from tests.server_process import KEY, Server
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -35,22 +33,6 @@ SR = 16000
 # ------------------------------------------------------------------ inputs
 
 
-def _ffmpeg(*args: str) -> None:
-    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", *args], check=True, timeout=120)
-
-
-def lying_mkv(path: Path, source: str, seconds: int, claimed_seconds: float) -> Path:
-    """A Matroska file of `seconds` of 8 kHz A-law `source` (an ffmpeg lavfi source) whose header
-    says it lasts `claimed_seconds` (its Duration element patched, as the attack did)."""
-    _ffmpeg("-f", "lavfi", "-i", source, "-t", str(seconds), "-ac", "1", "-c:a", "pcm_alaw", str(path))
-    data = bytearray(path.read_bytes())
-    at = data.find(b"\x44\x89\x88")  # Duration, an 8-byte float in TimecodeScale units (ms)
-    assert at > 0, "no Duration element"
-    data[at + 3:at + 11] = struct.pack(">d", claimed_seconds * 1000.0)
-    path.write_bytes(bytes(data))
-    return path
-
-
 @pytest.fixture(scope="module")
 def inputs(zh_mp3: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("attacks")
@@ -58,10 +40,10 @@ def inputs(zh_mp3: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
     from common.audio.load import load_audio
 
     sf.write(out["speech"], load_audio(zh_mp3)[: 3 * SR], SR)
-    out["silence_bomb"] = lying_mkv(folder / "silence.mkv", "anullsrc=r=8000:cl=mono", 1800, 10)
-    out["noise_bomb"] = lying_mkv(folder / "noise.mkv", "anoisesrc=a=0.003:r=8000:c=white", 1800, 10)
+    out["silence_bomb"] = attacks.lying_mkv(folder / "silence.mkv", "anullsrc=r=8000:cl=mono", 1800, 10)
+    out["noise_bomb"] = attacks.lying_mkv(folder / "noise.mkv", "anoisesrc=a=0.003:r=8000:c=white", 1800, 10)
     out["long_silence"] = folder / "long_silence.mkv"  # honest, long: for cancellation
-    _ffmpeg("-f", "lavfi", "-i", "anoisesrc=a=0.002:r=8000:c=white", "-t", "3000", "-ac", "1", "-c:a", "pcm_alaw",
+    attacks.ffmpeg("-f", "lavfi", "-i", "anoisesrc=a=0.002:r=8000:c=white", "-t", "3000", "-ac", "1", "-c:a", "pcm_alaw",
             str(out["long_silence"]))
     out["one_hz"] = folder / "one_hz.wav"
     sf.write(out["one_hz"], np.zeros(15, np.int16), 1, subtype="PCM_16")  # 15 s at 1 Hz, under the limit
@@ -239,45 +221,11 @@ def test_a_timed_out_request_stops_its_work_and_frees_its_worker(slow_server, in
 # ------------------------------------------------------------------ 3. slow uploads
 
 
-def _slow_upload(srv: Server) -> socket.socket:
-    """A multipart POST whose headers arrive whole and whose body trickles (one byte per second)."""
-    boundary = "b0undary"
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n"
-            "Content-Type: audio/wav\r\n\r\n").encode()
-    sock = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
-    sock.sendall((f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: 127.0.0.1:{srv.port}\r\n"
-                  f"Authorization: Bearer {KEY}\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
-                  f"Content-Length: 100000\r\n\r\n").encode() + head)
-    return sock
-
-
-def _status_of(sock: socket.socket, trickle: bool) -> int:
-    """The response's status, sending a byte a second meanwhile when `trickle`."""
-    sock.settimeout(1.0)
-    data = b""
-    deadline = time.monotonic() + 30
-    while b"\r\n" not in data and time.monotonic() < deadline:
-        try:
-            chunk = sock.recv(4096)
-        except TimeoutError:
-            if trickle:
-                try:
-                    sock.sendall(b"x")
-                except OSError:
-                    pass
-            continue
-        if not chunk:
-            break
-        data += chunk
-    sock.close()
-    return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else 0
-
-
 def test_slow_uploads_hold_a_bounded_share_of_the_queue_and_time_out(hard_server, inputs):
     srv = hard_server
     t0 = time.monotonic()
-    slow = [_slow_upload(srv) for _ in range(4)]
-    statuses = [_status_of(sock, trickle=True) for sock in slow]
+    slow = [attacks.slow_upload("127.0.0.1", srv.port, KEY) for _ in range(4)]
+    statuses = [attacks.status_of(sock, trickle=True) for sock in slow]
     # --max-slow-uploads 2 of the 6 places: the others are refused after 2 s, the two time out (--upload-timeout 3)
     assert sorted(statuses) == [408, 408, 503, 503], statuses
     assert time.monotonic() - t0 < 10
@@ -288,37 +236,18 @@ def test_slow_uploads_hold_a_bounded_share_of_the_queue_and_time_out(hard_server
 # ------------------------------------------------------------------ 4, 5. WebSocket limits, headers, connections
 
 
-async def _connect_many(url: str, n: int) -> list[str]:
-    import websockets
-
-    async def one(connection):
-        return json.loads(await asyncio.wait_for(connection.recv(), 30))
-
-    connections = await asyncio.gather(*[websockets.connect(url, additional_headers=AUTH, open_timeout=30)
-                                         for _ in range(n)])
-    try:
-        first = await asyncio.gather(*[one(c) for c in connections])
-    finally:
-        await asyncio.gather(*[c.close() for c in connections], return_exceptions=True)
-    return [e["type"] if e["type"] != "error" else e["error"]["code"] for e in first]
-
-
 def test_simultaneous_websocket_connects_get_exactly_max_streams(hard_server):
     url = f"ws://127.0.0.1:{hard_server.port}/v1/realtime?intent=transcription"
-    answers = asyncio.run(_connect_many(url, 12))
+    answers = asyncio.run(attacks.first_events(url, 12, AUTH))
     assert answers.count("session.created") == 2, answers  # --max-streams 2
     assert answers.count("too_many_sessions") == 10, answers
     time.sleep(1.0)
-    assert asyncio.run(_connect_many(url, 1)) == ["session.created"]  # the places came back
+    assert asyncio.run(attacks.first_events(url, 1, AUTH)) == ["session.created"]  # the places came back
 
 
 def test_incomplete_request_headers_time_out(hard_server):
-    sock = socket.create_connection(("127.0.0.1", hard_server.port), timeout=10)
-    sock.sendall(b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\n")  # and nothing more
-    t0 = time.monotonic()
-    assert sock.recv(1024) == b""  # closed by the server
-    assert time.monotonic() - t0 < 5  # --header-timeout 2
-    sock.close()
+    waited = attacks.seconds_until_closed(attacks.incomplete_headers("127.0.0.1", hard_server.port), 10)
+    assert waited is not None and waited < 5  # --header-timeout 2
 
 
 def test_connections_beyond_the_cap_are_closed_and_health_answers_after(hard_server):
@@ -340,82 +269,22 @@ def test_connections_beyond_the_cap_are_closed_and_health_answers_after(hard_ser
     assert httpx.get(f"{hard_server.url}/health", timeout=10).status_code == 200
 
 
-def _ws_handshake(port: int, rcvbuf: int = 4096) -> socket.socket:
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # a client that reads nothing fills fast
-    sock.connect(("127.0.0.1", port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall((f"GET /v1/realtime?intent=transcription HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-                  f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                  f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {KEY}\r\n\r\n").encode())
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += sock.recv(1)
-    assert data.startswith(b"HTTP/1.1 101"), data
-    return sock
-
-
-def _ws_text_frame(text: str) -> bytes:
-    payload = text.encode()
-    mask = os.urandom(4)
-    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    assert len(payload) < 126
-    return bytes([0x81, 0x80 | len(payload)]) + mask + masked
-
-
 def test_a_websocket_client_that_never_reads_is_closed_with_memory_bounded(hard_server):
     srv = hard_server
     rss_before = psutil.Process(srv.proc.pid).memory_info().rss
-    sock = _ws_handshake(srv.port)
-    sock.settimeout(0.5)
-    frame = _ws_text_frame("x") * 100  # 100 invalid frames a write: each gets an error event
-    sent, closed = 0, False
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            sock.sendall(frame)
-            sent += 100
-        except TimeoutError:
-            continue  # the server stopped reading us: wait for its close
-        except OSError:
-            closed = True
-            break
-        if sent > 2_000_000:
-            break
-    sock.close()
+    dropped, sent = attacks.spam_without_reading(attacks.websocket_handshake("127.0.0.1", srv.port, KEY))
     rss_after = psutil.Process(srv.proc.pid).memory_info().rss
-    assert closed, f"still open after {sent} invalid frames"
+    assert dropped, f"still open after {sent} invalid frames"
     assert rss_after - rss_before < 100 * 2**20, (rss_before, rss_after)
-    assert asyncio.run(_connect_many(f"ws://127.0.0.1:{srv.port}/v1/realtime", 1)) == ["session.created"]
-
-
-async def _session_errors(url: str, messages: list[str], headers: dict | None = None,
-                          origin: str | None = None) -> list[dict]:
-    """The events a client gets for `messages` (after session.created), until a quiet second."""
-    import websockets
-
-    out = []
-    async with websockets.connect(url, additional_headers=headers if headers is not None else AUTH,
-                                  origin=origin, open_timeout=30) as ws:
-        out.append(json.loads(await asyncio.wait_for(ws.recv(), 30)))
-        for message in messages:
-            await ws.send(message)
-        try:
-            while True:
-                out.append(json.loads(await asyncio.wait_for(ws.recv(), 1.5)))
-        except (TimeoutError, websockets.ConnectionClosed):
-            pass
-    return out
+    url = f"ws://127.0.0.1:{srv.port}/v1/realtime"
+    assert asyncio.run(attacks.first_events(url, 1, AUTH)) == ["session.created"]
 
 
 def test_websocket_bad_settings_get_one_line_errors_without_server_paths(hard_server, tiny_models):
     url = f"ws://127.0.0.1:{hard_server.port}/v1/realtime?intent=transcription"
 
-    def update(transcription: dict) -> str:
-        return json.dumps({"type": "session.update", "session": {"type": "transcription", "audio": {
-            "input": {"format": {"type": "audio/pcm", "rate": 16000}, "transcription": transcription}}}})
-
-    events = asyncio.run(_session_errors(url, [
+    update = attacks.session_update
+    events = asyncio.run(attacks.session_events(url, headers=AUTH, messages=[
         update({"prompt": "hot," * 30}),  # 120 characters, --max-prompt-chars 40
         update({"language": ["zh", "en"]}),
         "[" * 100_000 + "]" * 100_000,  # nested deeper than Python's recursion limit
@@ -431,7 +300,8 @@ def test_websocket_bad_settings_get_one_line_errors_without_server_paths(hard_se
     for event in events:
         text = json.dumps(event, ensure_ascii=False)
         assert str(tiny_models) not in text and "/tmp" not in text and "'list' object" not in text
-    cleared = asyncio.run(_session_errors(url, [update({}), json.dumps({"type": "input_audio_buffer.clear"})]))
+    cleared = asyncio.run(attacks.session_events(url, [update({}), json.dumps({"type": "input_audio_buffer.clear"})],
+                                                 AUTH))
     assert [e["type"] for e in cleared][-2:] == ["session.updated", "input_audio_buffer.cleared"]
 
 
@@ -466,10 +336,10 @@ def test_pages_of_other_origins_are_refused_unless_allowed(hard_server, inputs):
         "Origin": ALLOWED, "Access-Control-Request-Method": "POST"})
     assert preflight.headers.get("access-control-allow-origin") == ALLOWED
     url = f"ws://127.0.0.1:{srv.port}/v1/realtime?intent=transcription"
-    refused = asyncio.run(_session_errors(url, [], origin="https://evil.example"))
+    refused = asyncio.run(attacks.session_events(url, [], AUTH, origin="https://evil.example"))
     assert refused[0]["type"] == "error" and refused[0]["error"]["code"] == "origin_not_allowed"
-    assert asyncio.run(_session_errors(url, [], origin=ALLOWED))[0]["type"] == "session.created"
-    assert asyncio.run(_session_errors(url, [], origin=srv.url))[0]["type"] == "session.created"
+    assert asyncio.run(attacks.session_events(url, [], AUTH, origin=ALLOWED))[0]["type"] == "session.created"
+    assert asyncio.run(attacks.session_events(url, [], AUTH, origin=srv.url))[0]["type"] == "session.created"
 
 
 def test_retry_after_follows_the_rate_requests_finish():

@@ -147,10 +147,10 @@ def _connect(connect, args: argparse.Namespace) -> None:
     initialized here with its logging at ERROR (`connect` then finds it initialized and keeps it).
     Ray Data's execution logs, which it configures itself when a dataset runs, still show.
     """
-    if not args.verbose:
-        import logging
+    import ray
 
-        import ray
+    if not args.verbose and not ray.is_initialized():  # initialized: a caller (a test) joined it already
+        import logging
 
         from common.corpus.pipeline import ROOT
 
