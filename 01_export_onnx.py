@@ -4,7 +4,7 @@
 
 Writes FunASR_Nano_Encoder.onnx and .int8.onnx (plus FunASR_Nano_CTC[.int8].onnx and
 ctc_vocab.tiktoken when the release has the CTC head), tokenizer/ and funasr_nano.json.
-All logic lives in common/export_onnx.py; this file only parses arguments.
+All logic lives in funasr_nano/export_onnx.py; this file only parses arguments.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common.cli import OneLineParser, add_folder_options, export_folders
-from common.export.release import ReleaseError
-from common.requirements import guarded
+from funasr_nano.cli import OneLineParser, add_folder_options, export_folders
+from funasr_nano.export.release import ReleaseError
+from funasr_nano.requirements import guarded
 
 EXAMPLES = """\
 examples:
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     except ReleaseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from common.export.export_onnx import ExportError, export_onnx, stderr_log
+    from funasr_nano.export.export_onnx import ExportError, export_onnx, stderr_log
 
     try:
         paths = export_onnx(release_dir, model_dir, int8=not args.no_int8, log=None if args.quiet else stderr_log)

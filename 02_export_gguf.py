@@ -3,7 +3,7 @@
     python 02_export_gguf.py [--release-dir DIR] [--model-dir DIR] [--types f16,q8_0] [--quiet]
 
 Writes qwen3-0.6b-asr.gguf (f16) and qwen3-0.6b-asr.<type>.gguf for other types.
-All logic lives in common/export_gguf.py; this file only parses arguments.
+All logic lives in funasr_nano/export_gguf.py; this file only parses arguments.
 """
 
 from __future__ import annotations
@@ -11,10 +11,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common.cli import OneLineParser, add_folder_options, export_folders
-from common.export.export_gguf import DEFAULT_TYPE, SUPPORTED_TYPES, ExportError, export_gguf, parse_types
-from common.export.release import ReleaseError
-from common.requirements import guarded
+from funasr_nano.cli import OneLineParser, add_folder_options, export_folders
+from funasr_nano.export.export_gguf import (
+    DEFAULT_TYPE,
+    SUPPORTED_TYPES,
+    ExportError,
+    export_gguf,
+    parse_types,
+)
+from funasr_nano.export.release import ReleaseError
+from funasr_nano.requirements import guarded
 
 EXAMPLES = """\
 examples:

@@ -6,10 +6,10 @@ Run `python 03_inference_cpu_int8.py --help` for the options; see README.md for 
 
 import sys
 
-from common.requirements import guarded
+from funasr_nano.requirements import guarded
 
 if __name__ == "__main__":
     with guarded("03_inference_cpu_int8.py", "base"):  # a missing package: one error line, exit 2
-        from common.cli import main
+        from funasr_nano.cli import main
 
         sys.exit(main("cpu-int8"))

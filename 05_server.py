@@ -7,10 +7,10 @@ openai-client examples.
 
 import sys
 
-from common.requirements import guarded
+from funasr_nano.requirements import guarded
 
 if __name__ == "__main__":
     with guarded("05_server.py", "base", "server"):  # a missing package: one error line, exit 2
-        from common.server.cli import main
+        from funasr_nano.server.cli import main
 
         sys.exit(main())

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import sys
 
-from common.requirements import guarded
+from funasr_nano.requirements import guarded
 
 if __name__ == "__main__":
     with guarded("06_microphone.py", "base"):  # a missing package: one error line, exit 2
-        from common.realtime.client import main
+        from funasr_nano.realtime.client import main
 
         sys.exit(main())

@@ -7,10 +7,10 @@ Needs `pip install -r requirements-corpus.txt` on top of requirements.txt.
 
 import sys
 
-from common.requirements import guarded
+from funasr_nano.requirements import guarded
 
 if __name__ == "__main__":
     with guarded("07_transcribe_corpus.py", "base", "corpus"):  # a missing package: one error line, exit 2
-        from common.corpus.cli import main
+        from funasr_nano.corpus.cli import main
 
         sys.exit(main())

@@ -67,7 +67,7 @@ def run_config(actors: int, threads: int, corpus: Path, models: Path, out: Path,
     """One 07 run with `actors` actors of `threads` threads; its measurements."""
     import pyarrow.compute as pc
 
-    from common.corpus.store import read_corpus
+    from funasr_nano.corpus.store import read_corpus
 
     cmd = [sys.executable, str(ROOT / "07_transcribe_corpus.py"), str(corpus), "--output", str(out),
            "--model-dir", str(models), "--preset", args.preset, "--num-cpus", str(args.num_cpus),

@@ -147,7 +147,7 @@ class Server:
 
 def make_clips(clip: Path, mixed: bool) -> list[tuple[bytes, float]]:
     """(wav bytes, seconds) of what the clients send: the clip, or 2-30 s cuts of it (repeated when short)."""
-    from common.audio.load import load_audio
+    from funasr_nano.audio.load import load_audio
 
     wave = load_audio(clip)
     if not mixed:
@@ -233,7 +233,7 @@ def table(rows: list[Row]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common.presets import PRESETS
+    from funasr_nano.presets import PRESETS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model-dir", type=Path, default=None)

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from benchmarks.report import MIXED_RATE  # noqa: E402
 from benchmarks.workers import _duration_seconds, run_child  # noqa: E402
-from common.presets import PRESETS  # noqa: E402
+from funasr_nano.presets import PRESETS  # noqa: E402
 
 
 def long_audio_file(clip: Path, minutes: float, folder: Path) -> Path:

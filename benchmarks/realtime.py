@@ -36,11 +36,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.runner import DEFAULT_AUDIO, DEFAULT_CACHE, ensure_models  # noqa: E402
-from common.audio.load import load_audio  # noqa: E402
-from common.engine import BenchmarkHooks, Engine, TranscribeOptions  # noqa: E402
-from common.realtime import RealtimeConfig, RealtimeSession, SessionSettings  # noqa: E402
-from common.realtime.events import Committed, Error, TranscriptionCompleted, TranscriptionDelta  # noqa: E402
-from common.realtime.events import SpeechStarted as Started  # noqa: E402
+from funasr_nano.audio.load import load_audio  # noqa: E402
+from funasr_nano.engine import BenchmarkHooks, Engine, TranscribeOptions  # noqa: E402
+from funasr_nano.realtime import RealtimeConfig, RealtimeSession, SessionSettings  # noqa: E402
+from funasr_nano.realtime.events import Committed, Error, TranscriptionCompleted, TranscriptionDelta  # noqa: E402
+from funasr_nano.realtime.events import SpeechStarted as Started  # noqa: E402
 
 SR = 16000
 CHUNK = 1600  # 0.1 s
@@ -122,7 +122,7 @@ def pct(values: list[float], q: float) -> float:
 
 
 def encoder_cost(engine: Engine, audio: np.ndarray) -> list[tuple[float, float]]:
-    from common.realtime.partials import PartialTranscriber
+    from funasr_nano.realtime.partials import PartialTranscriber
 
     partials = PartialTranscriber(engine, window_seconds=60.0)
     out = []

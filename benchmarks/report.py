@@ -184,7 +184,7 @@ def startup_section(results: dict[str, dict[str, Any]]) -> list[str]:
                            "whole process s (min-max)"], rows), ""]
     out += ["- *load*: wall time of Engine(); llama.cpp loads in a thread while the encoder session is "
             "created, so it is less than the sum. *from*: `cache` = ONNX Runtime's optimized graph loaded "
-            "from the session cache (common/models/session_cache.py), `written`/`uncached` = optimized at "
+            "from the session cache (funasr_nano/models/session_cache.py), `written`/`uncached` = optimized at "
             "this start.",
             "- *CTC/VAD session*: opened only when a run needs them (plain greedy rows: neither).",
             f"- *whole process*: a fresh `03` process per run, wall clock from start to exit, `{command}`."]

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 from benchmarks.long_audio import run_long_cases  # noqa: E402
 from benchmarks.report import DEFAULT_PROMPT_TOKENS, build_report  # noqa: E402
 from benchmarks.workers import child_main, run_child, whole_process  # noqa: E402
-from common.presets import GGUF_F16, GGUF_Q8_0, PRESETS  # noqa: E402
+from funasr_nano.presets import GGUF_F16, GGUF_Q8_0, PRESETS  # noqa: E402
 
 DEFAULT_AUDIO = ROOT.parent / "shared" / "audio" / "zh_news_10s.mp3"
 DEFAULT_CACHE = Path.home() / ".cache" / "funasr-nano-bench"

@@ -11,11 +11,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from common.decoding import StopRule
-from common.decoding.rounds import decode_to_end
-from common.decoding.sequence import SequenceState
-from common.decoding.speculation import DEFAULT_CONFIG, Draft, SpeculativeConfig
-from common.models.prompt import PromptOptions
+from funasr_nano.decoding import StopRule
+from funasr_nano.decoding.rounds import decode_to_end
+from funasr_nano.decoding.sequence import SequenceState
+from funasr_nano.decoding.speculation import DEFAULT_CONFIG, Draft, SpeculativeConfig
+from funasr_nano.models.prompt import PromptOptions
 from testing.drafts import make_draft
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from common.presets import context_per_sequence  # noqa: E402
+from funasr_nano.presets import context_per_sequence  # noqa: E402
 
 RAW_PROMPT_TEXT = (
     "You are a helpful assistant. 语音转写成中文：今天的新闻报道了天气、交通和经济情况，"
@@ -45,8 +45,8 @@ def median(values: list[float]) -> float:
 
 def child_build(spec: dict[str, Any]) -> dict[str, Any]:
     """Checkpoint with random weights, then 01's and 02's exports (in-process: one torch import)."""
-    from common.export.export_gguf import export_gguf
-    from common.export.export_onnx import export_onnx
+    from funasr_nano.export.export_gguf import export_gguf
+    from funasr_nano.export.export_onnx import export_onnx
     from testing.checkpoint import build_checkpoint
 
     t0 = time.perf_counter()
@@ -64,14 +64,14 @@ def child_build(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def child_variant(spec: dict[str, Any]) -> dict[str, Any]:
-    """One 03 preset through common.engine.Engine, in-process.
+    """One 03 preset through funasr_nano.engine.Engine, in-process.
 
     The whole clip as one segment (no VAD) in a one-sequence context of 1280 cells: the set-up every
     earlier result in RESULTS.md was measured with, so that runs compare across commits.
     """
     t_import = time.perf_counter()
-    from common.engine import BenchmarkHooks, Engine, TranscribeOptions
-    from common.models.llm import DecoderOptions
+    from funasr_nano.engine import BenchmarkHooks, Engine, TranscribeOptions
+    from funasr_nano.models.llm import DecoderOptions
 
     imports_s = time.perf_counter() - t_import  # a fresh child: the engine's imports (numpy, ORT, llama.cpp)
     threads, n = spec["threads"], spec["tokens"]
@@ -89,7 +89,7 @@ def child_variant(spec: dict[str, Any]) -> dict[str, Any]:
     runs = [engine.transcribe(audio, options) for _ in range(spec["runs"])]
 
     # Prefill with the constant prefix recomputed (a new prompt / the first file), in steady state.
-    from common.audio.load import load_audio
+    from funasr_nano.audio.load import load_audio
 
     wave = load_audio(audio, engine.frontend.sample_rate)
     prepared = engine.prepare(wave, options.prompt)
@@ -162,7 +162,7 @@ def child_raw(spec: dict[str, Any]) -> dict[str, Any]:
 
     import llama_cpp as L
 
-    from common.models.llm import DecoderOptions, LlamaDecoder, load_llama_api
+    from funasr_nano.models.llm import DecoderOptions, LlamaDecoder, load_llama_api
 
     threads, n, length = spec["threads"], spec["tokens"], spec["prompt_tokens"]
     gguf = spec["gguf"]
@@ -343,7 +343,7 @@ def child_funasr(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _duration_seconds(audio: str) -> float:
-    from common.audio.load import load_audio
+    from funasr_nano.audio.load import load_audio
 
     return load_audio(audio, 16000).shape[0] / 16000
 
@@ -355,9 +355,9 @@ def child_speculative(spec: dict[str, Any]) -> dict[str, Any]:
     own greedy output: all right (the upper bound), every second token wrong, random tokens.
     """
     from benchmarks.speculative import bench_speculative
-    from common.audio.load import load_audio
-    from common.engine import Engine
-    from common.models.llm import DecoderOptions
+    from funasr_nano.audio.load import load_audio
+    from funasr_nano.engine import Engine
+    from funasr_nano.models.llm import DecoderOptions
 
     threads = spec["threads"]
     engine = Engine(spec["model_dir"], encoder_path=spec["encoder"], gguf_path=spec["gguf"], threads=threads,
@@ -372,8 +372,8 @@ def child_speculative(spec: dict[str, Any]) -> dict[str, Any]:
 
 def child_long(spec: dict[str, Any]) -> dict[str, Any]:
     """One long file through the VAD path, `n_seq_max` segments decoded at a time (issue 7)."""
-    from common.engine import BenchmarkHooks, Engine, TranscribeOptions
-    from common.models.llm import DecoderOptions
+    from funasr_nano.engine import BenchmarkHooks, Engine, TranscribeOptions
+    from funasr_nano.models.llm import DecoderOptions
 
     threads, n = spec["threads"], spec["tokens"]
     rate = spec.get("rate", 0.0)  # tokens per second of segment audio instead of a fixed count

@@ -1,6 +1,6 @@
 """Plain greedy decoding of one prompt, one token per `llama_decode`: what "decoding a job alone" means.
 
-Written without `common.decoding`, so that the scheduler's tokens (batched, speculative, refilled,
+Written without `funasr_nano.decoding`, so that the scheduler's tokens (batched, speculative, refilled,
 compacted, with cached prefixes) are held against an independent implementation: the whole prompt
 goes into the given sequence from scratch, then argmax steps with the stop rule spelled out here.
 """

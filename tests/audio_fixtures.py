@@ -89,7 +89,7 @@ SILENCES = [1.5, 1.0, 2.5, 1.2]  # before, between, between, after
 
 def speech_layout(folder: Path) -> tuple[np.ndarray, list[tuple[float, float]]]:
     """espeak-ng sentences separated by exact silences; truth = first/last audible sample of each."""
-    from common.audio.load import load_audio
+    from funasr_nano.audio.load import load_audio
 
     if not have_espeak():
         raise RuntimeError("espeak-ng is not installed (.ci/run installs it)")

@@ -80,7 +80,7 @@ def any_models(request: pytest.FixtureRequest) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def clip(zh_mp3: Path):
     """The shared clip as the engine reads it (16 kHz mono float32)."""
-    from common.audio.load import load_audio
+    from funasr_nano.audio.load import load_audio
 
     return load_audio(zh_mp3)
 

@@ -18,14 +18,14 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
-from common.engine import Engine
-from common.models.llm import DecoderOptions, load_llama_model
+from funasr_nano.engine import Engine
+from funasr_nano.models.llm import DecoderOptions, load_llama_model
 
 
 @contextlib.contextmanager
 def capture_llama_log() -> Iterator[list[str]]:
     """Collect everything llama.cpp logs inside the block (through the project's one log hook)."""
-    from common.models import llama_log
+    from funasr_nano.models import llama_log
 
     lines: list[str] = []
     with llama_log.capture(lambda _level, text: lines.append(text)):

@@ -29,7 +29,7 @@ class Server:
     """A 05_server.py child process; `stop()` sends SIGTERM and returns its exit code.
 
     With --batch-invariant, as `cli_text`: llama.cpp computes a sequence left alone with one row
-    in a micro-batch apart from batched rows (`common.decoding.rounds`), so without it a request's
+    in a micro-batch apart from batched rows (`funasr_nano.decoding.rounds`), so without it a request's
     text could depend on which other requests were decoding beside it, and the tests compare texts
     across such timings."""
 

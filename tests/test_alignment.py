@@ -1,4 +1,4 @@
-"""CTC forced alignment (common/alignment.py): BPE encoding, Viterbi, character and sentence times.
+"""CTC forced alignment (funasr_nano/alignment.py): BPE encoding, Viterbi, character and sentence times.
 
 The BPE encoder is checked against tiktoken itself (same pattern, same rank files: one trained
 here so that it has real merges, and the tiny checkpoint's CTC vocabulary); the Viterbi against
@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.engine import Engine, TranscribeOptions
-from common.models.ctc import CTCVocabulary, greedy_ctc, read_tiktoken
-from common.models.prompt import PromptOptions
-from common.output.alignment import (
+from funasr_nano.engine import Engine, TranscribeOptions
+from funasr_nano.models.ctc import CTCVocabulary, greedy_ctc, read_tiktoken
+from funasr_nano.models.prompt import PromptOptions
+from funasr_nano.output.alignment import (
     GPT2_PATTERN,
     BPEEncoder,
     char_times,
@@ -33,7 +33,7 @@ from common.output.alignment import (
     split_pieces,
     target_text,
 )
-from common.output.subtitles import segment_cues
+from funasr_nano.output.subtitles import segment_cues
 from tests.llama_helpers import ENGINES
 from tests.llama_helpers import small_engine as _engine
 
@@ -448,10 +448,10 @@ def test_sentence_times_fallback_is_proportional() -> None:
 @pytest.fixture(scope="module")
 def tiny_ctc(tiny_models: Path, zh_mp3: Path):
     """The tiny model's CTC log-probs for the shared news clip, and its vocabulary."""
-    from common.audio.features import FrontendConfig, compute_features
-    from common.audio.load import load_audio
-    from common.models.encoder import AudioEncoder, CTCHead
-    from common.models.settings import ModelSettings
+    from funasr_nano.audio.features import FrontendConfig, compute_features
+    from funasr_nano.audio.load import load_audio
+    from funasr_nano.models.encoder import AudioEncoder, CTCHead
+    from funasr_nano.models.settings import ModelSettings
 
     s = ModelSettings.load(tiny_models)
     assert s.ctc is not None
@@ -529,7 +529,7 @@ SR = 16000
 
 def test_engine_aligns_sentences_on_the_ctc_posteriors(tiny_models, clip):
     """With the CTC head: each segment's text is forced-aligned on the head's log-probs (its own run)."""
-    from common.output.alignment import char_times, sentence_times
+    from funasr_nano.output.alignment import char_times, sentence_times
 
     engine = _engine(tiny_models, ENGINES["f16-split"], 2)
     try:
@@ -564,7 +564,7 @@ def test_without_ctc_sentence_times_come_from_the_segments_and_it_says_so(tiny2_
     engine = Engine(tiny2_models)
     try:
         options = TranscribeOptions(max_new_tokens=6, vad="silero", timestamps=True)
-        with caplog.at_level("INFO", logger="common"):
+        with caplog.at_level("INFO", logger="funasr_nano"):
             first = engine.transcribe(clip, options)
             engine.transcribe(clip, options)
     finally:

@@ -11,11 +11,11 @@ import dataclasses
 import numpy as np
 import pytest
 
-from common.audio.load import load_audio
-from common.decoding import Job, StopRule
-from common.decoding.repetition import NO_GUARD, RepetitionGuard
-from common.engine import BenchmarkHooks, Engine, TranscribeOptions
-from common.models.prompt import PromptOptions
+from funasr_nano.audio.load import load_audio
+from funasr_nano.decoding import Job, StopRule
+from funasr_nano.decoding.repetition import NO_GUARD, RepetitionGuard
+from funasr_nano.engine import BenchmarkHooks, Engine, TranscribeOptions
+from funasr_nano.models.prompt import PromptOptions
 from testing import reference
 from testing.drafts import make_draft
 from tests.llama_helpers import ENGINES
@@ -72,7 +72,7 @@ def test_repetition_guard_stops_both_paths_alike(tiny_models, clip, caplog):
         decoded = _decode_all(batched, pieces, rule)
         # the engine on the same pieces, three callers at once sharing the batch: same tokens, one warning each
         options = TranscribeOptions(max_new_tokens=64, vad="none")
-        with caplog.at_level("WARNING", logger="common"), ThreadPoolExecutor(3) as pool:
+        with caplog.at_level("WARNING", logger="funasr_nano"), ThreadPoolExecutor(3) as pool:
             segments = [t.segments[0] for t in pool.map(lambda p: batched.transcribe(p, options), pieces)]
     finally:
         single.close()
@@ -230,8 +230,8 @@ def _rows_of_sequence_zero(decoder, pad: bool, company: bool,
                            speculative: bool) -> tuple[list[int], dict[tuple[int, int], np.ndarray]]:
     """Sequence 0's tokens and the logits of the rows it fed, by (position, token): 40 forced
     tokens, alone or beside a plain 10-token job."""
-    from common.decoding.rounds import decode_to_end
-    from common.decoding.sequence import SequenceState
+    from funasr_nano.decoding.rounds import decode_to_end
+    from funasr_nano.decoding.sequence import SequenceState
 
     prompts = [list(range(2000, 2012)), list(range(3000, 3020))]
     states = []
@@ -258,7 +258,7 @@ def test_padded_lone_rows_give_a_sequence_the_logits_it_gets_in_company(tiny_mod
     Where llama.cpp computes a lone row apart (f16 on x86), the unpadded logits differ, which shows
     the comparison can see what the padding removes.
     """
-    from common.models.llm import DecoderOptions, LlamaDecoder
+    from funasr_nano.models.llm import DecoderOptions, LlamaDecoder
 
     decoder = LlamaDecoder(tiny_models / "qwen3-0.6b-asr.gguf", DecoderOptions(threads=2, n_ctx=128, n_seq_max=2))
     try:
@@ -281,7 +281,7 @@ def test_padded_lone_rows_give_a_sequence_the_logits_it_gets_in_company(tiny_mod
 
 def test_micro_batches_follow_llama_cpp_split_of_a_round():
     """llama.cpp's split_equal(sequential): runs of consecutive ids, equal rows from each."""
-    from common.decoding.rounds import lone_row_sequences, micro_batches
+    from funasr_nano.decoding.rounds import lone_row_sequences, micro_batches
 
     assert micro_batches([(0, 1)], 512) == [[(0, 1)]]
     assert micro_batches([(0, 1), (1, 1), (2, 1)], 512) == [[(0, 1), (1, 1), (2, 1)]]
@@ -296,7 +296,7 @@ def test_micro_batches_follow_llama_cpp_split_of_a_round():
 
 
 def test_round_costs_split_only_sizes_measured_slower_than_their_steps():
-    from common.decoding.rounds import RoundCosts
+    from funasr_nano.decoding.rounds import RoundCosts
 
     costs = RoundCosts()
     assert not costs.split(2)  # nothing measured: batched

@@ -1,6 +1,6 @@
 """Rules that keep CI honest, tested on themselves.
 
-- Every llama.cpp model load goes through the guarded loader of `common/models/llm.py`: a test
+- Every llama.cpp model load goes through the guarded loader of `funasr_nano/models/llm.py`: a test
   helper that loaded GGUFs with llama.cpp's default parameters took the AMX kernels on an AMX Xeon
   and the suite died with SIGSEGV, while the runtime itself was safe.
 - `FUNASR_STRICT_SKIPS=1` (set by `.ci/run`): a skipped test fails the run, unless it is marked
@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 # The one file allowed to load a llama.cpp model (LlamaDecoder and the test/benchmark helpers call it).
-LOADER = ROOT / "common" / "models" / "llm.py"
+LOADER = ROOT / "funasr_nano" / "models" / "llm.py"
 # Calls that load a model with llama.cpp's own defaults, or build those defaults (low- and high-level API).
 DIRECT_LOAD = re.compile(r"\bllama_model_default_params\s*\(|\bllama_(?:model_load|load_model)_from_file\s*\("
                          r"|\bLlama\s*\(|\bLlama\.from_pretrained\b|\bLlamaModel\s*\(")
@@ -48,7 +48,7 @@ def test_only_the_guarded_loader_loads_llama_cpp_models():
         for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
             if DIRECT_LOAD.search(line) and path not in (LOADER, Path(__file__)):  # this file: its examples
                 offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
-    assert not offenders, ("load llama.cpp models with common.models.llm.load_llama_model / load_llama_api "
+    assert not offenders, ("load llama.cpp models with funasr_nano.models.llm.load_llama_model / load_llama_api "
                            "(they keep llama.cpp's AMX kernels off where they crash), not directly:\n"
                            + "\n".join(offenders))
 

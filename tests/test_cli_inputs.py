@@ -69,7 +69,7 @@ def assert_clean_success(proc: subprocess.CompletedProcess) -> None:
 @pytest.fixture(scope="module")
 def speech(zh_mp3) -> np.ndarray:
     """The first 4 s of the shared news clip at 16 kHz: real speech the VAD keeps."""
-    from common.audio.load import load_audio
+    from funasr_nano.audio.load import load_audio
 
     return load_audio(zh_mp3)[: 4 * 16000]
 
@@ -363,7 +363,7 @@ def test_rerun_skips_existing_outputs_unless_overwrite(speech, tiny_models, tmp_
 
 
 def test_interrupted_write_leaves_neither_output_nor_temporary(tmp_path, monkeypatch):
-    from common.output import writers
+    from funasr_nano.output import writers
 
     target = tmp_path / "out" / "a.txt"
     writers.write_atomic(target, "first\n")
@@ -382,9 +382,9 @@ def test_interrupted_write_leaves_neither_output_nor_temporary(tmp_path, monkeyp
 @pytest.mark.parametrize("hotwords", ["", "通义,魔搭", "Kubernetes,PostgreSQL,张三丰,深度学习框架,ONNX Runtime,魔搭社区" * 4])
 def test_context_holds_the_longest_segment_with_its_prompt(hotwords, max_segment, tiny_models):
     """The KV size the CLI asks for covers the real prompt of a segment at the VAD's longest (+ padding)."""
-    from common.engine import Engine
-    from common.models.prompt import PromptOptions, parse_hotwords
-    from common.presets import context_per_sequence
+    from funasr_nano.engine import Engine
+    from funasr_nano.models.prompt import PromptOptions, parse_hotwords
+    from funasr_nano.presets import context_per_sequence
 
     engine = Engine(tiny_models)
     try:
@@ -591,7 +591,7 @@ def test_9_defaults_are_the_project_folder_and_named_folders_must_exist(speech, 
     project = tmp_path / "project"  # a clone elsewhere, with its model folder exported
     project.mkdir()
     shutil.copy(ROOT / "03_inference_cpu.py", project)
-    shutil.copytree(ROOT / "common", project / "common", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "funasr_nano", project / "funasr_nano", ignore=shutil.ignore_patterns("__pycache__"))
     (project / "model-gguf").symlink_to(tiny_models)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -647,7 +647,7 @@ def test_12_language_takes_the_models_names_and_iso_codes_only(speech, tiny_mode
         assert_clean_success(proc)
         result = json.loads(proc.stdout)
         if code is None:  # the model chose: the language of the text it wrote
-            from common.output.language import text_language
+            from funasr_nano.output.language import text_language
 
             assert (result["language"], result["language_from"]) == (text_language(result["text"]), "text")
         else:

@@ -19,9 +19,9 @@ from tests.conftest import ROOT
 
 ray = pytest.importorskip("ray", reason="pip install -r requirements-corpus.txt")
 
-from common.corpus.cli import main as corpus_main  # noqa: E402
-from common.corpus.inputs import AudioFile, InputError, collect_inputs  # noqa: E402
-from common.corpus.store import CONSOLIDATED, FILES, PARTS, TIMING_COLUMNS, CorpusStore, read_corpus  # noqa: E402
+from funasr_nano.corpus.cli import main as corpus_main  # noqa: E402
+from funasr_nano.corpus.inputs import AudioFile, InputError, collect_inputs  # noqa: E402
+from funasr_nano.corpus.store import CONSOLIDATED, FILES, PARTS, TIMING_COLUMNS, CorpusStore, read_corpus  # noqa: E402
 
 # --batch-invariant on both sides: files batched with different company still get the same tokens (f16 GGUF)
 OPTIONS = ["--preset", "cpu", "--max-new-tokens", "8", "--threads", "2", "--quiet", "--batch-invariant"]
@@ -30,7 +30,7 @@ N_GOOD, N_BAD = 10, 2
 
 @pytest.fixture(scope="module")
 def cluster():
-    from common.corpus.pipeline import connect
+    from funasr_nano.corpus.pipeline import connect
 
     connect(num_cpus=2)
     yield
@@ -42,7 +42,7 @@ def corpus(zh_mp3: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """12 files under one folder (some in a sub-folder): 10 cuts of the shared clip, 2 that are not audio."""
     import soundfile
 
-    from common.audio.load import load_audio
+    from funasr_nano.audio.load import load_audio
 
     wave = load_audio(zh_mp3)
     folder = tmp_path_factory.mktemp("corpus")
@@ -225,7 +225,7 @@ def test_inputs_folder_glob_and_manifests(tmp_path: Path):
 
 
 def test_one_row_per_key_prefers_a_transcript_to_an_error(tmp_path: Path):
-    from common.corpus.store import ROW_SCHEMA, CorpusStore
+    from funasr_nano.corpus.store import ROW_SCHEMA, CorpusStore
 
     store = CorpusStore(tmp_path)
     store.prepare()
@@ -246,7 +246,7 @@ def test_one_row_per_key_prefers_a_transcript_to_an_error(tmp_path: Path):
 
 
 def _row(path: str, error: str | None = None) -> dict:
-    from common.corpus.store import ROW_SCHEMA
+    from funasr_nano.corpus.store import ROW_SCHEMA
 
     return {**dict.fromkeys(ROW_SCHEMA.names), "path": path, "size": 1, "mtime_ns": 1,
             "text": None if error else f"text of {path}", "error": error}
@@ -280,7 +280,7 @@ def test_a_consolidation_cut_short_never_shows_a_row_twice_nor_loses_one(tmp_pat
         raise OSError("killed")
 
     with monkeypatch.context() as m:  # killed before the merged file replaced the dataset
-        m.setattr("common.corpus.store.os.replace", crash)
+        m.setattr("funasr_nano.corpus.store.os.replace", crash)
         with pytest.raises(OSError, match="killed"):
             store.consolidate()
     assert _folder_rows(tmp_path) == before and len(store.part_files()) == 2
@@ -298,7 +298,7 @@ def test_a_consolidation_cut_short_never_shows_a_row_twice_nor_loses_one(tmp_pat
 def test_a_folder_of_the_earlier_layout_becomes_one_dataset(tmp_path: Path):
     import pyarrow as pa
 
-    from common.corpus.store import ROW_SCHEMA
+    from funasr_nano.corpus.store import ROW_SCHEMA
 
     (tmp_path / "parts").mkdir()
     (tmp_path / "files").mkdir()

@@ -3,7 +3,7 @@
 Jobs with different prompts (language, ITN, hotwords: different cached prefixes) come from
 several threads at once, and from asyncio; a cancelled job frees its sequence for the next one
 and leaves the others untouched. The reference is `testing.reference`, independent of
-`common.decoding`.
+`funasr_nano.decoding`.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.audio.load import load_audio
-from common.decoding import Job, StopRule
-from common.engine import Engine
-from common.models.llm import DecoderOptions
-from common.models.prompt import PromptOptions
+from funasr_nano.audio.load import load_audio
+from funasr_nano.decoding import Job, StopRule
+from funasr_nano.engine import Engine
+from funasr_nano.models.llm import DecoderOptions
+from funasr_nano.models.prompt import PromptOptions
 from testing import reference
 
 SR = 16000
@@ -146,7 +146,7 @@ def test_concurrent_segment_streams_share_rounds_and_one_can_be_cancelled_from_a
     which the victim's second or later segment decodes while another of its segments has not started,
     until the main thread has cancelled. So its live sequences must be freed (exactly those) and the
     rest never admitted, however the threads are scheduled on a loaded machine."""
-    from common.engine import BenchmarkHooks, TranscribeOptions
+    from funasr_nano.engine import BenchmarkHooks, TranscribeOptions
 
     waves = [clip[: 7 * SR], clip[2 * SR:], clip[SR: 9 * SR]]
     options = [TranscribeOptions(prompt=p, vad="none", max_segment_seconds=3.0, prepare_ahead=ahead)
@@ -237,7 +237,7 @@ def test_segments_prepared_ahead_are_at_most_that_many_in_the_scheduler(tiny_mod
     """`prepare_ahead=N`: the caller's thread prepares and submits a file's segments while earlier ones
     decode, never more than N not yet decoded (memory stays bounded, and a lone file still fills N
     sequences); the segments and their tokens are those of the file prepared on the scheduler's thread."""
-    from common.engine import BenchmarkHooks, TranscribeOptions
+    from funasr_nano.engine import BenchmarkHooks, TranscribeOptions
 
     rounds: list[tuple[int, ...]] = []
     engine = _engine(tiny_models, 4, hooks=BenchmarkHooks(min_new_tokens=12), batch_invariant=True,
@@ -257,14 +257,14 @@ def test_segments_prepared_ahead_are_at_most_that_many_in_the_scheduler(tiny_mod
 
 
 def test_a_prompt_gets_the_same_logits_with_its_prefix_new_copied_or_kept(tiny_models):
-    """The prefix cache's three ways in (`common.decoding.prefixes`): bit-identical logits.
+    """The prefix cache's three ways in (`funasr_nano.decoding.prefixes`): bit-identical logits.
 
     50 audio rows and 3 text tokens after a 20-odd-token prefix: fewer than 64 query rows after the
     prefix, 64 or more with it, where llama.cpp's CPU flash attention changes kernel. Decoded in one
     pass with the prefix, the rows get the other kernel (shown below), which is why a new prefix
     takes a pass of its own."""
-    from common.decoding.prefixes import PrefixCache, Prompt
-    from common.models.llm import LlamaDecoder
+    from funasr_nano.decoding.prefixes import PrefixCache, Prompt
+    from funasr_nano.models.llm import LlamaDecoder
 
     decoder = LlamaDecoder(tiny_models / "qwen3-0.6b-asr.gguf", DecoderOptions(threads=2, n_ctx=256, n_seq_max=2))
     try:

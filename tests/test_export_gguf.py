@@ -1,4 +1,4 @@
-"""02_export_gguf.py / common.export.export_gguf: the Qwen3 GGUF must behave exactly like the Hugging Face model.
+"""02_export_gguf.py / funasr_nano.export.export_gguf: the Qwen3 GGUF must behave exactly like the Hugging Face model.
 
 Reference: transformers' Qwen3ForCausalLM built from the same bf16 weights (as
 f32). llama.cpp runs with an f32 KV cache and no flash attention so that only
@@ -17,7 +17,7 @@ import gguf
 import numpy as np
 import pytest
 
-from common.export.export_gguf import (
+from funasr_nano.export.export_gguf import (
     ExportError,
     Qwen3Params,
     export_gguf,
@@ -26,8 +26,8 @@ from common.export.export_gguf import (
     plan_tensors,
     read_qwen3_params,
 )
-from common.export.release import load_state_dict, sub_state_dict
-from common.models.gguf_file import read_gguf
+from funasr_nano.export.release import load_state_dict, sub_state_dict
+from funasr_nano.models.gguf_file import read_gguf
 from tests.llama_helpers import GGUFModel, capture_llama_log
 
 # the Hugging Face reference of the parity tests (export requirements); CI fails on the skip (testing/ci_rules.py)

@@ -1,7 +1,7 @@
 """ONNX export of the audio encoder + adaptor and CTC head, checked against funasr (the oracle).
 
 Each tiny checkpoint is exported once per session through the real CLI (01_export_onnx.py
---quiet), then the graphs are run with onnxruntime through common/encoder.py.
+--quiet), then the graphs are run with onnxruntime through funasr_nano/encoder.py.
 
 Encoder input: the fbank+LFR features from funasr's own frontend. Not `OracleResult.features`:
 funasr's SenseVoice encoder scales its input in place (`xs_pad *= sqrt(d)`), so the tensor the
@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.audio.vad import VAD_FILE, find_vad_model
-from common.models.ctc import CTCVocabulary, greedy_ctc, read_tiktoken
-from common.models.encoder import AudioEncoder, CTCHead, OnnxModelError
-from common.models.settings import (
+from funasr_nano.audio.vad import VAD_FILE, find_vad_model
+from funasr_nano.models.ctc import CTCVocabulary, greedy_ctc, read_tiktoken
+from funasr_nano.models.encoder import AudioEncoder, CTCHead, OnnxModelError
+from funasr_nano.models.settings import (
     CTC_FILE,
     CTC_INT8_FILE,
     CTC_VOCAB_FILE,
@@ -158,7 +158,7 @@ def _has_ctc(exported: Exported) -> bool:
 
 
 def test_ctc_text_matches_funasr(exported: Exported, funasr_run) -> None:
-    """Greedy CTC text from our graphs + common/models/ctc.py equals funasr's `ctc_text` exactly."""
+    """Greedy CTC text from our graphs + funasr_nano/models/ctc.py equals funasr's `ctc_text` exactly."""
     _, result, feats = funasr_run
     if not _has_ctc(exported):
         assert result.ctc_text is None

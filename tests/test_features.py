@@ -1,4 +1,4 @@
-"""The torch-free front end (common/audio.py, common/features.py) against funasr as the oracle.
+"""The torch-free front end (funasr_nano/audio.py, funasr_nano/features.py) against funasr as the oracle.
 
 The oracle is what ``FunASRNano.data_load_speech`` does with a file path:
 ``load_audio_text_image_video(path, fs=16000)`` then ``extract_fbank(..., frontend=WavFrontend)``,
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.audio.features import (
+from funasr_nano.audio.features import (
     FrontendConfig,
     apply_lfr,
     audio_token_count,
@@ -25,7 +25,7 @@ from common.audio.features import (
     fbank,
     lfr_frame_count,
 )
-from common.audio.load import AudioError, audio_duration, iter_audio_blocks, load_audio
+from funasr_nano.audio.load import AudioError, audio_duration, iter_audio_blocks, load_audio
 from tests.audio_fixtures import espeak_wav, have_espeak, make_aac_m4a, make_tone_wav, tone_signal
 
 TOL = 1e-4

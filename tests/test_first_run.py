@@ -233,7 +233,7 @@ def test_a_missing_package_is_one_line_naming_the_install_command(script, blocke
 def test_a_late_missing_module_is_one_line_too(tmp_path):
     """A module imported lazily, after the up-front check (here: the base check passes, the import fails)."""
     code = ("import sys; sys.argv = ['03_inference_cpu.py']\n"
-            "from common.requirements import guarded\n"
+            "from funasr_nano.requirements import guarded\n"
             "with guarded('03_inference_cpu.py'):\n"
             "    import sounddevice_not_installed_anywhere\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -295,7 +295,7 @@ def test_dash_reads_the_audio_from_stdin(tiny_models, zh_mp3):
 
 
 def test_the_reported_language_is_the_texts_when_the_model_chose(tiny_models, zh_mp3):
-    from common.output.language import text_language
+    from funasr_nano.output.language import text_language
 
     proc = run("03_inference_cpu.py", zh_mp3, "--model-dir", tiny_models, "--format", "json", *FAST)
     result = json.loads(proc.stdout)
@@ -312,7 +312,7 @@ def test_the_reported_language_is_the_texts_when_the_model_chose(tiny_models, zh
     ("don't stop", "en"),
 ])
 def test_language_of_a_text_follows_its_script(text, language):
-    from common.output.language import text_language
+    from funasr_nano.output.language import text_language
 
     assert text_language(text) == language
 
@@ -374,7 +374,7 @@ def test_the_download_check_goes_through_the_proxy_and_offers_the_other_source(s
 
 
 def test_no_proxy_exempts_the_host(proxy, monkeypatch):
-    from common.export.release import reachable
+    from funasr_nano.export.release import reachable
 
     for name in ("HTTPS_PROXY", "https_proxy"):
         monkeypatch.setenv(name, proxy.url)
@@ -392,7 +392,7 @@ def test_no_proxy_exempts_the_host(proxy, monkeypatch):
 
 
 def test_english_words_are_whole_words_and_chinese_ones_characters():
-    from common.output.alignment import word_times
+    from funasr_nano.output.alignment import word_times
 
     words = word_times("Hello, world. It's fine", 1.0, 4.0)
     assert [w.word for w in words] == ["Hello,", "world.", "It's", "fine"]
@@ -422,10 +422,10 @@ def test_a_second_server_on_a_used_port_is_one_line_before_anything_else(tiny_mo
 def test_warnings_while_a_file_is_transcribed_name_it(capsys):
     import logging
 
-    from common.cli import current_input, log_to_stderr
+    from funasr_nano.cli import current_input, log_to_stderr
 
     log_to_stderr()
-    log = logging.getLogger("common.decoding.scheduler")
+    log = logging.getLogger("funasr_nano.decoding.scheduler")
     with current_input("talk.mp3"):
         log.warning("segment 1.44-4.00 s: decoding loop detected after 300 tokens; segment stopped")
         log.warning("talk.mp3: truncated or damaged audio: 0.19 s decoded")

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.audio.load import load_audio
-from common.engine import TranscribeOptions
-from common.models.prompt import PromptOptions
+from funasr_nano.audio.load import load_audio
+from funasr_nano.engine import TranscribeOptions
+from funasr_nano.models.prompt import PromptOptions
 from tests.exported import parity_engine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,7 +90,7 @@ def test_f16_gguf_tokens_equal_or_explained(tiny_models, tiny2_models, tiny_ckpt
                                             oracle_factory):
     """f16 weights round the bf16 checkpoint's values differently; tokens must match unless funasr's
     own top-2 logits were closer than the f16 error at the step where we differ."""
-    from common.engine import Engine
+    from funasr_nano.engine import Engine
 
     for models, ckpt in ((tiny_models, tiny_ckpt), (tiny2_models, tiny2_ckpt)):
         oracle = oracle_factory(ckpt)
@@ -157,8 +157,8 @@ def _run_script(script: str, *args: str, env_extra: dict | None = None) -> subpr
     ("03_inference_gpu.py", "FunASR_Nano_Encoder.onnx", "qwen3-0.6b-asr.gguf"),
 ])
 def test_scripts_print_what_the_engine_computes(script, encoder, gguf, tiny_models, zh_mp3):
-    from common.engine import Engine
-    from common.models.llm import DecoderOptions
+    from funasr_nano.engine import Engine
+    from funasr_nano.models.llm import DecoderOptions
 
     proc = _run_script(script, str(zh_mp3), "--model-dir", str(tiny_models), "--max-new-tokens", "12",
                        "--threads", "2", "--vad", "none")
@@ -209,15 +209,15 @@ INFERENCE_PACKAGES = ("audio", "models", "decoding", "output")
 
 
 def test_inference_modules_never_import_torch_transformers_or_funasr():
-    """Only common/export/ may import torch; every other module of common/ is on the inference path.
+    """Only funasr_nano/export/ may import torch; every other module of funasr_nano/ is on the inference path.
 
     Static (every import statement, lazy ones included) and dynamic (importing each module in a fresh
     interpreter loads none of them).
     """
     import ast
 
-    common = ROOT / "common"
-    modules = [p for p in common.rglob("*.py") if "export" not in p.relative_to(common).parts]
+    package = ROOT / "funasr_nano"
+    modules = [p for p in package.rglob("*.py") if "export" not in p.relative_to(package).parts]
     assert {p.parent.name for p in modules} >= set(INFERENCE_PACKAGES)
     for path in modules:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from common.models import llm
-from common.models.gguf_file import GGUF_MAGIC
-from common.models.llm import extra_buffers_safe, llama_system_info
+from funasr_nano.models import llm
+from funasr_nano.models.gguf_file import GGUF_MAGIC
+from funasr_nano.models.llm import extra_buffers_safe, llama_system_info
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,7 +75,7 @@ def test_system_info_is_llama_cpps_feature_line():
 DECODE_SCRIPT = textwrap.dedent("""
     import sys
     sys.path.insert(0, {root!r})
-    from common.models.llm import DecoderOptions, LlamaDecoder
+    from funasr_nano.models.llm import DecoderOptions, LlamaDecoder
     decoder = LlamaDecoder({gguf!r}, DecoderOptions(threads=2, extra_buffers={extra}))
     prompt = decoder.tokenize("<|im_start|>user\\n语音转写：<|im_end|>\\n<|im_start|>assistant\\n")
     decoder.decode_tokens(prompt, 0)

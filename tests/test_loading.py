@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.audio.load import load_audio
-from common.engine import Engine, TranscribeOptions
-from common.models.encoder import AudioEncoder, CTCHead, OnnxModelError
-from common.models.llm import LlamaDecoder
-from common.models.session_cache import CACHE_ENV, CACHE_FOLDER, CACHE_WRITTEN, FROM_CACHE, UNCACHED
+from funasr_nano.audio.load import load_audio
+from funasr_nano.engine import Engine, TranscribeOptions
+from funasr_nano.models.encoder import AudioEncoder, CTCHead, OnnxModelError
+from funasr_nano.models.llm import LlamaDecoder
+from funasr_nano.models.session_cache import CACHE_ENV, CACHE_FOLDER, CACHE_WRITTEN, FROM_CACHE, UNCACHED
 from tests.exported import parity_engine
 
 ENCODER_INT8 = "FunASR_Nano_Encoder.int8.onnx"

@@ -30,7 +30,7 @@ from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from common.audio.load import load_audio
+from funasr_nano.audio.load import load_audio
 from tests.server_process import KEY, ROOT, Server
 
 SR = 16000

@@ -1,4 +1,4 @@
-"""Prompt prefixes' cells saved on disk (`common.decoding.prefix_store`): a fresh context that
+"""Prompt prefixes' cells saved on disk (`funasr_nano.decoding.prefix_store`): a fresh context that
 loads them gets the logits, bit for bit, of one that decodes the prefix; damaged or refused files
 are replaced, unwritable folders and the off switch mean no store, never an error."""
 
@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.decoding.prefix_store import STORE_ENV, PrefixStore
-from common.decoding.prefixes import PrefixCache, Prompt
-from common.models.llm import DecoderOptions, LlamaDecoder
+from funasr_nano.decoding.prefix_store import STORE_ENV, PrefixStore
+from funasr_nano.decoding.prefixes import PrefixCache, Prompt
+from funasr_nano.models.llm import DecoderOptions, LlamaDecoder
 
 PREFIX = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n语音转写："
 
@@ -188,7 +188,7 @@ def test_only_the_most_recently_used_files_are_kept(gguf):
     """Every new hotword list is a new prefix: a server must not fill the disk with them."""
     import os
 
-    from common.decoding.prefix_store import MAX_FILES
+    from funasr_nano.decoding.prefix_store import MAX_FILES
 
     store = PrefixStore(gguf, "sig")
     for i in range(MAX_FILES):  # written long ago, in this order (whatever the file system's clock)

@@ -1,4 +1,4 @@
-"""Real-time transcription (common/realtime, 06_microphone.py) on the tiny exported model.
+"""Real-time transcription (funasr_nano/realtime, 06_microphone.py) on the tiny exported model.
 
 The oracle for a final is offline transcription of the same samples: the VAD's segments of the
 whole waveform (`speech_spans`, the offline segmenter), each transcribed alone by
@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.audio.load import load_audio
-from common.audio.vad import SileroVad, VadOptions, find_vad_model, speech_spans
-from common.engine import BenchmarkHooks, Engine, TranscribeOptions
-from common.models.llm import DecoderOptions
-from common.presets import GGUF_Q8_0, context_per_sequence
-from common.realtime import RealtimeConfig, RealtimeSession, SessionSettings
-from common.realtime.events import (
+from funasr_nano.audio.load import load_audio
+from funasr_nano.audio.vad import SileroVad, VadOptions, find_vad_model, speech_spans
+from funasr_nano.engine import BenchmarkHooks, Engine, TranscribeOptions
+from funasr_nano.models.llm import DecoderOptions
+from funasr_nano.presets import GGUF_Q8_0, context_per_sequence
+from funasr_nano.realtime import RealtimeConfig, RealtimeSession, SessionSettings
+from funasr_nano.realtime.events import (
     Committed,
     Error,
     SpeechStarted,
@@ -33,7 +33,7 @@ from common.realtime.events import (
     TranscriptionCompleted,
     TranscriptionDelta,
 )
-from common.realtime.protocol import encode_audio, handle, parse, render
+from funasr_nano.realtime.protocol import encode_audio, handle, parse, render
 from tests.audio_fixtures import espeak_wav, have_espeak
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -161,7 +161,7 @@ def test_streams_take_turns_encoding_partials(engine, speech):
     """One partial is encoded at a time per engine: while one stream's runs, another's try gives None at once."""
     from types import SimpleNamespace
 
-    from common.realtime.partials import PartialTranscriber
+    from funasr_nano.realtime.partials import PartialTranscriber
 
     inside, release = threading.Event(), threading.Event()
 
@@ -349,7 +349,7 @@ def test_websocket_endpoint_streams_finals_and_survives_bad_frames(engine, speec
     import fastapi
     from fastapi.testclient import TestClient
 
-    from common.realtime.websocket import add_realtime_route
+    from funasr_nano.realtime.websocket import add_realtime_route
 
     app = fastapi.FastAPI()
     add_realtime_route(app, engine, config=FLOOD, max_sessions=1)

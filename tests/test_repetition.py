@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.decoding import StopRule
-from common.decoding.repetition import NO_GUARD, RepetitionGuard
+from funasr_nano.decoding import StopRule
+from funasr_nano.decoding.repetition import NO_GUARD, RepetitionGuard
 
 # --------------------------------------------------------------------------- repetition guard
 

@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from common.audio.load import load_audio
-from common.output.language import text_language
+from funasr_nano.audio.load import load_audio
+from funasr_nano.output.language import text_language
 from tests.server_process import KEY, ROOT, Server
 
 openai = pytest.importorskip("openai", reason="pip install -r requirements-test.txt")  # tests/test_ci_rules.py fails without it
@@ -157,7 +157,7 @@ def test_eight_concurrent_requests_get_their_own_transcripts_and_share_rounds(se
 
 def test_default_server_shares_one_kv_cache_and_serves_concurrent_requests(tiny_models, clips, server):
     """Without --batch-invariant the server keeps one KV cache for all sequences (new prompts join the
-    running round: `common.decoding.rounds`, tested for tokens in test_batching); its concurrent
+    running round: `funasr_nano.decoding.rounds`, tested for tokens in test_batching); its concurrent
     requests all get their transcripts and share rounds. /health says which cache each server has."""
     assert httpx.get(f"{server.url}/health").json()["decoding"] == {
         "max_batch": 4, "kv_cache": "split", "batch_invariant": True}

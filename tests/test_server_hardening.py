@@ -37,7 +37,7 @@ SR = 16000
 def inputs(zh_mp3: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("attacks")
     out = {"speech": folder / "speech.wav"}
-    from common.audio.load import load_audio
+    from funasr_nano.audio.load import load_audio
 
     sf.write(out["speech"], load_audio(zh_mp3)[: 3 * SR], SR)
     out["silence_bomb"] = attacks.lying_mkv(folder / "silence.mkv", "anullsrc=r=8000:cl=mono", 1800, 10)
@@ -150,7 +150,7 @@ def test_a_header_breaking_model_name_is_refused_and_frees_everything(hard_serve
 
 def test_a_streamed_response_that_fails_before_its_body_still_releases():
     """The mechanism behind the lock: the HTTP layer refuses the headers, the body never starts."""
-    from common.server.app import _OwningStream
+    from funasr_nano.server.app import _OwningStream
 
     released = []
 
@@ -343,7 +343,7 @@ def test_pages_of_other_origins_are_refused_unless_allowed(hard_server, inputs):
 
 
 def test_retry_after_follows_the_rate_requests_finish():
-    from common.server.limits import RETRY_AFTER_UNKNOWN, Admission
+    from funasr_nano.server.limits import RETRY_AFTER_UNKNOWN, Admission
 
     admission = Admission(max_queue=4, ready=True)
     slots = [admission.enter() for _ in range(4)]

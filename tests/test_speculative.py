@@ -7,7 +7,7 @@ Two levels:
 - the tiny exported models check the real llama.cpp path (f32 parity set-up, f16 and q8_0
   defaults): multi-row verification batches must give the same argmax as one-row greedy steps.
 
-The reference is `testing.reference.greedy`, written independently of `common.decoding`.
+The reference is `testing.reference.greedy`, written independently of `funasr_nano.decoding`.
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.audio.load import load_audio
-from common.decoding import Job, RepetitionGuard, SpeculativeConfig, StopRule
-from common.decoding.rounds import decode_to_end
-from common.decoding.sequence import SequenceState
-from common.decoding.speculation import CPU_ROW_COSTS, AcceptanceRecord, Draft, choose_k
-from common.engine import Engine, TranscribeOptions
-from common.models.llm import DecoderOptions
-from common.models.prompt import PromptOptions
+from funasr_nano.audio.load import load_audio
+from funasr_nano.decoding import Job, RepetitionGuard, SpeculativeConfig, StopRule
+from funasr_nano.decoding.rounds import decode_to_end
+from funasr_nano.decoding.sequence import SequenceState
+from funasr_nano.decoding.speculation import CPU_ROW_COSTS, AcceptanceRecord, Draft, choose_k
+from funasr_nano.engine import Engine, TranscribeOptions
+from funasr_nano.models.llm import DecoderOptions
+from funasr_nano.models.prompt import PromptOptions
 from testing import reference
 from testing.drafts import make_draft
 
@@ -286,7 +286,7 @@ def test_tokens_identical_to_greedy_batched(tiny_models: Path, wave: np.ndarray,
 
 
 def test_engine_speculative_matches_plain_greedy(tiny_models: Path, wave: np.ndarray) -> None:
-    from common.engine import BenchmarkHooks
+    from funasr_nano.engine import BenchmarkHooks
 
     engine = Engine(tiny_models, gguf_path=tiny_models / "qwen3-0.6b-asr.q8_0.gguf",
                     decoder_options=DecoderOptions(n_seq_max=1), hooks=BenchmarkHooks(min_new_tokens=N_TOKENS))
@@ -306,7 +306,7 @@ def test_engine_speculative_matches_plain_greedy(tiny_models: Path, wave: np.nda
 
 def test_batched_engine_speculates_per_segment(tiny_models: Path, wave: np.ndarray) -> None:
     """Several segments in one context (n_seq_max 4): CTC drafts in the shared batch, greedy's tokens."""
-    from common.engine import BenchmarkHooks
+    from funasr_nano.engine import BenchmarkHooks
 
     engine = Engine(tiny_models, gguf_path=tiny_models / "qwen3-0.6b-asr.q8_0.gguf",
                     decoder_options=DecoderOptions(n_seq_max=4), hooks=BenchmarkHooks(min_new_tokens=N_TOKENS))
@@ -330,7 +330,7 @@ def test_batched_engine_speculates_per_segment(tiny_models: Path, wave: np.ndarr
 
 
 def test_without_ctc_the_engine_decodes_plain_greedy(tiny2_models: Path, wave: np.ndarray) -> None:
-    from common.engine import BenchmarkHooks
+    from funasr_nano.engine import BenchmarkHooks
 
     engine = Engine(tiny2_models, hooks=BenchmarkHooks(min_new_tokens=8))
     try:

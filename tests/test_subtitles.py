@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.output.subtitles import render_srt, render_vtt, split_sentences, transcript_cues
+from funasr_nano.output.subtitles import render_srt, render_vtt, split_sentences, transcript_cues
 
 ROOT = Path(__file__).resolve().parent.parent
 SR = 16000

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from common.audio.vad import (
+from funasr_nano.audio.vad import (
     VAD_FILE,
     SileroVad,
     SpeechSegmenter,

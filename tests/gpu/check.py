@@ -38,9 +38,9 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from common.audio.features import audio_token_count, lfr_frame_count  # noqa: E402
-from common.models.llm import DecoderOptions, LlamaDecoder, gpu_offload_supported, llama_system_info  # noqa: E402
-from common.models.prompt import PromptOptions, build_prompt  # noqa: E402
+from funasr_nano.audio.features import audio_token_count, lfr_frame_count  # noqa: E402
+from funasr_nano.models.llm import DecoderOptions, LlamaDecoder, gpu_offload_supported, llama_system_info  # noqa: E402
+from funasr_nano.models.prompt import PromptOptions, build_prompt  # noqa: E402
 
 SEGMENT_SECONDS = 30.0
 DECODE_STEPS = 64
@@ -58,7 +58,7 @@ def make_gguf(out_dir: Path, size: str, types: tuple[str, ...], seed: int = 0) -
     """
     import torch
 
-    from common.export.export_gguf import build_vocab, read_qwen3_params, write_base_gguf
+    from funasr_nano.export.export_gguf import build_vocab, read_qwen3_params, write_base_gguf
     from testing.checkpoint import (
         TOKENIZER_FILES,
         expected_shapes,

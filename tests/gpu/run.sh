@@ -37,7 +37,7 @@ echo "set-up took $(( $(date +%s) - start )) s"
 {
   python3 --version; g++ --version | head -1; nvcc --version | tail -1
   ldd "$SITE"/llama_cpp/lib/libllama.so | grep -E 'stdc\+\+|gcc_s|libgomp|cudart|cublas'
-  load='import sys; from common.models.llm import LlamaDecoder; LlamaDecoder(sys.argv[1]); print("load ok")'
+  load='import sys; from funasr_nano.models.llm import LlamaDecoder; LlamaDecoder(sys.argv[1]); print("load ok")'
   tiny=.gpu-carry/model/qwen3-0.6b-asr.gguf
   for mode in default no-gpu preload-libstdc++; do
     case $mode in

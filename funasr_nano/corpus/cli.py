@@ -1,0 +1,192 @@
+"""The command line of 07_transcribe_corpus.py: the 03 scripts' model options, plus inputs, output and Ray.
+
+Checked before Ray starts: the options, the inputs (folders, globs, manifests), the model files
+(exported on first use into the default folder, as the 03 scripts do) and the output folder. Exit
+codes as the 03 scripts: 0 every file transcribed, 1 some file failed (its row says why), 2 the
+options, the model folder or the output folder, 130 interrupted (re-run to go on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+from funasr_nano.cli import (
+    DEFAULT_MODEL_DIR,
+    EXIT_FAILED_INPUTS,
+    EXIT_OK,
+    EXIT_SETUP,
+    OneLineParser,
+    SetupError,
+    add_model_options,
+    add_transcription_options,
+    check_folders,
+    log_to_stderr,
+    model_files,
+    positive,
+)
+from funasr_nano.presets import PRESETS
+
+SCRIPT = "07_transcribe_corpus.py"
+EXIT_INTERRUPTED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    epilog = textwrap.dedent(f"""\
+        examples:
+          python {SCRIPT} recordings/ --output out/
+          python {SCRIPT} "archive/**/*.mp3" manifest.csv --output out/ --formats txt,srt
+          RAY_ADDRESS=auto python {SCRIPT} /data/lectures --output /data/out --threads 4
+
+        Output: out/ is one Parquet dataset (pandas.read_parquet("out/")): out/transcripts.parquet,
+        one row per file (path, size, mtime_ns, duration, text, segments as JSON with times, model,
+        preset, timings, error: set for a file that failed). out/_parts/ holds the rows of a run in
+        progress, merged into transcripts.parquet when it ends; out/_files/ the per-file outputs of
+        --formats (readers of the folder skip names starting with _). Re-running the same command on
+        the same --output skips the files already transcribed (same path, size and mtime) and retries
+        the failed ones. A manifest is .txt (one path per line), or .csv/.jsonl with a path column
+        and optional language and hotwords columns.
+        """)
+    p = OneLineParser(prog=SCRIPT, description="Transcribe a corpus with Fun-ASR-Nano on Ray Data, "
+                      "locally or on a cluster; resumable.", epilog=epilog,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="audio file, folder (searched recursively), glob pattern, or manifest (.txt/.csv/.jsonl)")
+    p.add_argument("--output", type=Path, required=True, metavar="DIR", help="output folder (created if needed)")
+    p.add_argument("--preset", choices=tuple(PRESETS), default="cpu-int8",
+                   help="which model files and device, as the 03 scripts (default: cpu-int8)")
+    p.add_argument("--formats", default="", metavar="LIST",
+                   help="also write per-file outputs under DIR/_files/: a comma list of txt, json, srt, vtt")
+    add_model_options(p)
+    add_transcription_options(p)
+    ray_group = p.add_argument_group("Ray")
+    ray_group.add_argument("--address", default=None,
+                           help="join this Ray cluster ('auto': the one on this node; default: RAY_ADDRESS, "
+                                "else a local cluster of this machine)")
+    ray_group.add_argument("--num-cpus", type=positive(int), default=None,
+                           help="CPUs of the local cluster (default: all; ignored with a cluster)")
+    ray_group.add_argument("--min-actors", type=positive(int), default=1, help="transcription actors kept (default 1)")
+    ray_group.add_argument("--max-actors", type=positive(int), default=None,
+                           help="most transcription actors (default: the cluster's CPUs / --threads)")
+    ray_group.add_argument("--gpus-per-actor", type=float, default=None,
+                           help="GPUs each actor reserves (default: 1 with --preset gpu, else 0)")
+    ray_group.add_argument("--max-retries", type=int, default=3,
+                           help="retries of a file whose worker process died (default 3)")
+    ray_group.add_argument("--rows-per-part", type=positive(int), default=64,
+                           help="rows per Parquet part file (default 64; a part is also written every 30 s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--verbose", action="store_true", help="Ray's own start-up and execution logs too")
+    p.add_argument("--test-crash-after", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--test-stop-after", type=int, default=0, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    log_to_stderr()
+    try:
+        return _run(args)
+    except SetupError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_SETUP
+
+
+def _run(args: argparse.Namespace) -> int:
+    from funasr_nano.corpus.inputs import InputError, collect_inputs
+    from funasr_nano.corpus.pipeline import connect, output_targets, run
+    from funasr_nano.corpus.store import CorpusStore
+    from funasr_nano.corpus.worker import WorkerSettings
+    from funasr_nano.models.prompt import LanguageError, resolve_language
+    from funasr_nano.output.writers import FORMATS, WriteError, check_writable
+
+    formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise SetupError(f"--formats: unknown {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
+    try:
+        resolve_language(args.language)
+    except LanguageError as exc:
+        raise SetupError(f"--language: {exc}") from exc
+    try:
+        files = collect_inputs(args.inputs)
+    except InputError as exc:
+        raise SetupError(str(exc)) from exc
+    try:
+        check_writable(args.output)
+    except WriteError as exc:
+        raise SetupError(str(exc)) from exc
+
+    preset = PRESETS[args.preset]
+    check_folders(args)
+    args.model_dir = (args.model_dir or DEFAULT_MODEL_DIR).resolve()
+    # every node reads the same files: absolute paths, checked (and exported on first use) here
+    args.encoder, args.gguf = (p.resolve() for p in model_files(preset, args, args.model_dir))
+
+    output = args.output.resolve()
+    hotwords = [args.hotwords or ""] + [f.hotwords for f in files if f.hotwords]
+    settings = WorkerSettings(
+        preset=args.preset, args=args, model=str(args.model_dir), formats=formats,
+        context_hotwords=max(hotwords, key=len), crash_after=args.test_crash_after,
+        crash_marker=str(output / ".test-crash-hook"))
+    _connect(connect, args)
+    plan = _plan(args)
+    summary = run(files, CorpusStore(output), settings, plan, output_targets(files, output, formats))
+    print(summary.line(), flush=True)
+    if summary.interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_FAILED_INPUTS if summary.failed else EXIT_OK
+
+
+def _connect(connect, args: argparse.Namespace) -> None:
+    """Join the cluster (or start a local one); no cluster at --address is one line, not Ray's traceback.
+
+    Without --verbose, Ray's start-up logs (none about the corpus) stay in Ray's log files: Ray is
+    initialized here with its logging at ERROR (`connect` then finds it initialized and keeps it).
+    Ray Data's execution logs, which it configures itself when a dataset runs, still show.
+    """
+    import ray
+
+    if not args.verbose and not ray.is_initialized():  # initialized: a caller (a test) joined it already
+        import logging
+
+        from funasr_nano.corpus.pipeline import ROOT
+
+        init = {"address": args.address} if args.address or os.environ.get("RAY_ADDRESS") else {
+            "num_cpus": args.num_cpus}
+        try:
+            ray.init(**init, runtime_env={"py_modules": [str(ROOT / "funasr_nano")]}, logging_level=logging.ERROR)
+        except ConnectionError:
+            pass  # connect() below fails the same way and says so
+        for name in ("ray", "ray.data"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        connect(args.address, args.num_cpus)
+    except ConnectionError as exc:
+        address = args.address or os.environ.get("RAY_ADDRESS")
+        raise SetupError(f"--address {address}: no Ray cluster there ({_first_line(exc)}); start one with "
+                         "`ray start --head`, or leave --address and RAY_ADDRESS unset for a local cluster") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0].rstrip(".") if lines else type(exc).__name__
+
+
+def _plan(args: argparse.Namespace):
+    import ray
+
+    from funasr_nano.corpus.pipeline import Plan
+
+    gpus = args.gpus_per_actor if args.gpus_per_actor is not None else (1.0 if PRESETS[args.preset].gpu else 0.0)
+    cpus = float(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+    largest_node = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=cpus)
+    if args.threads > largest_node:  # an actor that fits on no node would wait for ever
+        raise SetupError(f"--threads {args.threads}: each actor reserves that many CPUs, and the largest node "
+                         f"of the cluster has {largest_node:g}")
+    max_actors = args.max_actors or max(1, int(cpus // args.threads))
+    return Plan(min_actors=min(args.min_actors, max_actors), max_actors=max_actors, cpus_per_actor=args.threads,
+                gpus_per_actor=gpus, max_task_retries=args.max_retries, rows_per_part=args.rows_per_part,
+                progress=not args.quiet, stop_after=args.test_stop_after)

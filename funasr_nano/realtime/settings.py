@@ -1,0 +1,59 @@
+"""The settings of a real-time session: what a client chooses (`SessionSettings`) and what the server does (`RealtimeConfig`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from funasr_nano.audio.vad import VadOptions
+from funasr_nano.models.prompt import PromptOptions
+from funasr_nano.presets import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_SEGMENT_SECONDS
+
+MODEL_RATE = 16000
+# Input rates taken as PCM16: 16 kHz is used as sent (bit-exact with offline transcription of the same
+# samples); any other whole rate in this range goes through soxr's streaming resampler (high quality).
+MIN_RATE, MAX_RATE = 8000, 48000
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """A client's choices (OpenAI's transcription session settings, `funasr_nano.realtime.protocol` parses them).
+
+    `vad`: server VAD options (segments end at pauses), or None for manual turns: a segment is
+    everything between two client commits (OpenAI's `turn_detection: null`).
+    """
+
+    sample_rate: int = MODEL_RATE
+    prompt: PromptOptions = PromptOptions()
+    vad: VadOptions | None = field(default_factory=VadOptions)
+    model: str = "fun-asr-nano"
+
+    def __post_init__(self) -> None:
+        if not (MIN_RATE <= int(self.sample_rate) <= MAX_RATE):
+            raise ValueError(f"sample rate {self.sample_rate} Hz is not accepted: PCM16 mono at {MIN_RATE}-{MAX_RATE} Hz "
+                             f"({MODEL_RATE} Hz is used as sent, other rates are resampled)")
+
+
+@dataclass(frozen=True)
+class RealtimeConfig:
+    """The server's side of every session.
+
+    Partials: every `partial_interval_seconds` of new audio in an open segment (only while the session
+    keeps up: a partial is skipped while audio waits to be processed), the CTC head's greedy text of the
+    segment, encoded in windows of at most `partial_window_seconds` (see `funasr_nano.realtime.partials`).
+    `max_lag_seconds`: how far behind real time a session may fall (audio waiting for the VAD, or a
+    final waiting for the decoder) before new audio is refused with a `falling_behind` error.
+    The rest are the offline defaults, so finals equal offline transcription.
+    """
+
+    partial_interval_seconds: float = 0.5
+    partial_window_seconds: float = 4.0
+    partials: bool = True
+    max_lag_seconds: float = 5.0
+    max_segment_seconds: float = DEFAULT_MAX_SEGMENT_SECONDS
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    speculative: bool = True
+    # longest hotword prompt a client may set (None: any): the server's KV cache is sized for it
+    max_prompt_chars: int | None = None
+
+
+DEFAULT_CONFIG = RealtimeConfig()

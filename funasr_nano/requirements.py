@@ -1,0 +1,118 @@
+"""What each script needs installed, checked before it runs, so a missing package is one line, not a traceback.
+
+The numbered scripts wrap their `main` in `guarded(script, *extras)`: the top-level modules of each
+extra are looked up first (`importlib.util.find_spec`, nothing is imported), and a module still missing
+later (imported lazily deep inside) is caught too. Either way the user gets one `error:` line naming the
+module, the Python that lacks it and the install command of its requirements file, and exit code 2
+(what the scripts use for set-up problems). Only the standard library is imported here: this module
+must work in the bare Python a user forgot to leave for the project's virtual environment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EXIT_SETUP = 2
+
+
+@dataclass(frozen=True)
+class Extra:
+    """One requirements file: the modules a script imports from it, and what installs it."""
+
+    modules: tuple[str, ...]
+    requirements: str  # the file, relative to the project folder
+    before: str = ""  # a command that must run first (torch's CPU wheel before funasr resolves it)
+
+
+EXTRAS: dict[str, Extra] = {
+    # inference: what the 03 scripts, the server, the microphone client and the corpus workers load
+    "base": Extra(("numpy", "onnxruntime", "llama_cpp", "soundfile", "soxr", "av", "gguf", "kaldi_native_fbank",
+                   "tqdm", "yaml"), "requirements.txt", "pip install torch==2.13.0"),
+    # the exports (01, 02, and 03 on first use): torch and the official model code
+    "export": Extra(("torch", "funasr", "transformers", "onnx", "onnxscript"), "requirements.txt",
+                    "pip install torch==2.13.0"),
+    "server": Extra(("fastapi", "uvicorn", "multipart", "prometheus_client"), "requirements-server.txt"),
+    "corpus": Extra(("ray", "pyarrow"), "requirements-corpus.txt"),
+    "mic": Extra(("sounddevice", "websockets"), "requirements-mic.txt"),
+}
+# python-multipart's newer module name; either one serves FastAPI's form parsing
+_ALTERNATIVES = {"multipart": ("python_multipart",)}
+
+
+class MissingRequirement(RuntimeError):
+    """A module a script needs is not installed; the message is the one line to show."""
+
+
+def _installed(module: str) -> bool:
+    for name in (module, *_ALTERNATIVES.get(module, ())):
+        try:
+            if importlib.util.find_spec(name) is not None:
+                return True
+        except (ImportError, ValueError):  # a broken or blocked package counts as missing
+            continue
+    return False
+
+
+def install_command(extra: Extra) -> str:
+    """The command that installs `extra`, with the file's path as seen from the current folder."""
+    path = ROOT / extra.requirements
+    shown = extra.requirements if Path.cwd().resolve() == ROOT else str(path)
+    command = f"pip install -r {shown}"
+    return f"{extra.before} && {command}" if extra.before else command
+
+
+def message(script: str, module: str, extra: Extra) -> str:
+    """The one line for a missing module: which, in which Python, what to run."""
+    venv = ROOT / ".venv"
+    in_venv = Path(sys.prefix).resolve() == venv.resolve() if venv.is_dir() else True
+    where = "" if in_venv else f"run it in the project's environment (. {venv}/bin/activate), or "
+    return (f"{script} needs the Python module {module!r}, which is not installed in {sys.executable}: "
+            f"{where}install it with: {install_command(extra)}")
+
+
+def check(script: str, *extras: str) -> None:
+    """Raise MissingRequirement for the first module of `extras` (names of EXTRAS) that is not installed."""
+    for name in extras:
+        extra = EXTRAS[name]
+        for module in extra.modules:
+            if not _installed(module):
+                raise MissingRequirement(message(script, module, extra))
+
+
+def extra_of(module: str) -> Extra:
+    """The requirements file a top-level module comes from (the base one when it is not listed)."""
+    top = module.split(".", 1)[0]
+    for extra in EXTRAS.values():
+        if top in {name for m in extra.modules for name in (m, *_ALTERNATIVES.get(m, ()))}:
+            return extra
+    return EXTRAS["base"]
+
+
+@contextlib.contextmanager
+def guarded(script: str, *extras: str) -> Iterator[None]:
+    """Run a script's body with its requirements checked first and a late missing module made one line.
+
+    Exits with 2 (SystemExit) after printing `error: ...` on stderr.
+    """
+    try:
+        if not {"-h", "--help"} & set(sys.argv[1:]):  # the help needs nothing installed but argparse
+            check(script, *extras)
+        yield
+    except MissingRequirement as exc:
+        _fail(str(exc))
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.split(".", 1)[0] == "funasr_nano":
+            raise  # the project's own code: a bug, keep the traceback
+        _fail(message(script, exc.name.split(".", 1)[0], extra_of(exc.name)))
+
+
+def _fail(line: str) -> None:
+    print(f"error: {line}", file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_SETUP)
+

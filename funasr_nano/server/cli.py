@@ -1,0 +1,164 @@
+"""05_server.py's command line: the 03 scripts' model options, the server's address and limits.
+
+The app is served by uvicorn; SIGINT/SIGTERM start a graceful shutdown: the listening socket
+closes, requests still arriving on open connections get 503, requests in flight finish (up to
+`--timeout`), then the models are freed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from funasr_nano.cli import (
+    EXIT_SETUP,
+    OneLineParser,
+    SetupError,
+    add_model_options,
+    check_folders,
+    load_engine,
+    log_to_stderr,
+    positive,
+)
+from funasr_nano.presets import PRESETS
+
+log = logging.getLogger(__name__)
+API_KEY_ENV = "FUNASR_API_KEY"
+DEFAULT_PRESET = "cpu-int8"
+# Largest WebSocket message: an input_audio_buffer.append of ~30 s of 24 kHz PCM16 in base64
+WS_MAX_MESSAGE_BYTES = 2 * 2**20
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    """--allowed-origins as the app compares them: lower case, no trailing slash."""
+    return tuple(o.strip().rstrip("/").lower() for o in text.split(",") if o.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="05_server.py",
+                      description="OpenAI-compatible transcription server (POST /v1/audio/transcriptions): "
+                                  "concurrent requests share one batched decoder.")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
+                   help=f"which exported files to load, as the 03 scripts (default: {DEFAULT_PRESET})")
+    add_model_options(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--max-batch", type=positive(int), default=None,
+                   help="sequences decoded together, across requests (default: the preset's server batch)")
+    p.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV}; none: open)")
+    p.add_argument("--max-upload-mb", type=positive(float), default=25.0, help="largest upload in MB (default: 25)")
+    p.add_argument("--max-audio-seconds", type=positive(float), default=1800.0,
+                   help="longest audio accepted (default: 1800)")
+    p.add_argument("--max-queue", type=positive(int), default=64,
+                   help="requests accepted at once (decoding or waiting); more get 503 + Retry-After (default: 64)")
+    p.add_argument("--timeout", type=positive(float), default=600.0,
+                   help="seconds a request may take once uploaded (default: 600)")
+    p.add_argument("--max-prompt-chars", type=positive(int), default=200,
+                   help="longest prompt + hotwords of a request; sizes each sequence's KV cache (default: 200)")
+    p.add_argument("--vad", choices=("silero", "none"), default="silero", help="as in the 03 scripts")
+    p.add_argument("--max-streams", type=positive(int), default=8,
+                   help="real-time WebSocket sessions at once on /v1/realtime (default: 8)")
+    p.add_argument("--upload-timeout", type=positive(float), default=120.0,
+                   help="seconds to receive one request's upload; slower ones get 408 (default: 120)")
+    p.add_argument("--max-slow-uploads", type=positive(int), default=None,
+                   help="requests still receiving their upload 2 s after it began, at once; more get 503 "
+                        "(default: half of --max-queue)")
+    p.add_argument("--header-timeout", type=positive(float), default=10.0,
+                   help="seconds a connection may take to send a request's headers, then it is closed (default: 10)")
+    p.add_argument("--max-connections", type=positive(int), default=1000,
+                   help="open connections at once; more are closed at once (default: 1000)")
+    p.add_argument("--allowed-origins", default="",
+                   help="comma-separated origins of other web pages that may use the API and the WebSocket "
+                        "(e.g. https://app.example.com; '*': any); a page served by this server and clients "
+                        "that send no Origin (curl, SDKs) always may (default: none)")
+    p.add_argument("--no-ui", action="store_true", help="do not serve the transcription page at /")
+    p.add_argument("--model-name", default="fun-asr-nano", help="the id /v1/models lists (default: fun-asr-nano)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    log_to_stderr()
+    logging.getLogger("funasr_nano").setLevel(args.log_level.upper())
+    try:
+        check_folders(args)
+        _check_port(args.host, args.port)
+    except SetupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_SETUP
+    import uvicorn
+
+    from funasr_nano.engine import TranscribeOptions
+    from funasr_nano.server.app import ServerConfig, create_app
+    from funasr_nano.server.connections import protocol_class, quiet_accept_errors, raise_descriptor_limit
+
+    preset = PRESETS[args.preset]
+    args.batch_size = args.max_batch or preset.server_batch
+    args.hotwords = "x" * args.max_prompt_chars  # the KV cache is sized for the longest prompt a request may send
+    # each request prepares its segments on its own worker thread, as many ahead as the batch holds:
+    # one request's loading, VAD and encoder then overlap the others' decoding instead of pausing it
+    defaults = TranscribeOptions(max_new_tokens=args.max_new_tokens, max_segment_seconds=args.max_segment,
+                                 speculative=not args.no_speculative, vad=args.vad,
+                                 prepare_ahead=max(2, args.batch_size))
+    config = ServerConfig(model_name=args.model_name, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+                          max_upload_bytes=int(args.max_upload_mb * 2**20), max_audio_seconds=args.max_audio_seconds,
+                          max_queue=args.max_queue, timeout=args.timeout, max_prompt_chars=args.max_prompt_chars,
+                          max_streams=args.max_streams, upload_timeout=args.upload_timeout,
+                          max_slow_uploads=args.max_slow_uploads, allowed_origins=_origins(args.allowed_origins),
+                          ui=not args.no_ui, defaults=defaults)
+    # one KV cache for all sequences: a new request's prompt rows join the running decoding round
+    # (--batch-invariant keeps the split cache, where each sequence's cells lie as when alone)
+    app = create_app(config, lambda: load_engine(preset, args, kv_unified=not args.batch_invariant))
+    if not args.no_ui:
+        log.info("transcription page: http://%s:%d/", args.host, args.port)
+    max_connections = raise_descriptor_limit(args.max_connections)
+    quiet_accept_errors()
+    server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                    timeout_graceful_shutdown=int(args.timeout) + 5,
+                                    http=protocol_class(args.header_timeout, max_connections),
+                                    ws_max_size=WS_MAX_MESSAGE_BYTES))
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        # Ctrl-C: uvicorn has shut down gracefully, then re-raises the signal, which asyncio turns into
+        # KeyboardInterrupt: exit quietly with the shell's code for an interrupt (128 + SIGINT), not 30 lines
+        # of traceback
+        return 130
+    return 0
+
+
+def _check_port(host: str, port: int) -> None:
+    """SetupError when the address cannot be listened on (another server has it): before the models load
+    and before the page's URL is printed, not uvicorn's error after a start-up that went nowhere."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise SetupError(f"--host {host}: {exc.strerror or exc}") from exc
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise SetupError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); is another server "
+                             "running there? choose another --port") from exc
+
+
+class _Server:
+    """uvicorn's server, marking the app as draining as soon as a shutdown signal arrives."""
+
+    def __new__(cls, config):  # noqa: ANN001 - uvicorn.Config
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig, frame) -> None:  # noqa: ANN001
+                self.config.app.state.server.admission.draining = True
+                super().handle_exit(sig, frame)
+
+        return Server(config)
