@@ -68,7 +68,8 @@ class Target:
         before = proc.cpu_times()
         time.sleep(window)
         after = proc.cpu_times()
-        return f"server CPU {after.user + after.system - before.user - before.system:.2f} s in the next {window:g} s"
+        used = max(0.0, after.user + after.system - before.user - before.system)
+        return f"server CPU {used:.2f} s in the next {window:g} s"
 
 
 def _answer(response: httpx.Response) -> str:
@@ -98,14 +99,22 @@ def run_attacks(target: Target, folder: Path) -> list[tuple[str, str, float]]:
     attack("newline in `model`, streamed, x64", lambda: ", ".join(sorted({
         _answer(target.post(speech, model="a\nb", stream="true")) for _ in range(64)})))
     attack("non-Latin-1 `model`", lambda: _answer(target.post(speech, model="模型")))
-    silence = attacks.lying_mkv(folder / "silence.mkv", "anullsrc=r=8000:cl=mono", 3600, 10)
-    noise = attacks.lying_mkv(folder / "noise.mkv", "anoisesrc=a=0.003:r=8000:c=white", 3600, 10)
-    attack("header says 10 s, holds 1 h of silence", lambda: _answer(target.post(silence)))
-    attack("header says 10 s, holds 1 h of noise", lambda: _answer(target.post(noise)))
+    # 8 kHz A-law is 8 KB a second: the files stay under the upload limit while they outlast the audio limit
+    limits = httpx.get(f"{target.url}/health", timeout=10).json().get("limits", {})
+    limit = float(limits.get("max_audio_seconds", 1800))
+    bytes_cap = int(limits.get("max_upload_bytes", 25 * 2**20))
+    over = int(min(limit + 60, bytes_cap / 8000 - 10))
+    silence = attacks.lying_mkv(folder / "silence.mkv", "anullsrc=r=8000:cl=mono", over, 10)
+    noise = attacks.lying_mkv(folder / "noise.mkv", "anoisesrc=a=0.003:r=8000:c=white", over, 10)
+    attack(f"header says 10 s, holds {over} s of silence", lambda: _answer(target.post(silence)))
+    attack(f"header says 10 s, holds {over} s of noise", lambda: _answer(target.post(noise)))
+    within = attacks.lying_mkv(folder / "within.mkv", "anoisesrc=a=0.003:r=8000:c=white", int(min(limit, over) - 5),
+                               10)
 
     def leave() -> str:
         try:
-            target.post(silence, timeout=2.0)
+            target.post(within, timeout=2.0)
+            return "answered within 2 s (file too short to test leaving)"
         except httpx.ReadTimeout:
             pass
         time.sleep(1.0)

@@ -82,6 +82,8 @@ class _Outbox:
             log.warning("a real-time client does not read its events (%d unsent): dropping it", MAX_UNSENT_EVENTS)
             if self._on_overflow is not None:
                 self._on_overflow()
+                while not self.queue.empty():  # nobody will read them: the sender stops writing to a dead socket
+                    self.queue.get_nowait()
 
 
 def offered_authorization(websocket: WebSocket) -> str | None:
