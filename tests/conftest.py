@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# `testing` and `tests.*` are importable through pytest's `pythonpath = ["."]` (pyproject.toml), and
+# `funasr_nano` through the install (`pip install -e ".[test]"`) or that same entry: no sys.path here.
+from testing.checkpoint import build_checkpoint
 
-from testing.checkpoint import build_checkpoint  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 # CI's rules (testing/ci_rules.py): FUNASR_STRICT_SKIPS fails a run with skipped tests, FUNASR_FAULT_LOG
 # receives the Python stacks of a native crash; both set by .ci/run, neither changes a plain local run.
