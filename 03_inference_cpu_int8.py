@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Transcribe audio files with Fun-ASR-Nano: int8 ONNX encoder + q8_0 GGUF decoder, on the CPU (fastest on CPU).
 
-Run `python 03_inference_cpu_int8.py --help` for the options; see README.md for the set-up.
+The same as `funasr-nano transcribe --preset cpu-int8` (same options); run `python 03_inference_cpu_int8.py --help`
+for them; see README.md for the set-up.
 """
 
 import sys
@@ -12,4 +13,4 @@ if __name__ == "__main__":
     with guarded("03_inference_cpu_int8.py", "base"):  # a missing package: one error line, exit 2
         from funasr_nano.cli import main
 
-        sys.exit(main("cpu-int8"))
+        sys.exit(main(prog="03_inference_cpu_int8.py", preset="cpu-int8"))

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """OpenAI-compatible transcription server: concurrent requests share one batched Fun-ASR-Nano decoder.
 
-Run `python 05_server.py --help` for the options; README.md ("The server") shows curl and
+The same as `funasr-nano serve` (same options); run `python 05_server.py --help` for them; README.md ("The server") shows curl and
 openai-client examples.
 """
 
@@ -13,4 +13,4 @@ if __name__ == "__main__":
     with guarded("05_server.py", "base", "server"):  # a missing package: one error line, exit 2
         from funasr_nano.server.cli import main
 
-        sys.exit(main())
+        sys.exit(main(prog="05_server.py"))

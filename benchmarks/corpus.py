@@ -69,7 +69,7 @@ def run_config(actors: int, threads: int, corpus: Path, models: Path, out: Path,
 
     from funasr_nano.corpus.store import read_corpus
 
-    cmd = [sys.executable, str(ROOT / "07_transcribe_corpus.py"), str(corpus), "--output", str(out),
+    cmd = [sys.executable, str(ROOT / "07_transcribe_corpus.py"), str(corpus), "--output-dir", str(out),
            "--model-dir", str(models), "--preset", args.preset, "--num-cpus", str(args.num_cpus),
            "--threads", str(threads), "--min-actors", str(actors), "--max-actors", str(actors),
            "--force-tokens", str(args.tokens), "--max-new-tokens", str(args.tokens), "--quiet"]

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Load benchmark of 05_server.py: concurrent clients, cross-request batching vs one request at a time.
 
-Starts the server twice on a loopback port, `--max-batch` (the preset's server batch unless given)
-and `--max-batch 1` (one sequence: what servers without cross-request batching do), and for each
+Starts the server twice on a loopback port, `--batch-size` (the preset's server batch unless given)
+and `--batch-size 1` (one sequence: what servers without cross-request batching do), and for each
 client count (1, 4, 8, 16) runs that many asyncio + httpx clients, each sending `--requests`
 requests back to back: the clip, or with `--mixed` a set of 2-30 s clips cut from it (the clip
 repeated when shorter). Reported per row: throughput (audio seconds per wall second), p50/p95
@@ -116,7 +116,7 @@ class Server:
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, str(ROOT / "05_server.py"), "--preset", self.args.preset, "--port", str(self.port),
-               "--threads", str(self.args.threads), "--max-batch", str(self.batch), "--max-queue", "64",
+               "--threads", str(self.args.threads), "--batch-size", str(self.batch), "--max-queue", "64",
                "--log-level", "warning", "--force-tokens", str(self.args.force_tokens)]
         if self.args.no_speculative:
             cmd.append("--no-speculative")
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clip", type=Path, default=ROOT.parent / "shared" / "audio" / "zh_news_10s.mp3")
     p.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8, 16])
     p.add_argument("--requests", type=int, default=4, help="requests per client (default: 4)")
-    p.add_argument("--max-batch", type=int, default=None, help="the batched server's --max-batch (default: preset's)")
+    p.add_argument("--batch-size", type=int, default=None, help="the batched server's --batch-size (default: preset's)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--force-tokens", type=int, default=0, help="tokens every segment decodes (random weights)")
     p.add_argument("--no-speculative", action="store_true",
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="write the rows here")
     args = p.parse_args(argv)
 
-    batch = args.max_batch or PRESETS[args.preset].server_batch
+    batch = args.batch_size or PRESETS[args.preset].server_batch
     report: dict[str, object] = {}
     for name, mixed in (("clip", False), ("mixed", True)) if args.mixed else (("clip", False),):
         print(f"== {name}", flush=True)

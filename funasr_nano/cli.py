@@ -1,11 +1,12 @@
-"""The command lines: the three 03_inference_*.py scripts (they differ only in their preset), and the
-folder options 01_export_onnx.py and 02_export_gguf.py share with them.
+"""`funasr-nano transcribe` and the three 03_inference_*.py scripts (its `--preset` shorthands), and the
+helpers every command line shares: the engine loader, the folder checks, the first-use export, stderr lines.
 
-One name per folder, everywhere: `--release-dir` is the official release (read by the exports),
-`--model-dir` the exported models (written by 01 and 02, read by 03). Their defaults,
-`Fun-ASR-Nano-2512/` and `model-gguf/`, are in the project folder (the one holding the scripts),
-whatever the current directory; only the defaults are downloaded or exported into when missing,
-a folder named on the command line must exist.
+One name per folder, everywhere: `--release-dir` is the official release (read by the export),
+`--model-dir` the exported models (written by the export, read by everything else). Their defaults,
+`Fun-ASR-Nano-2512/` and `model-gguf/`, are in the project folder in a checkout and in the user's
+data folder when the package is installed (`funasr_nano.paths`), whatever the current directory;
+only the defaults are downloaded or exported into when missing, a folder named on the command line
+must exist. The option definitions themselves live in `funasr_nano.options`.
 
 Everything a run can check cheaply is checked before a model is loaded or exported: option values,
 the language, the output folder (created and test-written), every input file. Errors a user can
@@ -22,93 +23,64 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import os
 import subprocess
 import sys
-import textwrap
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from funasr_nano.options import (
+    DEFAULT_MODEL_DIR,
+    DEFAULT_PRESET,
+    DEFAULT_RELEASE_DIR,
+    EXIT_SETUP,
+    OneLineParser,
+    add_format_option,
+    add_model_options,
+    add_output_dir_option,
+    add_preset_option,
+    add_quiet_option,
+    add_transcription_options,
+    examples,
+)
+from funasr_nano.paths import (
+    CHECKOUT_DIR,
+    CONSOLE_SCRIPT,
+    SCRIPT_EXPORT_GGUF,
+    SCRIPT_EXPORT_ONNX,
+    from_numbered_script,
+)
 from funasr_nano.presets import PRESETS, Preset
 
 if TYPE_CHECKING:  # pragma: no cover
     from funasr_nano.output.results import Transcript
 
-ROOT = Path(__file__).resolve().parent.parent  # the project folder: the scripts, model-gguf/, the release
-DEFAULT_MODEL_DIR = ROOT / "model-gguf"
-DEFAULT_RELEASE_DIR = ROOT / "Fun-ASR-Nano-2512"
 RELEASE_ID = "FunAudioLLM/Fun-ASR-Nano-2512"
+EXPORT_TYPES = "f16,q8_0"  # the GGUF types the presets load: f16 (cpu, gpu) and q8_0 (cpu-int8)
 
-EXIT_OK, EXIT_FAILED_INPUTS, EXIT_SETUP = 0, 1, 2
+EXIT_OK, EXIT_FAILED_INPUTS = 0, 1
 SUBTITLE_FORMATS = ("srt", "vtt")
+PROG = f"{CONSOLE_SCRIPT} transcribe"
 
 
 class SetupError(RuntimeError):
     """Something about the models or the options, not about one input file."""
 
 
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse with its errors on one `error:` line (exit 2), like every other error of the scripts."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(EXIT_SETUP, f"error: {message} (see {self.prog} --help)\n")
-
-
-def positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
-    """An argparse type: a whole number >= 1 (`int`) or a finite number > 0 (`float`); errors say the value."""
-
-    def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{'a whole' if kind is int else 'a'} number is needed, not {text!r}") from None
-        if kind is int and value < 1:
-            raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
-        if not (value > 0 and math.isfinite(value)):
-            raise argparse.ArgumentTypeError(f"must be a number above 0, not {text}")
-        return value
-
-    return parse
-
-
-def _project_default(path: Path) -> str:
-    return f"{path.name} in the project folder, {path.parent}"
-
-
-def add_folder_options(parser: argparse.ArgumentParser, *, export: bool) -> None:
-    """`--release-dir` and `--model-dir`, with the same meaning in 01, 02 and 03; None when not given."""
-    if export:
-        release_help = ("official Fun-ASR-Nano release folder to export (default: "
-                        f"{_project_default(DEFAULT_RELEASE_DIR)}; downloaded when absent)")
-        model_help = f"where the exported models go (default: {_project_default(DEFAULT_MODEL_DIR)})"
-    else:
-        release_help = ("official release folder, exported from when the model folder is empty (default: "
-                        f"{_project_default(DEFAULT_RELEASE_DIR)}; downloaded when absent)")
-        model_help = (f"exported models (default: {_project_default(DEFAULT_MODEL_DIR)}; exported there on first "
-                      "use)")
-    parser.add_argument("--release-dir", type=Path, default=None, metavar="DIR", help=release_help)
-    parser.add_argument("--model-dir", type=Path, default=None, metavar="DIR", help=model_help)
-    parser.add_argument("--source", choices=("modelscope", "huggingface"), default="modelscope",
-                        help="where a missing release is downloaded from (default: modelscope; the huggingface copy "
-                             "lacks the CTC head: no timestamps aligned to the audio, no live partials, no "
-                             "speculative decoding). HTTPS_PROXY / NO_PROXY are honoured")
-
-
 def export_commands(model_dir: Path, release_dir: Path | None = None) -> str:
-    """The two commands that fill `model_dir` (from `release_dir`), for messages."""
+    """The command(s) that fill `model_dir` (from `release_dir`), for messages: the numbered scripts when this
+    process is one of them, else `funasr-nano export`."""
     target = "" if model_dir == DEFAULT_MODEL_DIR else f" --model-dir {model_dir}"
     if release_dir is not None and release_dir != DEFAULT_RELEASE_DIR:
         target = f" --release-dir {release_dir}{target}"
-    return f"python 01_export_onnx.py{target} && python 02_export_gguf.py{target} --types f16,q8_0"
+    if from_numbered_script(sys.argv[0]):
+        return f"python {SCRIPT_EXPORT_ONNX}{target} && python {SCRIPT_EXPORT_GGUF}{target} --types {EXPORT_TYPES}"
+    return f"{CONSOLE_SCRIPT} export{target}"
 
 
 def export_folders(args: argparse.Namespace) -> tuple[Path, Path]:
-    """(release folder, model folder) for 01 and 02: the release found or downloaded, the target checked.
+    """(release folder, model folder) for the export: the release found or downloaded, the target checked.
 
     A release folder named on the command line must exist (an existing empty one is downloaded
     into); only the default is downloaded when absent. A --model-dir that holds a release (what
@@ -129,90 +101,50 @@ def export_folders(args: argparse.Namespace) -> tuple[Path, Path]:
     return release, model_dir
 
 
-def build_parser(preset: Preset) -> argparse.ArgumentParser:
-    examples = textwrap.dedent(f"""\
-        examples:
-          python {preset.script} talk.mp3
-          python {preset.script} a.wav b.flac --format json --output-dir out/
-          python {preset.script} meeting.m4a --language zh --hotwords "通义,魔搭"
-          python {preset.script} clip.mp3 --gguf model-gguf/qwen3-0.6b-asr.f32.gguf
-
-        Several inputs on stdout: txt gives a "==> file <==" line before each transcript, json one
-        JSON object per line (JSON Lines); srt and vtt need --output-dir. With --output-dir, inputs
-        from several folders keep their sub-folders and same-named inputs keep their extension
-        (a.mp3.txt, a.wav.txt). Two runs on one --output-dir do not coordinate: both transcribe
-        everything and the last one to finish a file wins (each file is written whole).
-        """)
-    p = OneLineParser(
-        prog=preset.script, description=f"Transcribe audio with Fun-ASR-Nano. {preset.description}.",
-        epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def build_parser(prog: str = PROG, preset: str = DEFAULT_PRESET) -> argparse.ArgumentParser:
+    """transcribe's parser; the 03 scripts pass their own name and preset (their --preset's default)."""
+    run = f"python {prog}" if prog.endswith(".py") else prog
+    if prog.endswith(".py"):  # a 03 script: its preset's files (the same as `funasr-nano transcribe --preset`)
+        description = f"Transcribe audio with Fun-ASR-Nano. {PRESETS[preset].description}."
+    else:
+        description = "Transcribe audio files with Fun-ASR-Nano: text, JSON or subtitles, on stdout or into --output-dir."
+    epilog = examples(
+        f"{run} talk.mp3",
+        f"{run} a.wav b.flac --format json --output-dir out/",
+        f"{run} lecture.mp3 --format txt,srt,vtt --output-dir subs/",
+        f'{run} meeting.m4a --language zh --hotwords "通义,魔搭"',
+        f"{run} clip.mp3 --preset cpu --model-dir ~/models/model-gguf",
+        notes="""\
+Several inputs on stdout: txt gives a "==> file <==" line before each transcript, json one
+JSON object per line (JSON Lines); srt and vtt, and several formats, need --output-dir. With
+--output-dir, inputs from several folders keep their sub-folders and same-named inputs keep their
+extension (a.mp3.txt, a.wav.txt). Two runs on one --output-dir do not coordinate: both transcribe
+everything and the last one to finish a file wins (each file is written whole).""")
+    p = OneLineParser(prog=prog, description=description, epilog=epilog)
     p.add_argument("audio", nargs="+",
                    help="audio files (mp3, wav, flac, ogg, m4a, ...; any rate and channels); - reads one from stdin")
-    p.add_argument("--format", choices=("txt", "json", "srt", "vtt"), default="txt",
-                   help="output format: text, json with segments, or srt/vtt subtitles (default: txt)")
-    p.add_argument("--output-dir", type=Path, default=None,
-                   help="write one file per input here instead of stdout (created if needed)")
+    add_preset_option(p, preset)
+    add_format_option(p, "txt", "output format, or a comma-separated list with --output-dir: txt, json (with "
+                                "segments), srt or vtt subtitles (default: txt)")
+    add_output_dir_option(p, "write one file per input (and format) here instead of stdout, created if needed "
+                             "(default: stdout)")
     p.add_argument("--overwrite", action="store_true", help="re-transcribe inputs whose output file exists")
     p.add_argument("--stream", action="store_true",
                    help='with --format json on stdout: JSON Lines, one {"type": "segment", ...} object per segment '
                         'as it is decoded, then one {"type": "transcript", ...} per input (txt always prints '
                         "each segment's text as it is decoded)")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    add_quiet_option(p)
     add_model_options(p)
     add_transcription_options(p)
     return p
 
 
-def add_transcription_options(p: argparse.ArgumentParser) -> None:
-    """How the inputs of one run are transcribed: language, ITN, hotwords, VAD, batching, subtitle cues.
-
-    The 03 scripts, 06_microphone.py and 07_transcribe_corpus.py take them; a server takes them per
-    request instead (`prompt_options`, `transcribe_options` read them).
-    """
-    from funasr_nano.models.prompt import language_choices
-
-    p.add_argument("--language", default=None,
-                   help=f"the language to write: {language_choices()} (default: the model decides)")
-    p.add_argument("--no-itn", action="store_true", help="no inverse text normalization (numbers stay spelled out)")
-    p.add_argument("--hotwords", default=None, help='comma-separated words to favour, e.g. "通义,魔搭"')
-    p.add_argument("--max-cue-seconds", type=positive(float), default=6.0,
-                   help="longest subtitle cue in seconds, srt/vtt (default: 6)")
-    p.add_argument("--vad", choices=("silero", "none"), default="silero",
-                   help="silero: transcribe only the speech Silero VAD finds; none: the whole input, cut "
-                        "at quiet points (default: silero)")
-    p.add_argument("--batch-size", type=positive(int), default=4,
-                   help="segments decoded together in one llama.cpp context (default: 4; 1: one at a time)")
-
-
-def add_model_options(p: argparse.ArgumentParser) -> None:
-    """The model folders and files, threads and decoding limits: what `load_engine` reads (03, 05, 06, 07)."""
-    add_folder_options(p, export=False)
-    p.add_argument("--threads", type=positive(int), default=max(1, min(os.cpu_count() or 2, 8)),
-                   help="CPU threads")
-    p.add_argument("--max-new-tokens", type=positive(int), default=512,
-                   help="cap on generated tokens per segment (default: 512)")
-    p.add_argument("--max-segment", type=positive(float), default=30.0,
-                   help="longest segment in seconds (default: 30)")
-    p.add_argument("--encoder", type=Path, default=None, help="ONNX encoder to use instead of the preset's")
-    p.add_argument("--gguf", type=Path, default=None, help="GGUF decoder to use instead of the preset's")
-    p.add_argument("--no-speculative", action="store_true",
-                   help="plain greedy decoding: do not verify the CTC head's draft (same text, slower)")
-    p.add_argument("--batch-invariant", action="store_true",
-                   help="a segment's text never depends on what is decoded alongside it (a step with one "
-                        "segment live decodes a second, discarded row: about 1.3x its time with f16 weights, "
-                        "up to 2.8x with q8_0; the server also keeps one KV stream per sequence instead of "
-                        "its shared cache)")
-    # Benchmarks on random weights force a length; not for users.
-    p.add_argument("--force-tokens", type=int, default=0, help=argparse.SUPPRESS)
-
-
-def main(preset_name: str, argv: list[str] | None = None) -> int:
-    preset = PRESETS[preset_name]
-    args = build_parser(preset).parse_args(argv)
+def main(argv: list[str] | None = None, *, prog: str = PROG, preset: str = DEFAULT_PRESET) -> int:
+    """Transcribe the files `argv` names; the exit code (0 all transcribed, 1 an input failed, 2 set-up)."""
+    args = build_parser(prog, preset).parse_args(argv)
     log_to_stderr()
     try:
-        return _run(preset, args)
+        return _run(PRESETS[args.preset], args)
     except SetupError as exc:
         _error(str(exc))
         return EXIT_SETUP
@@ -223,10 +155,10 @@ def main(preset_name: str, argv: list[str] | None = None) -> int:
 
 @dataclass
 class _Job:
-    """One input of a run and where its transcript goes (None: stdout)."""
+    """One input of a run and where its transcript goes: one file per format (None: stdout)."""
 
     source: str  # as given (`-`: stdin)
-    target: Path | None
+    targets: tuple[Path, ...] | None
     path: str = ""  # the file decoded (stdin's copy for `-`); the source itself when empty
 
     def __post_init__(self) -> None:
@@ -239,10 +171,16 @@ def _run(preset: Preset, args: argparse.Namespace) -> int:
 
     prompt = prompt_options(args)
     sources = _distinct(args.audio)
-    if args.output_dir is None and len(sources) > 1 and args.format in SUBTITLE_FORMATS:
-        raise SetupError(f"--format {args.format} with {len(sources)} inputs needs --output-dir "
+    if not args.format:
+        raise SetupError("--format: no format given")
+    if args.output_dir is None and len(args.format) > 1:
+        raise SetupError(f"--format {','.join(args.format)}: several formats need --output-dir (one file per input "
+                         "and format)")
+    fmt = args.format[0]
+    if args.output_dir is None and len(sources) > 1 and fmt in SUBTITLE_FORMATS:
+        raise SetupError(f"--format {fmt} with {len(sources)} inputs needs --output-dir "
                          "(one subtitle file per input)")
-    if args.stream and (args.format != "json" or args.output_dir is not None):
+    if args.stream and (args.format != ("json",) or args.output_dir is not None):
         raise SetupError("--stream is for --format json on stdout (txt on stdout always shows each segment as it "
                          "is decoded; --output-dir files are written whole)")
     check_folders(args)
@@ -267,15 +205,16 @@ def _run(preset: Preset, args: argparse.Namespace) -> int:
                 _error(str(exc).replace(str(path), source, 1))
                 failures.append(source)
                 continue
-            if target is not None and target.exists() and not args.overwrite:
-                _note(f"{source}: skipped, {target} exists (use --overwrite)", args.quiet)
+            if target is not None and all(t.exists() for t in target) and not args.overwrite:
+                exist = f"{target[0]} exists" if len(target) == 1 else f"{', '.join(map(str, target))} exist"
+                _note(f"{source}: skipped, {exist} (use --overwrite)", args.quiet)
                 continue
             jobs.append(_Job(source, target, str(path)))
         if not jobs:  # nothing to transcribe: no model is loaded, let alone exported
             return _summary(failures, len(sources), write_failed=False)
 
         # the VAD and CTC sessions these options need load alongside the encoder and llama.cpp
-        engine = load_engine(preset, args, preload=transcribe_options(args, prompt, timestamps=args.format != "txt"))
+        engine = load_engine(preset, args, preload=transcribe_options(args, prompt, timestamps=_timestamps(args)))
         write_failed = False
         try:
             write_failed = _transcribe_all(engine, jobs, prompt, args, failures, several=len(sources) > 1)
@@ -316,19 +255,26 @@ def _distinct(audio: list[str]) -> list[str]:
     return out
 
 
-def _targets(sources: list[str], args: argparse.Namespace) -> list[Path | None]:
-    """Each input's output file (None: stdout), with a warning where names had to be told apart."""
+def _timestamps(args: argparse.Namespace) -> bool:
+    """Whether a format of the run shows times (everything but txt)."""
+    return any(fmt != "txt" for fmt in args.format)
+
+
+def _targets(sources: list[str], args: argparse.Namespace) -> list[tuple[Path, ...] | None]:
+    """Each input's output files, one per format (None: stdout), with a warning where names had to be told
+    apart (the same inputs are renamed the same way in every format: only the first is named)."""
     from funasr_nano.output.writers import output_path, output_paths
 
     if args.output_dir is None:
         return [None] * len(sources)
     named = ["stdin" if s == STDIN else s for s in sources]  # `-` -> stdin.txt
-    targets = output_paths(named, args.output_dir, args.format)
-    plain = [output_path(s, args.output_dir, args.format) for s in named]
-    if len(sources) > 1 and targets != plain:
-        renamed = [f"{s} -> {t}" for s, t, p in zip(sources, targets, plain) if t != p]
+    per_format = [output_paths(named, args.output_dir, fmt) for fmt in args.format]
+    first = args.format[0]
+    plain = [output_path(s, args.output_dir, first) for s in named]
+    if len(sources) > 1 and per_format[0] != plain:
+        renamed = [f"{s} -> {t}" for s, t, p in zip(sources, per_format[0], plain) if t != p]
         _error(f"warning: inputs share a name; so that none overwrites another: {'; '.join(renamed)}")
-    return targets
+    return [tuple(paths) for paths in zip(*per_format)]
 
 
 def check_folders(args: argparse.Namespace) -> None:
@@ -406,7 +352,8 @@ def _transcribe_all(engine, jobs: list[_Job], prompt, args: argparse.Namespace, 
     """
     from funasr_nano.output.writers import WriteError, render, render_json, write_atomic
 
-    options = transcribe_options(args, prompt, timestamps=args.format != "txt")
+    options = transcribe_options(args, prompt, timestamps=_timestamps(args))
+    fmt = args.format[0]  # on stdout there is one
     show_progress = not args.quiet and sys.stderr.isatty()
     write_failed = False
     out = _Stdout(several)
@@ -422,16 +369,17 @@ def _transcribe_all(engine, jobs: list[_Job], prompt, args: argparse.Namespace, 
                     finally:
                         if segment_bar is not None:
                             segment_bar.close()
-                if job.target is not None:
-                    write_atomic(job.target, render(transcript, args.format, max_cue_seconds=args.max_cue_seconds))
-                elif args.format == "txt":
+                if job.targets is not None:
+                    for target_format, target in zip(args.format, job.targets):
+                        write_atomic(target, render(transcript, target_format, max_cue_seconds=args.max_cue_seconds))
+                elif fmt == "txt":
                     out.end_text(job.source)
-                elif args.format == "json" and args.stream:
+                elif fmt == "json" and args.stream:
                     out.line(json.dumps({"type": "transcript", **transcript.to_dict()}, ensure_ascii=False))
-                elif args.format == "json":  # several inputs: JSON Lines, one object per line
+                elif fmt == "json":  # several inputs: JSON Lines, one object per line
                     out.write(render_json(transcript, compact=several))
                 else:
-                    out.write(render(transcript, args.format, max_cue_seconds=args.max_cue_seconds))
+                    out.write(render(transcript, fmt, max_cue_seconds=args.max_cue_seconds))
             except KeyboardInterrupt:
                 raise
             except WriteError as exc:  # the output folder, not the input: exit 2, but the other inputs go on
@@ -460,14 +408,15 @@ def _transcribe_all(engine, jobs: list[_Job], prompt, args: argparse.Namespace, 
 def _transcribe_one(engine, job: _Job, options, args: argparse.Namespace, out: _Stdout, progress) -> Transcript:
     """One input's transcript, its segments shown on stdout as they are decoded (when stdout is its output)."""
     stream = engine.segments(job.path, options)
-    to_stdout = job.target is None
-    if to_stdout and args.format == "txt":
+    to_stdout = job.targets is None
+    txt = args.format[0] == "txt"
+    if to_stdout and txt:
         out.start_text(job.source)
     try:
         for index, segment in enumerate(stream):
             if progress is not None:
                 progress(len(stream.done), stream.total)
-            if to_stdout and args.format == "txt":
+            if to_stdout and txt:
                 out.text(segment.text)
             elif to_stdout and args.stream:
                 out.line(json.dumps({"type": "segment", "source": job.source, "index": index, **segment.to_dict()},
@@ -592,10 +541,12 @@ def model_files(preset: Preset, args: argparse.Namespace, model_dir: Path, *, ex
 
 def _export(model_dir: Path, release_dir: Path | None, quiet: bool, reason: str, source: str = "modelscope"
             ) -> None:
-    """Run 01 and 02 in child processes (torch stays out of here), fetching the release first if needed.
+    """Run `funasr-nano export` in a child process (torch stays out of here), fetching the release first if needed.
 
-    Their output (the paths they wrote, download progress) goes to stderr: stdout carries only the
+    Its output (the paths it wrote, download progress) goes to stderr: stdout carries only the
     transcripts, so `> transcript.txt` and `--format json | python -m json.tool` work on a first run too.
+    The child is `python -m funasr_nano` of this Python; run from a checkout that is not installed,
+    the checkout is put on its PYTHONPATH (`-m` looks in the current folder, not beside the scripts).
     """
     from funasr_nano.requirements import MissingRequirement, check
 
@@ -605,18 +556,16 @@ def _export(model_dir: Path, release_dir: Path | None, quiet: bool, reason: str,
         raise SetupError(f"{reason}, and the export cannot run: {exc}") from exc
     release = release_dir if release_dir is not None else DEFAULT_RELEASE_DIR
     _note(f"{reason}: exporting the model from {release} (once)", quiet)
-    folders = ["--model-dir", str(model_dir), "--source", source]
-    folders += ["--release-dir", str(release_dir)] if release_dir else []
-    steps = [
-        [sys.executable, str(ROOT / "01_export_onnx.py"), *folders],
-        [sys.executable, str(ROOT / "02_export_gguf.py"), *folders, "--types", "f16,q8_0"],
-    ]
+    cmd = [sys.executable, "-m", "funasr_nano", "export", "--model-dir", str(model_dir), "--source", source,
+           "--types", EXPORT_TYPES]
+    cmd += ["--release-dir", str(release_dir)] if release_dir else []
+    cmd += ["--quiet"] if quiet else []
+    env = dict(os.environ)
+    if CHECKOUT_DIR is not None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(CHECKOUT_DIR), env.get("PYTHONPATH", "")) if p)
     sys.stdout.flush()
-    for cmd in steps:
-        if quiet:
-            cmd.append("--quiet")
-        if subprocess.run(cmd, stdout=sys.stderr.fileno()).returncode != 0:
-            raise SetupError(f"{model_dir}: export failed; {_release_hint(release, source)}")
+    if subprocess.run(cmd, stdout=sys.stderr.fileno(), env=env).returncode != 0:
+        raise SetupError(f"{model_dir}: export failed; {_release_hint(release, source)}")
 
 
 def _release_hint(release: Path, source: str) -> str:

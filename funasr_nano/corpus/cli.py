@@ -1,4 +1,4 @@
-"""The command line of 07_transcribe_corpus.py: the 03 scripts' model options, plus inputs, output and Ray.
+"""`funasr-nano corpus` and 07_transcribe_corpus.py: transcribe's model options, plus inputs, output and Ray.
 
 Checked before Ray starts: the options, the inputs (folders, globs, manifests), the model files
 (exported on first use into the default folder, as the 03 scripts do) and the output folder. Exit
@@ -11,55 +11,56 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import textwrap
-from pathlib import Path
 
-from funasr_nano.cli import (
+from funasr_nano.cli import EXIT_FAILED_INPUTS, EXIT_OK, SetupError, check_folders, log_to_stderr, model_files
+from funasr_nano.options import (
     DEFAULT_MODEL_DIR,
-    EXIT_FAILED_INPUTS,
-    EXIT_OK,
+    DEFAULT_PRESET,
     EXIT_SETUP,
     OneLineParser,
-    SetupError,
+    add_deprecated_alias,
+    add_format_option,
     add_model_options,
+    add_output_dir_option,
+    add_preset_option,
+    add_quiet_option,
     add_transcription_options,
-    check_folders,
-    log_to_stderr,
-    model_files,
+    examples,
     positive,
 )
+from funasr_nano.paths import CONSOLE_SCRIPT
 from funasr_nano.presets import PRESETS
 
-SCRIPT = "07_transcribe_corpus.py"
+PROG = f"{CONSOLE_SCRIPT} corpus"
 EXIT_INTERRUPTED = 130
 
 
-def build_parser() -> argparse.ArgumentParser:
-    epilog = textwrap.dedent(f"""\
-        examples:
-          python {SCRIPT} recordings/ --output out/
-          python {SCRIPT} "archive/**/*.mp3" manifest.csv --output out/ --formats txt,srt
-          RAY_ADDRESS=auto python {SCRIPT} /data/lectures --output /data/out --threads 4
-
-        Output: out/ is one Parquet dataset (pandas.read_parquet("out/")): out/transcripts.parquet,
-        one row per file (path, size, mtime_ns, duration, text, segments as JSON with times, model,
-        preset, timings, error: set for a file that failed). out/_parts/ holds the rows of a run in
-        progress, merged into transcripts.parquet when it ends; out/_files/ the per-file outputs of
-        --formats (readers of the folder skip names starting with _). Re-running the same command on
-        the same --output skips the files already transcribed (same path, size and mtime) and retries
-        the failed ones. A manifest is .txt (one path per line), or .csv/.jsonl with a path column
-        and optional language and hotwords columns.
-        """)
-    p = OneLineParser(prog=SCRIPT, description="Transcribe a corpus with Fun-ASR-Nano on Ray Data, "
-                      "locally or on a cluster; resumable.", epilog=epilog,
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    run = f"python {prog}" if prog.endswith(".py") else prog
+    epilog = examples(
+        f"{run} recordings/ --output-dir out/",
+        f'{run} "archive/**/*.mp3" manifest.csv --output-dir out/ --format txt,srt',
+        f"RAY_ADDRESS=auto {run} /data/lectures --output-dir /data/out --threads 4",
+        notes="""\
+Output: out/ is one Parquet dataset (pandas.read_parquet("out/")): out/transcripts.parquet,
+one row per file (path, size, mtime_ns, duration, text, segments as JSON with times, model,
+preset, timings, error: set for a file that failed). out/_parts/ holds the rows of a run in
+progress, merged into transcripts.parquet when it ends; out/_files/ the per-file outputs of
+--format (readers of the folder skip names starting with _). Re-running the same command on
+the same --output-dir skips the files already transcribed (same path, size and mtime) and retries
+the failed ones. A manifest is .txt (one path per line), or .csv/.jsonl with a path column
+and optional language and hotwords columns.""")
+    p = OneLineParser(prog=prog, description="Transcribe a corpus with Fun-ASR-Nano on Ray Data, "
+                      "locally or on a cluster; resumable.", epilog=epilog)
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="audio file, folder (searched recursively), glob pattern, or manifest (.txt/.csv/.jsonl)")
-    p.add_argument("--output", type=Path, required=True, metavar="DIR", help="output folder (created if needed)")
-    p.add_argument("--preset", choices=tuple(PRESETS), default="cpu-int8",
-                   help="which model files and device, as the 03 scripts (default: cpu-int8)")
-    p.add_argument("--formats", default="", metavar="LIST",
-                   help="also write per-file outputs under DIR/_files/: a comma list of txt, json, srt, vtt")
+    output = add_output_dir_option(p, "output folder, created if needed: the Parquet dataset and _files/ "
+                                      "(required; no default)")
+    add_deprecated_alias(p, "--output", output)
+    add_preset_option(p, DEFAULT_PRESET)
+    fmt = add_format_option(p, None, "also write per-file outputs under DIR/_files/: one format or a "
+                                     "comma-separated list of txt, json, srt, vtt (default: none)")
+    add_deprecated_alias(p, "--formats", fmt)
     add_model_options(p)
     add_transcription_options(p)
     ray_group = p.add_argument_group("Ray")
@@ -68,24 +69,28 @@ def build_parser() -> argparse.ArgumentParser:
                                 "else a local cluster of this machine)")
     ray_group.add_argument("--num-cpus", type=positive(int), default=None,
                            help="CPUs of the local cluster (default: all; ignored with a cluster)")
-    ray_group.add_argument("--min-actors", type=positive(int), default=1, help="transcription actors kept (default 1)")
+    ray_group.add_argument("--min-actors", type=positive(int), default=1, help="transcription actors kept (default: 1)")
     ray_group.add_argument("--max-actors", type=positive(int), default=None,
                            help="most transcription actors (default: the cluster's CPUs / --threads)")
     ray_group.add_argument("--gpus-per-actor", type=float, default=None,
                            help="GPUs each actor reserves (default: 1 with --preset gpu, else 0)")
     ray_group.add_argument("--max-retries", type=int, default=3,
-                           help="retries of a file whose worker process died (default 3)")
+                           help="retries of a file whose worker process died (default: 3)")
     ray_group.add_argument("--rows-per-part", type=positive(int), default=64,
-                           help="rows per Parquet part file (default 64; a part is also written every 30 s)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+                           help="rows per Parquet part file (default: 64; a part is also written every 30 s)")
+    add_quiet_option(p, "no progress bars")
     p.add_argument("--verbose", action="store_true", help="Ray's own start-up and execution logs too")
     p.add_argument("--test-crash-after", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--test-stop-after", type=int, default=0, help=argparse.SUPPRESS)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
+    """Transcribe the corpus: 0 every file done, 1 some failed (their rows say why), 2 set-up, 130 interrupted."""
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    if args.output_dir is None:  # not argparse's `required`: the deprecated --output may give it instead
+        parser.error("the following arguments are required: --output-dir")
     log_to_stderr()
     try:
         return _run(args)
@@ -100,12 +105,9 @@ def _run(args: argparse.Namespace) -> int:
     from funasr_nano.corpus.store import CorpusStore
     from funasr_nano.corpus.worker import WorkerSettings
     from funasr_nano.models.prompt import LanguageError, resolve_language
-    from funasr_nano.output.writers import FORMATS, WriteError, check_writable
+    from funasr_nano.output.writers import WriteError, check_writable
 
-    formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
-    unknown = [f for f in formats if f not in FORMATS]
-    if unknown:
-        raise SetupError(f"--formats: unknown {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
+    formats = args.format or ()
     try:
         resolve_language(args.language)
     except LanguageError as exc:
@@ -115,7 +117,7 @@ def _run(args: argparse.Namespace) -> int:
     except InputError as exc:
         raise SetupError(str(exc)) from exc
     try:
-        check_writable(args.output)
+        check_writable(args.output_dir)
     except WriteError as exc:
         raise SetupError(str(exc)) from exc
 
@@ -125,7 +127,7 @@ def _run(args: argparse.Namespace) -> int:
     # every node reads the same files: absolute paths, checked (and exported on first use) here
     args.encoder, args.gguf = (p.resolve() for p in model_files(preset, args, args.model_dir))
 
-    output = args.output.resolve()
+    output = args.output_dir.resolve()
     hotwords = [args.hotwords or ""] + [f.hotwords for f in files if f.hotwords]
     settings = WorkerSettings(
         preset=args.preset, args=args, model=str(args.model_dir), formats=formats,

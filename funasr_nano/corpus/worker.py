@@ -48,7 +48,7 @@ class WorkerSettings:
     """What every actor needs, pickled once to each: the preset and the 03 options, the outputs to render."""
 
     preset: str
-    args: argparse.Namespace  # the options of funasr_nano.cli.add_model_options / add_transcription_options, folders absolute
+    args: argparse.Namespace  # the options of funasr_nano.options.add_model_options / add_transcription_options, folders absolute
     model: str  # the model folder, for the rows
     formats: tuple[str, ...] = ()
     context_hotwords: str = ""  # the longest hotwords of any input: sizes the KV cache

@@ -1,11 +1,13 @@
-"""The command line of 06_microphone.py: an audio source, a session (here or on a server), a display.
+"""`funasr-nano mic` and 06_microphone.py: an audio source, a session (here or on a server), a display.
 
 Sources: the default input device through PortAudio (`sounddevice`, imported only when used, so
 that --file and --server work without it), or a file played at real-time speed (`--speed N`: N
-times faster). Sessions: a `RealtimeSession` on an engine loaded here (the 03 scripts' model
+times faster). Sessions: a `RealtimeSession` on an engine loaded here (transcribe's model
 options), or a server's `/v1/realtime` WebSocket (`--server URL`, the `websockets` client). Either
 way the same events reach the display: partials rewritten in place on stderr (a terminal only),
-final lines on stdout.
+final lines on stdout. Options that would do nothing here are not offered: the session segments
+the speech itself (no --vad), writes no subtitles (no --max-cue-seconds) and decodes one stream
+(no --batch-size).
 """
 
 from __future__ import annotations
@@ -25,18 +27,26 @@ import numpy as np
 from funasr_nano.cli import (
     EXIT_FAILED_INPUTS,
     EXIT_OK,
-    EXIT_SETUP,
-    OneLineParser,
     SetupError,
-    add_model_options,
-    add_transcription_options,
     check_folders,
     load_engine,
     log_to_stderr,
-    positive,
     prompt_options,
 )
-from funasr_nano.presets import PRESETS
+from funasr_nano.options import (
+    DEFAULT_PRESET,
+    EXIT_SETUP,
+    OneLineParser,
+    add_deprecated_alias,
+    add_model_options,
+    add_preset_option,
+    add_prompt_options,
+    add_quiet_option,
+    examples,
+    positive,
+)
+from funasr_nano.paths import CONSOLE_SCRIPT
+from funasr_nano.presets import DEFAULT_BATCH_SIZE, PRESETS
 from funasr_nano.realtime import protocol
 from funasr_nano.realtime.events import (
     Error,
@@ -49,32 +59,48 @@ from funasr_nano.realtime.settings import MAX_RATE, MIN_RATE, MODEL_RATE, Realti
 
 CHUNK_SECONDS = 0.1  # audio per append: the microphone's block, the file's step
 FINISH_TIMEOUT = 300.0
+PROG = f"{CONSOLE_SCRIPT} mic"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="06_microphone.py", description="Live transcription with Fun-ASR-Nano: partial text "
-                      "in place while you speak, one final line per segment.")
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    run = f"python {prog}" if prog.endswith(".py") else prog
+    p = OneLineParser(prog=prog, description="Live transcription with Fun-ASR-Nano: partial text "
+                      "in place while you speak, one final line per segment.",
+                      epilog=examples(
+                          f"{run}                                  # the default input device, models loaded here",
+                          f"{run} --file talk.mp3 --speed 4",
+                          f"{run} --server ws://localhost:8000 --output-file notes.txt",
+                          notes="Partial text is rewritten in place on stderr when it is a terminal; each segment's "
+                                "final text goes to stdout as one line. Ctrl-C stops cleanly: the speech in "
+                                "progress is finished and, with --output-file, the transcript so far is written. "
+                                "The microphone needs the mic extra and the system's PortAudio (libportaudio2 on "
+                                "Debian/Ubuntu, portaudio with Homebrew)."))
     p.add_argument("--file", type=Path, default=None, metavar="AUDIO",
-                   help="play this file through the live path instead of the microphone")
+                   help="play this file through the live path instead of the microphone (default: the microphone)")
     p.add_argument("--speed", type=positive(float), default=1.0, help="--file: N times real-time speed (default: 1)")
     p.add_argument("--server", default=None, metavar="URL",
-                   help="transcribe on a running server (ws://host:port[/v1/realtime]) instead of loading the models here")
-    p.add_argument("--output", type=Path, default=None, metavar="FILE",
-                   help="write the final lines here at the end (also after Ctrl-C)")
+                   help="transcribe on a running server (ws://host:port[/v1/realtime]) instead of loading the "
+                        "models here (default: load them here)")
+    output = p.add_argument("--output-file", type=Path, default=None, metavar="FILE",
+                            help="write the final lines to this file at the end, also after Ctrl-C (default: "
+                                 "stdout only)")
+    add_deprecated_alias(p, "--output", output)
     p.add_argument("--device", default=None, help="input device (number or name; default: the system's)")
-    p.add_argument("--quiet", action="store_true", help="no partial text, notes or progress on stderr")
+    add_quiet_option(p, "no partial text, notes or progress on stderr")
     p.add_argument("--api-key", default=None, help="--server: the server's API key (default: $FUNASR_API_KEY)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-int8",
-                   help="which models to load (default: cpu-int8, as 03_inference_cpu_int8.py)")
-    p.add_argument("--partial-interval", type=positive(float), default=0.5,
+    add_preset_option(p, DEFAULT_PRESET)
+    p.add_argument("--partial-interval", type=positive(float), default=0.5, metavar="S",
                    help="seconds of new audio between partial texts (default: 0.5)")
     add_model_options(p)
-    add_transcription_options(p)
+    add_prompt_options(p)
+    # the engine's context still holds a few sequences (a final decodes while the next speech starts)
+    p.set_defaults(batch_size=DEFAULT_BATCH_SIZE)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
+    """Transcribe live until the input ends or Ctrl-C: 0, 1 (the --file cannot be read), 2 (set-up)."""
+    args = build_parser(prog).parse_args(argv)
     log_to_stderr()
     try:
         return _run(args)
@@ -123,8 +149,8 @@ def _run(args: argparse.Namespace) -> int:
         if engine is not None:
             engine.close()
         display.end()
-        if args.output is not None:
-            _write(args.output, display.finals)
+        if args.output_file is not None:
+            _write(args.output_file, display.finals)
     return EXIT_OK
 
 
@@ -204,13 +230,19 @@ class MicSource:
         self._stopped = True
 
 
+def _install(extra: str) -> str:
+    """The command that installs `extra` (`funasr_nano.requirements`: its requirements file in a checkout)."""
+    from funasr_nano.requirements import EXTRAS, install_command
+
+    return install_command(EXTRAS[extra])
+
+
 def _sounddevice():
     """sounddevice, or a SetupError saying what to install."""
     try:
         import sounddevice
     except ImportError as exc:
-        raise SetupError("the microphone needs sounddevice: pip install -r requirements-mic.txt "
-                         "(or use --file AUDIO)") from exc
+        raise SetupError(f"the microphone needs sounddevice: {_install('mic')} (or use --file AUDIO)") from exc
     except OSError as exc:  # sounddevice is there, the PortAudio library is not
         raise SetupError(f"the microphone needs the PortAudio library ({exc}): install libportaudio2 (Debian/Ubuntu) "
                          "or portaudio (Homebrew), or use --file AUDIO") from exc
@@ -252,7 +284,7 @@ class ServerSink:
         try:
             from websockets.sync.client import connect
         except ImportError as exc:
-            raise SetupError("--server needs the websockets package: pip install websockets") from exc
+            raise SetupError(f"--server needs the websockets package: {_install('mic')}") from exc
         self.url = realtime_url(url)
         self.display = display
         try:

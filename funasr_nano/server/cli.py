@@ -1,4 +1,4 @@
-"""05_server.py's command line: the 03 scripts' model options, the server's address and limits.
+"""`funasr-nano serve` and 05_server.py: transcribe's model options, the server's address and limits.
 
 The app is served by uvicorn; SIGINT/SIGTERM start a graceful shutdown: the listening socket
 closes, requests still arriving on open connections get 503, requests in flight finish (up to
@@ -12,21 +12,25 @@ import logging
 import os
 import sys
 
-from funasr_nano.cli import (
+from funasr_nano.cli import SetupError, check_folders, load_engine, log_to_stderr
+from funasr_nano.options import (
+    DEFAULT_PRESET,
     EXIT_SETUP,
     OneLineParser,
-    SetupError,
+    add_batch_size_option,
+    add_deprecated_alias,
     add_model_options,
-    check_folders,
-    load_engine,
-    log_to_stderr,
+    add_preset_option,
+    add_vad_option,
+    examples,
     positive,
 )
+from funasr_nano.paths import CONSOLE_SCRIPT
 from funasr_nano.presets import PRESETS
 
 log = logging.getLogger(__name__)
 API_KEY_ENV = "FUNASR_API_KEY"
-DEFAULT_PRESET = "cpu-int8"
+PROG = f"{CONSOLE_SCRIPT} serve"
 # Largest WebSocket message: an input_audio_buffer.append of ~30 s of 24 kHz PCM16 in base64
 WS_MAX_MESSAGE_BYTES = 2 * 2**20
 
@@ -36,17 +40,26 @@ def _origins(text: str) -> tuple[str, ...]:
     return tuple(o.strip().rstrip("/").lower() for o in text.split(",") if o.strip())
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="05_server.py",
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    run = f"python {prog}" if prog.endswith(".py") else prog
+    batches = ", ".join(f"{name} {preset.server_batch}" for name, preset in PRESETS.items())
+    p = OneLineParser(prog=prog,
                       description="OpenAI-compatible transcription server (POST /v1/audio/transcriptions): "
-                                  "concurrent requests share one batched decoder.")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
-                   help=f"which exported files to load, as the 03 scripts (default: {DEFAULT_PRESET})")
+                                  "concurrent requests share one batched decoder.",
+                      epilog=examples(
+                          f"{run}                                  # http://127.0.0.1:8000/, cpu-int8",
+                          f"{run} --preset gpu --host 0.0.0.0 --port 9000 --api-key SECRET",
+                          f"{run} --model-dir ~/models/model-gguf --batch-size 4",
+                          "curl -F file=@talk.mp3 http://127.0.0.1:8000/v1/audio/transcriptions",
+                          notes="The page at / transcribes files and the microphone in a browser; /health, "
+                                "/metrics and /v1/models answer without the API key."))
+    add_preset_option(p, DEFAULT_PRESET)
     add_model_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    p.add_argument("--max-batch", type=positive(int), default=None,
-                   help="sequences decoded together, across requests (default: the preset's server batch)")
+    batch = add_batch_size_option(p, None, "segments decoded together in one llama.cpp context, across requests "
+                                           f"(default: the preset's: {batches})")
+    add_deprecated_alias(p, "--max-batch", batch)
     p.add_argument("--api-key", default=None,
                    help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV}; none: open)")
     p.add_argument("--max-upload-mb", type=positive(float), default=25.0, help="largest upload in MB (default: 25)")
@@ -58,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a request may take once uploaded (default: 600)")
     p.add_argument("--max-prompt-chars", type=positive(int), default=200,
                    help="longest prompt + hotwords of a request; sizes each sequence's KV cache (default: 200)")
-    p.add_argument("--vad", choices=("silero", "none"), default="silero", help="as in the 03 scripts")
+    add_vad_option(p)
     p.add_argument("--max-streams", type=positive(int), default=8,
                    help="real-time WebSocket sessions at once on /v1/realtime (default: 8)")
     p.add_argument("--upload-timeout", type=positive(float), default=120.0,
@@ -76,12 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "that send no Origin (curl, SDKs) always may (default: none)")
     p.add_argument("--no-ui", action="store_true", help="do not serve the transcription page at /")
     p.add_argument("--model-name", default="fun-asr-nano", help="the id /v1/models lists (default: fun-asr-nano)")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="the least severe log lines shown, the server's and uvicorn's (default: info)")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
+    """Serve until SIGINT/SIGTERM: 0 after a graceful shutdown, 130 after Ctrl-C, 2 for a set-up problem."""
+    args = build_parser(prog).parse_args(argv)
     log_to_stderr()
     logging.getLogger("funasr_nano").setLevel(args.log_level.upper())
     try:
@@ -97,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     from funasr_nano.server.connections import protocol_class, quiet_accept_errors, raise_descriptor_limit
 
     preset = PRESETS[args.preset]
-    args.batch_size = args.max_batch or preset.server_batch
+    args.batch_size = args.batch_size or preset.server_batch
     args.hotwords = "x" * args.max_prompt_chars  # the KV cache is sized for the longest prompt a request may send
     # each request prepares its segments on its own worker thread, as many ahead as the batch holds:
     # one request's loading, VAD and encoder then overlap the others' decoding instead of pausing it
