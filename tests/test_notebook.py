@@ -2,12 +2,16 @@
 
 The kernel is this test's own interpreter: a `python3` kernel spec written to a temporary
 JUPYTER_PATH (searched before the user's and the system's folders), so a stray user-level
-kernel pointing at another Python cannot be picked up.
+kernel pointing at another Python cannot be picked up. It runs in a folder outside the project,
+with the package importable as an install makes it (PYTHONPATH), and finds the example clip in
+the project folder itself; what its text says about the clip is checked against what it prints.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -42,17 +46,30 @@ def test_committed_notebook_is_light_and_reads_its_settings_from_the_environment
     assert any("transcript" in c.metadata.get("tags", []) for c in nb.cells)
 
 
-def test_notebook_executes_and_prints_a_transcript(tiny_models, zh_mp3, tmp_path, monkeypatch):
+def test_notebook_text_names_modules_that_exist():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    text = "\n".join(c.source for c in nb.cells)
+    named = set(re.findall(r"funasr_nano/[\w/]+(?:\.py|/)", text))
+    assert named, "the notebook names no module"
+    for path in named:
+        assert (ROOT / path).exists(), f"04_inference.ipynb names {path}, which does not exist"
+
+
+def test_notebook_executes_from_another_folder_and_prints_a_transcript(tiny_models, tmp_path, monkeypatch):
     monkeypatch.setenv("JUPYTER_PATH", str(_kernel_spec(tmp_path / "jupyter")))
     monkeypatch.setenv("FUNASR_MODEL_DIR", str(tiny_models))
-    monkeypatch.setenv("FUNASR_AUDIO", str(zh_mp3))
+    monkeypatch.delenv("FUNASR_AUDIO", raising=False)  # the default: examples/hello_en.mp3 of the project
     monkeypatch.setenv("FUNASR_MAX_NEW_TOKENS", "8")
     monkeypatch.setenv("FUNASR_THREADS", "2")
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    # importable as an install makes it, not because the kernel happens to start in the clone
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
 
     nb = nbformat.read(NOTEBOOK, as_version=4)
     client = NotebookClient(nb, timeout=300, kernel_name="python3", allow_errors=False,
-                            resources={"metadata": {"path": str(ROOT)}})
+                            resources={"metadata": {"path": str(elsewhere)}})
     client.execute()  # raises CellExecutionError on the first failing cell
 
     for cell in nb.cells:
@@ -66,3 +83,13 @@ def test_notebook_executes_and_prints_a_transcript(tiny_models, zh_mp3, tmp_path
     assert text_lines, f"no transcript text in the cell output: {out!r}"
     layout = _stdout(next(c for c in nb.cells if c.cell_type == "code" and "prepare(" in c.source))
     assert "audio rows]" in layout and "<|im_start|>" in layout
+
+    setup = _stdout(next(c for c in nb.cells if c.cell_type == "code"))
+    assert f"audio: {ROOT / 'examples' / 'hello_en.mp3'}" in setup, setup
+    # the text says how many segments the clip has; the transcript cell prints it for both engines
+    said = {int(n) for c in nb.cells if c.cell_type == "markdown"
+            for n in re.findall(r"(\d+)(?:\s+segments\s+of\s+speech)?\s+(?:in|for)\s+`examples/hello_en.mp3`", c.source)}
+    assert len(said) == 1, said
+    (n_segments,) = said
+    printed = re.findall(r"^\[[^]]+\] (\d+) segments", out, flags=re.M)
+    assert printed == [str(n_segments)] * 2, out
