@@ -161,6 +161,8 @@ def download_main(argv: list[str] | None = None, *, prog: str = DOWNLOAD_PROG) -
     if is_release(release):
         print(f"note: {release} already holds the release", file=sys.stderr, flush=True)
     else:
+        if args.release_dir is None:  # the default's data folder (~/.cache/funasr-nano when installed) may be new
+            release.parent.mkdir(parents=True, exist_ok=True)
         try:
             ensure_release(release, download=True, source=args.source)
         except ReleaseError as exc:
