@@ -61,7 +61,7 @@ def corpus(zh_mp3: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def first_run(cluster, corpus: Path, tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("out") / "run"
-    code = corpus_main([str(corpus), "--output", str(out), "--model-dir", str(tiny_models), "--formats", "json,srt",
+    code = corpus_main([str(corpus), "--output-dir", str(out), "--model-dir", str(tiny_models), "--format", "json,srt",
                         *OPTIONS])
     assert code == 1  # two files failed, the others were transcribed
     return out
@@ -143,7 +143,7 @@ def test_a_worker_killed_mid_run_is_replaced_and_nothing_is_lost_or_doubled(firs
 
     monkeypatch.setattr(CorpusStore, "consolidate", consolidate_after_reading_the_parts)
     out = tmp_path / "crash"
-    code = corpus_main([str(corpus), "--output", str(out), "--model-dir", str(tiny_models), "--test-crash-after", "3",
+    code = corpus_main([str(corpus), "--output-dir", str(out), "--model-dir", str(tiny_models), "--test-crash-after", "3",
                         *OPTIONS])
     assert code == 1
     assert (out / ".test-crash-hook").is_file()  # the actor really exited after 3 files
@@ -155,7 +155,7 @@ def test_a_worker_killed_mid_run_is_replaced_and_nothing_is_lost_or_doubled(firs
 def test_an_interrupted_run_resumed_gives_the_same_dataset(first_run: Path, corpus: Path, tiny_models: Path,
                                                            tmp_path: Path):
     out = tmp_path / "resumed"
-    args = [str(corpus), "--output", str(out), "--model-dir", str(tiny_models), "--rows-per-part", "2", *OPTIONS]
+    args = [str(corpus), "--output-dir", str(out), "--model-dir", str(tiny_models), "--rows-per-part", "2", *OPTIONS]
     assert corpus_main([*args, "--test-stop-after", "4"]) == 130
     partial = read_corpus(out)
     assert 4 <= partial.num_rows < N_GOOD + N_BAD
@@ -177,7 +177,7 @@ def test_an_interrupted_run_resumed_gives_the_same_dataset(first_run: Path, corp
 
 def test_a_run_with_everything_done_transcribes_nothing(first_run: Path, corpus: Path, tiny_models: Path,
                                                         capsys: pytest.CaptureFixture):
-    code = corpus_main([str(corpus), "--output", str(first_run), "--model-dir", str(tiny_models), *OPTIONS])
+    code = corpus_main([str(corpus), "--output-dir", str(first_run), "--model-dir", str(tiny_models), *OPTIONS])
     assert code == 1  # the two bad files are retried and fail again
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert f"{N_GOOD + N_BAD} files ({N_BAD} this run, {N_GOOD} already done), {N_BAD} failed" in line
@@ -190,7 +190,7 @@ def test_manifest_languages_are_per_file_and_a_bad_one_fails_only_its_file(clust
     clips = sorted(str(p) for p in corpus.glob("clip0[12].wav"))
     manifest = tmp_path / "list.csv"
     manifest.write_text(f"path,language,hotwords\n{clips[0]},en,\n{clips[1]},klingon,\n")
-    assert corpus_main([str(manifest), "--output", str(tmp_path / "out"), "--model-dir", str(tiny_models),
+    assert corpus_main([str(manifest), "--output-dir", str(tmp_path / "out"), "--model-dir", str(tiny_models),
                         *OPTIONS]) == 1
     english, bad = read_corpus(tmp_path / "out").to_pylist()
     _assert_one_dataset(tmp_path / "out", clips)

@@ -214,12 +214,13 @@ runpy.run_path(script, run_name="__main__")
     ("05_server.py", "fastapi", "pip install -r requirements-server.txt"),
     ("07_transcribe_corpus.py", "ray", "pip install -r requirements-corpus.txt"),
     ("03_inference_cpu.py", "onnxruntime", "pip install -r requirements.txt"),
-    ("01_export_onnx.py", "torch", "pip install torch==2.13.0 && pip install -r requirements.txt"),
+    ("01_export_onnx.py", "torch", "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu "
+                                   "&& pip install -r requirements-export.txt"),
 ])
 def test_a_missing_package_is_one_line_naming_the_install_command(script, blocked, install, tmp_path):
     audio = tmp_path / "a.wav"
     audio.write_bytes(b"x")
-    args = {"05_server.py": (), "07_transcribe_corpus.py": (audio, "--output", tmp_path / "out"),
+    args = {"05_server.py": (), "07_transcribe_corpus.py": (audio, "--output-dir", tmp_path / "out"),
             "03_inference_cpu.py": (audio,), "01_export_onnx.py": ("--model-dir", tmp_path / "m")}[script]
     proc = subprocess.run([sys.executable, "-c", BLOCKER, blocked, str(ROOT / script), *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120, env=_env())
@@ -246,7 +247,7 @@ def test_corpus_address_auto_without_a_cluster_is_one_line(tiny_models, tmp_path
 
     audio = tmp_path / "a.wav"
     soundfile.write(str(audio), np.zeros(1600, np.float32), 16000)
-    proc = run("07_transcribe_corpus.py", audio, "--output", tmp_path / "out", "--address", "auto",
+    proc = run("07_transcribe_corpus.py", audio, "--output-dir", tmp_path / "out", "--address", "auto",
                "--model-dir", tiny_models, timeout=180)
     assert "Traceback" not in proc.stderr, proc.stderr
     (line,) = proc.stderr.strip().splitlines()

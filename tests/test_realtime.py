@@ -395,7 +395,7 @@ def test_microphone_script_on_a_file_prints_the_offline_cli_segments(tiny_models
     want = [s["text"] for s in json.loads(offline.stdout)["segments"]]
     out = tmp_path / "live.txt"
     live = subprocess.run([sys.executable, str(ROOT / "06_microphone.py"), "--file", str(zh_mp3), "--speed", "8",
-                           "--output", str(out), *common], capture_output=True, text=True, timeout=300)
+                           "--output-file", str(out), *common], capture_output=True, text=True, timeout=300)
     assert live.returncode == 0, live.stderr
     assert live.stdout.splitlines() == want
     assert out.read_text(encoding="utf-8").splitlines() == want

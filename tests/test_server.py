@@ -54,7 +54,7 @@ def clips(zh_mp3: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, P
 
 @pytest.fixture(scope="module")
 def server(tiny_models: Path):
-    srv = Server(tiny_models, "--api-key", KEY, "--max-batch", "4", "--max-upload-mb", "2",
+    srv = Server(tiny_models, "--api-key", KEY, "--batch-size", "4", "--max-upload-mb", "2",
                  "--max-audio-seconds", "30")
     yield srv
     assert srv.stop() in (0, -signal.SIGTERM), srv.output()
@@ -151,7 +151,7 @@ def test_eight_concurrent_requests_get_their_own_transcripts_and_share_rounds(se
         concurrent = list(pool.map(one, range(len(REQUESTS))))
     assert concurrent == sequential
     assert server.metric("funasr_shared_rounds_total") > shared_before  # rows of several requests in one round
-    assert server.metric("funasr_batch_max_rows") == 4  # --max-batch 4 filled
+    assert server.metric("funasr_batch_max_rows") == 4  # --batch-size 4 filled
     assert server.metric("funasr_sequences_in_flight") == 0
 
 
@@ -161,7 +161,7 @@ def test_default_server_shares_one_kv_cache_and_serves_concurrent_requests(tiny_
     requests all get their transcripts and share rounds. /health says which cache each server has."""
     assert httpx.get(f"{server.url}/health").json()["decoding"] == {
         "max_batch": 4, "kv_cache": "split", "batch_invariant": True}
-    srv = Server(tiny_models, "--max-batch", "4", "--max-new-tokens", "24", batch_invariant=False)
+    srv = Server(tiny_models, "--batch-size", "4", "--max-new-tokens", "24", batch_invariant=False)
     try:
         assert httpx.get(f"{srv.url}/health").json()["decoding"] == {
             "max_batch": 4, "kv_cache": "unified", "batch_invariant": False}
@@ -233,7 +233,7 @@ def slow_server(tiny_models: Path):
     weights, a row decoded in a batch of two has been seen to differ from it decoded alone late in
     the sequence; see the report of issue 18.)
     """
-    srv = Server(tiny_models, "--max-batch", "2", "--max-queue", "3", "--force-tokens", "150", "--vad", "none",
+    srv = Server(tiny_models, "--batch-size", "2", "--max-queue", "3", "--force-tokens", "150", "--vad", "none",
                  "--max-segment", "4")
     yield srv
     srv.stop()
@@ -290,7 +290,7 @@ def test_a_full_queue_answers_503_with_retry_after(slow_server, clips):
 
 
 def test_shutdown_lets_in_flight_requests_finish(tiny_models, clips):
-    srv = Server(tiny_models, "--max-batch", "2", "--force-tokens", "300", "--vad", "none", "--max-segment", "4")
+    srv = Server(tiny_models, "--batch-size", "2", "--force-tokens", "300", "--vad", "none", "--max-segment", "4")
     try:
         want = transcribe(srv, clips["a"])
         with ThreadPoolExecutor(1) as pool:
