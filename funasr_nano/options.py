@@ -18,6 +18,7 @@ import argparse
 import math
 import os
 import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
@@ -108,9 +109,13 @@ def add_deprecated_alias(parser: argparse.ArgumentParser, old: str, new: argpars
 
 
 def examples(*lines: str, notes: str = "") -> str:
-    """An epilog: `examples:` and one command a line (each --help has one), then free notes."""
+    """An epilog: `examples:` and one command a line (each --help has one), then free notes (a note given as
+    one line is wrapped here: the epilog is printed as written, so that each command keeps its own line)."""
     text = "examples:\n" + "".join(f"  {line}\n" for line in lines)
-    return text + (f"\n{notes.strip()}\n" if notes.strip() else "")
+    notes = notes.strip()
+    if notes and "\n" not in notes:
+        notes = textwrap.fill(notes, 100, break_on_hyphens=False, break_long_words=False)
+    return text + (f"\n{notes}\n" if notes else "")
 
 
 # --------------------------------------------------------------------------- the shared options
