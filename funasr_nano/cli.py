@@ -361,7 +361,7 @@ def _transcribe_all(engine, jobs: list[_Job], prompt, args: argparse.Namespace, 
     try:
         for job in jobs:
             try:
-                with _native_stderr_silenced(), current_input(job.source, job.path):
+                with native_stderr_silenced(), current_input(job.source, job.path):
                     # one long input: a segment counter, shown only once decoding takes a while
                     segment_bar = _SegmentBar() if show_progress and len(jobs) == 1 else None
                     try:
@@ -606,7 +606,7 @@ def _progress_bar(total: int, enabled: bool):
 
 
 @contextlib.contextmanager
-def _native_stderr_silenced():
+def native_stderr_silenced():
     """Point file descriptor 2 at /dev/null while Python's sys.stderr keeps the terminal.
 
     Decoders inside libsndfile/FFmpeg write to fd 2 directly ("Note: Illegal Audio-MPEG-Header",
@@ -641,7 +641,7 @@ def _native_stderr_silenced():
 class _StderrLines(logging.Handler):
     """Notes and warnings of our modules as `note: ...` / `warning: ...` lines on whatever sys.stderr is.
 
-    A StreamHandler would keep the stderr of its creation, which `_native_stderr_silenced` mutes.
+    A StreamHandler would keep the stderr of its creation, which `native_stderr_silenced` mutes.
     While an input is transcribed (`current_input`), a warning that does not name it (a segment's
     decoding loop, logged by the scheduler's thread) gets its name in front: with several inputs a
     `segment 1.44-4.00 s` alone would not say which file.

@@ -146,9 +146,12 @@ def _connect(connect, args: argparse.Namespace) -> None:
     """Join the cluster (or start a local one); no cluster at --address is one line, not Ray's traceback.
 
     Without --verbose, Ray's start-up logs (none about the corpus) stay in Ray's log files: Ray is
-    initialized here with its logging at ERROR (`connect` then finds it initialized and keeps it).
-    Ray Data's execution logs, which it configures itself when a dataset runs, still show.
+    initialized here with its logging at ERROR (`connect` then finds it initialized and keeps it),
+    and Ray Data's execution logs (which it configures itself when a dataset runs) at ERROR through
+    its RAY_DATA_LOG_LEVEL; the progress shown is ours.
     """
+    if not args.verbose:
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
     import ray
 
     if not args.verbose and not ray.is_initialized():  # initialized: a caller (a test) joined it already

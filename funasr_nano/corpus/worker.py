@@ -78,7 +78,7 @@ class Transcriber:
     def transcribe(self, record: dict) -> dict:
         """The row of one file: its transcript, or its error; never raises for a bad file."""
         from funasr_nano.audio.load import check_audio_file
-        from funasr_nano.cli import transcribe_options
+        from funasr_nano.cli import current_input, transcribe_options
         from funasr_nano.models.prompt import PromptOptions, parse_hotwords, resolve_language
         from funasr_nano.output.writers import render
 
@@ -94,7 +94,8 @@ class Transcriber:
             check_audio_file(path)
             prompt = PromptOptions(language=resolve_language(language), itn=not args.no_itn,
                                    hotwords=parse_hotwords(hotwords))
-            transcript = self.engine.transcribe(path, transcribe_options(args, prompt, timestamps=True))
+            with current_input(path):  # its warnings (a decoding loop, damaged audio) name the file
+                transcript = self.engine.transcribe(path, transcribe_options(args, prompt, timestamps=True))
             if transcript.duration == 0:  # as the 03 scripts: nothing at all is an error, not an empty text
                 raise ValueError(f"{path}: no audio samples (the file holds no audio data)")
             as_json = transcript.to_dict()

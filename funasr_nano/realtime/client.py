@@ -174,10 +174,12 @@ class FileSource:
 
     def __init__(self, path: Path, speed: float) -> None:
         from funasr_nano.audio.load import AudioError, check_audio_file, load_audio
+        from funasr_nano.cli import native_stderr_silenced
 
         try:
             check_audio_file(path)
-            self.wave = load_audio(path, MODEL_RATE)
+            with native_stderr_silenced():  # mpg123's notes on a damaged MP3, as the 03 scripts do
+                self.wave = load_audio(path, MODEL_RATE)
         except AudioError as exc:
             raise _InputError(str(exc)) from exc
         self.speed = speed

@@ -52,7 +52,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                           f"{run} --model-dir ~/models/model-gguf --batch-size 4",
                           "curl -F file=@talk.mp3 http://127.0.0.1:8000/v1/audio/transcriptions",
                           notes="The page at / transcribes files and the microphone in a browser; /health, "
-                                "/metrics and /v1/models answer without the API key."))
+                                "/metrics answer without the API key; /v1/* and /openapi.json need it when one is set."))
     add_preset_option(p, DEFAULT_PRESET)
     add_model_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
