@@ -377,6 +377,9 @@ def test_the_download_check_goes_through_the_proxy_and_offers_the_other_source(s
 def test_no_proxy_exempts_the_host(proxy, monkeypatch):
     from funasr_nano.export.release import reachable
 
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    reachable("http://127.0.0.1:9/", timeout=2)  # a check before the proxy is set must not pin "no proxy"
     for name in ("HTTPS_PROXY", "https_proxy"):
         monkeypatch.setenv(name, proxy.url)
     for name in ("NO_PROXY", "no_proxy"):

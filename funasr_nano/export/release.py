@@ -218,7 +218,8 @@ def reachable(url: str, timeout: float = 5.0) -> bool:
 
     request = urllib.request.Request(url, method="HEAD", headers={"User-Agent": "funasr-nano-export"})
     try:
-        with urllib.request.urlopen(request, timeout=timeout):
+        # a fresh opener reads the proxy variables now (urlopen's shared one keeps those of its first use)
+        with urllib.request.build_opener().open(request, timeout=timeout):
             return True
     except urllib.error.HTTPError:
         return True
