@@ -1,7 +1,7 @@
 """Benchmark the 03 presets at the real Fun-ASR-Nano shapes against funasr (PyTorch) and raw llama.cpp.
 
     python benchmarks/benchmark.py                        # full shapes, 3 runs, 45 tokens
-    python benchmarks/benchmark.py --out benchmarks/RESULTS.md
+    python benchmarks/benchmark.py --out /tmp/report.md   # then add its figures to benchmarks/RESULTS.md under a dated heading
     python benchmarks/benchmark.py --variants cpu-int8 --skip-baselines --runs 5
     python benchmarks/benchmark.py --smoke                # tiny checkpoint, 1 run, 8 tokens (CI)
 

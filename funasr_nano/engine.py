@@ -537,7 +537,7 @@ class Engine:
         if self._vad is None:
             self._vad = self._loaded("vad", self._open_vad) or False
             if not self._vad:
-                log.warning("silero_vad.onnx not found in the model folder (re-run 01_export_onnx.py with "
+                log.warning("silero_vad.onnx not found in the model folder (re-run `funasr-nano export` or 01_export_onnx.py with "
                             "silero-vad installed): cutting at quiet points instead (--vad none)")
         return self._vad or None
 

@@ -1,7 +1,7 @@
 """The GPU check script (tests/gpu/check.py) in its CPU-only dry run: every step but the CUDA build.
 
 On a GPU machine `tests/gpu/run.sh` runs the same script at the real shapes; here the tiny shape
-and llama.cpp's CPU backend show that each step runs and reports what the README quotes.
+and llama.cpp's CPU backend show that each step runs and reports what docs/gpu.md describes.
 """
 
 from __future__ import annotations

@@ -235,7 +235,7 @@ def test_inference_modules_never_import_torch_transformers_or_funasr():
 
 def test_tokens_equal_funasr_as_shipped_with_bf16_rounded_rope(engines, tiny_ckpt, tiny2_ckpt, zh_mp3, en_wav,
                                                                oracle_factory):
-    """funasr as shipped rounds the RoPE frequencies to bf16 (see README): the tokens must still agree;
+    """funasr as shipped rounds the RoPE frequencies to bf16 (see docs/testing.md): the tokens must still agree;
     the logit drift it causes is reported, and bounded well below what would flip a clear argmax."""
     for name, ckpt in (("tiny", tiny_ckpt), ("tiny2", tiny2_ckpt)):
         oracle = oracle_factory(ckpt, rope="as_loaded")

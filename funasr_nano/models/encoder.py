@@ -37,7 +37,7 @@ def load_session(path: Path | str, *, threads: int = 2, providers: list[str] | N
     ORT's multi-line failures into one line that names the file."""
     path = Path(path)
     if not path.is_file():
-        raise OnnxModelError(f"{path}: file not found (run 01_export_onnx.py)")
+        raise OnnxModelError(f"{path}: file not found (export the model first: funasr-nano export, or 01_export_onnx.py)")
     try:
         return open_cached(path, lambda: session_options(threads), providers, cache=cache)
     except Exception as exc:  # ORT raises Fail/InvalidProtobuf/InvalidGraph/RuntimeException...

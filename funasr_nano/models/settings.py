@@ -80,7 +80,7 @@ class ModelSettings:
             with open(path, encoding="utf-8") as f:
                 raw = json.load(f)
         except FileNotFoundError as exc:
-            raise SettingsError(f"{path}: not found (run 01_export_onnx.py first)") from exc
+            raise SettingsError(f"{path}: not found (export the model first: funasr-nano export, or 01_export_onnx.py)") from exc
         except (OSError, ValueError) as exc:
             raise SettingsError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from exc
         try:
@@ -92,7 +92,7 @@ class ModelSettings:
     def _from_dict(cls, model_dir: Path, raw: dict[str, Any]) -> ModelSettings:
         version = int(raw["format_version"])
         if version != FORMAT_VERSION:
-            raise ValueError(f"format_version {version}, this code reads {FORMAT_VERSION}; re-run 01_export_onnx.py")
+            raise ValueError(f"format_version {version}, this code reads {FORMAT_VERSION}; re-run funasr-nano export (or 01_export_onnx.py)")
         ctc_raw = raw.get("ctc") or {}
         ctc = None
         if ctc_raw.get("present"):

@@ -247,7 +247,7 @@ class RealtimeSession:
             self._segmenter: SpeechSegmenter | ManualTurns | None = ManualTurns(self.config.max_segment_seconds)
         else:
             if self._vad_path is None:
-                raise VadError(f"{self.engine.settings.model_dir}: silero_vad.onnx not found (re-run 01_export_onnx.py "
+                raise VadError(f"{self.engine.settings.model_dir}: silero_vad.onnx not found (re-run `funasr-nano export` or 01_export_onnx.py "
                                "with silero-vad installed), so turns need commits: turn_detection null")
             options = dataclasses.replace(settings.vad, max_segment_seconds=self.config.max_segment_seconds)
             self._segmenter = SpeechSegmenter(SileroVad(self._vad_path), options, MODEL_RATE)
