@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -57,6 +58,15 @@ class Server:
         text = httpx.get(f"{self.url}/metrics", timeout=10).text
         match = re.search(rf"^{name}(?:\{{\}})? (\S+)$", text, re.M)
         return float(match.group(1)) if match else 0.0
+
+    def idle(self, seconds: float = 20) -> bool:
+        """Whether no request is in progress and no sequence decoding, within `seconds`."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self.metric("funasr_requests_in_progress") == 0 and self.metric("funasr_sequences_in_flight") == 0:
+                return True
+            time.sleep(0.1)
+        return False
 
     def output(self) -> str:
         self.log.flush()

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from testing.imports import RUN_SCRIPT
 from testing.server import wait_until_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -195,19 +196,6 @@ def test_first_segment_shows_before_the_last_is_decoded_and_ctrl_c_keeps_it(thre
 
 # --------------------------------------------------------------------------- 3: one line, not a traceback
 
-BLOCKER = """
-import runpy, sys
-blocked = set(sys.argv[1].split(","))
-class Blocker:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in blocked:
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
-sys.meta_path.insert(0, Blocker())
-script = sys.argv[2]
-sys.argv = sys.argv[2:]
-runpy.run_path(script, run_name="__main__")
-"""
 
 
 @pytest.mark.parametrize("script,blocked,install", [
@@ -222,7 +210,7 @@ def test_a_missing_package_is_one_line_naming_the_install_command(script, blocke
     audio.write_bytes(b"x")
     args = {"05_server.py": (), "07_transcribe_corpus.py": (audio, "--output-dir", tmp_path / "out"),
             "03_inference_cpu.py": (audio,), "01_export_onnx.py": ("--model-dir", tmp_path / "m")}[script]
-    proc = subprocess.run([sys.executable, "-c", BLOCKER, blocked, str(ROOT / script), *map(str, args)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-c", RUN_SCRIPT, blocked, str(ROOT / script), *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120, env=_env())
     assert "Traceback" not in proc.stderr, proc.stderr
     (line,) = proc.stderr.strip().splitlines()

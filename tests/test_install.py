@@ -207,6 +207,12 @@ def test_serve_with_the_server_extra_answers(base, tiny_models, zh_mp3, engine_t
                                 data={"model": "fun-asr-nano"}, timeout=120)
         assert answer.status_code == 200, answer.text
         assert answer.json()["text"] == engine_text
+        # the WebSocket (/v1/realtime, the page's microphone) needs a WebSocket library the extra brings
+        import asyncio
+
+        from testing.attacks import first_events
+
+        assert asyncio.run(first_events(f"ws://127.0.0.1:{port}/v1/realtime", 1)) == ["session.created"]
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

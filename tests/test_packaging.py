@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from testing.imports import RUN_CONSOLE_SCRIPT
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -152,20 +154,6 @@ def test_default_folders_checkout_installed_and_override(tmp_path):
     assert cache.stdout.strip() == str(tmp_path / "funasr-nano")
 
 
-# A `sys.meta_path` blocker makes a package look uninstalled (what a venv without the extra looks like to
-# the import system), then runs the console script's code.
-BLOCKER = """
-import runpy, sys
-blocked = set(sys.argv[1].split(","))
-class Blocker:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in blocked:
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
-sys.meta_path.insert(0, Blocker())
-sys.argv = ["funasr-nano", *sys.argv[2:]]
-runpy.run_module("funasr_nano", run_name="__main__", alter_sys=True)
-"""
 
 
 @pytest.mark.parametrize("command,blocked,install", [
@@ -176,7 +164,7 @@ runpy.run_module("funasr_nano", run_name="__main__", alter_sys=True)
                           "pip install -r requirements-export.txt"),
 ])
 def test_a_missing_extra_under_the_console_script_is_one_line(command, blocked, install, tmp_path):
-    proc = subprocess.run([sys.executable, "-c", BLOCKER, blocked, *command], cwd=ROOT, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", RUN_CONSOLE_SCRIPT, blocked, *command], cwd=ROOT, capture_output=True,
                           text=True, timeout=120, env=_clean_env())
     assert "Traceback" not in proc.stderr, proc.stderr
     (line,) = proc.stderr.strip().splitlines()

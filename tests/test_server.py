@@ -239,16 +239,6 @@ def slow_server(tiny_models: Path):
     srv.stop()
 
 
-def idle(srv: Server, seconds: float = 20) -> bool:
-    """Whether no request is in progress and no sequence decoding, within `seconds`."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if srv.metric("funasr_requests_in_progress") == 0 and srv.metric("funasr_sequences_in_flight") == 0:
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def test_a_disconnected_client_frees_its_sequences_and_the_others_finish_unchanged(slow_server, clips):
     srv = slow_server
     want = transcribe(srv, clips["a"], language="en")
@@ -259,7 +249,7 @@ def test_a_disconnected_client_frees_its_sequences_and_the_others_finish_unchang
             httpx.post(f"{srv.url}/v1/audio/transcriptions", files={"file": ("long.wav", f.read())},
                        timeout=httpx.Timeout(60, read=1.5))  # gives up mid-decode: the connection closes
         assert other.result(timeout=300) == want
-    assert idle(srv)  # within a round or two of the disconnect, not after its 10 x 150 tokens
+    assert srv.idle()  # within a round or two of the disconnect, not after its 10 x 150 tokens
     assert srv.metric("funasr_sequences_cancelled_total") > cancelled_before
 
 
@@ -285,7 +275,7 @@ def test_a_full_queue_answers_503_with_retry_after(slow_server, clips):
     for response in refused:
         _error(response, 503, "queue_full")
         assert response.headers["Retry-After"].isdigit()
-    assert idle(srv)
+    assert srv.idle()
     assert transcribe(srv, clips["a"])  # served again
 
 

@@ -66,15 +66,6 @@ def _error(response: httpx.Response, status: int, code: str) -> dict:
     return body
 
 
-def _idle(srv: Server, seconds: float = 20) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if srv.metric("funasr_requests_in_progress") == 0 and srv.metric("funasr_sequences_in_flight") == 0:
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def _cpu_seconds(srv: Server, window: float) -> float:
     """CPU seconds the server process (all its threads) used over the next `window` seconds."""
     proc = psutil.Process(srv.proc.pid)
@@ -185,7 +176,7 @@ def test_audio_whose_header_lies_stops_at_the_limit_of_decoded_audio(hard_server
     elapsed = time.monotonic() - t0
     assert "goes on past the limit" in body["message"]  # stopped by the decoded amount, not a header
     assert elapsed < 15, elapsed  # decoding the whole file and its VAD took minutes before
-    assert _idle(hard_server, 5)
+    assert hard_server.idle(5)
 
 
 def test_an_absurd_sample_rate_is_refused_not_expanded(hard_server, inputs):
@@ -206,7 +197,7 @@ def test_a_client_that_goes_away_stops_its_work_within_a_second(slow_server, inp
                    timeout=httpx.Timeout(60, read=2.0))  # gives up while the server reads 50 minutes of noise
     time.sleep(1.0)  # the disconnect is noticed within DISCONNECT_POLL_SECONDS, then the next block
     assert _cpu_seconds(srv, 1.0) < 0.3
-    assert _idle(srv, 2)
+    assert srv.idle(2)
     assert not _uploads(srv.tmpdir, srv.proc.pid)
 
 
@@ -230,7 +221,7 @@ def test_slow_uploads_hold_a_bounded_share_of_the_queue_and_time_out(hard_server
     # --max-slow-uploads 2 of the 6 places: the others are refused after 2 s, the two time out (--upload-timeout 3)
     assert sorted(statuses) == [408, 408, 503, 503], statuses
     assert time.monotonic() - t0 < 10
-    assert _idle(srv, 5)
+    assert srv.idle(5)
     assert _post(srv, inputs["speech"], timeout=60).status_code == 200
 
 
