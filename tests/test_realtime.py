@@ -399,3 +399,20 @@ def test_microphone_script_on_a_file_prints_the_offline_cli_segments(tiny_models
     assert live.returncode == 0, live.stderr
     assert live.stdout.splitlines() == want
     assert out.read_text(encoding="utf-8").splitlines() == want
+
+
+def test_microphone_script_keeps_mpg123s_notes_off_the_terminal(tiny_models, zh_mp3, tmp_path):
+    """A damaged MP3 through 06: mpg123 writes its notes ("Illegal Audio-MPEG-Header", "Giving up resync")
+    to file descriptor 2 itself; 06 mutes them while it reads the file, as the 03 scripts do, and our
+    own warning about the damage still shows."""
+    data = zh_mp3.read_bytes()
+    start, size = len(data) // 3, len(data) // 6
+    noise = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes()
+    damaged = tmp_path / "damaged.mp3"
+    damaged.write_bytes(data[:start] + noise + data[start + size:])
+    live = subprocess.run([sys.executable, str(ROOT / "06_microphone.py"), "--file", str(damaged), "--speed", "8",
+                           "--model-dir", str(tiny_models), "--max-new-tokens", str(MAX_TOKENS), "--threads", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert live.returncode == 0, live.stderr
+    assert "Illegal Audio-MPEG-Header" not in live.stderr and "resync" not in live.stderr, live.stderr
+    assert "damaged audio" in live.stderr, live.stderr
