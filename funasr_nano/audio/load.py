@@ -35,6 +35,7 @@ never needs more than a block of memory. ``load_audio`` is the concatenation of 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Iterator
@@ -42,6 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from funasr_nano.native_lines import mpg123_notes_dropped
 
 # Source frames decoded per chunk (about 1.4 s at 44.1 kHz): small enough to bound memory for
 # many channels, large enough that Python overhead per chunk is negligible.
@@ -122,7 +125,8 @@ def _open_soundfile(p: Path):  # -> tuple[soundfile.SoundFile | None, str]
     except ImportError:  # optional: without it every format goes through PyAV
         return None, ""
     try:
-        return soundfile.SoundFile(str(p)), ""
+        with mpg123_notes_dropped():  # an MP3's header scan already reports damaged frames
+            return soundfile.SoundFile(str(p)), ""
     except (RuntimeError, TypeError, ValueError, OSError) as e:  # LibsndfileError is a RuntimeError
         reason = str(e).split("': ", 1)[-1].strip()  # drop "Error opening '<path>': "
         return None, "" if reason.lower().startswith(_SF_GENERIC) else reason
@@ -184,11 +188,13 @@ def _soundfile_chunks(sf_file, path: str | Path, sample_rate: int, log: _DecodeL
     # same so the sample count matches funasr's.
     remaining = _sf_frames(sf_file)
     failure: Exception | None = None
+    notes_filtered = mpg123_notes_dropped if sf_file.format == "MP3" else contextlib.nullcontext
     with sf_file:
         while remaining is None or remaining > 0:
             n = _CHUNK_FRAMES if remaining is None else min(_CHUNK_FRAMES, remaining)
             try:
-                block = sf_file.read(n, dtype="float32", always_2d=True)
+                with notes_filtered():
+                    block = sf_file.read(n, dtype="float32", always_2d=True)
             except (RuntimeError, ValueError, OSError) as e:  # LibsndfileError is a RuntimeError
                 failure = e
                 break

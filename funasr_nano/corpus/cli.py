@@ -9,10 +9,12 @@ options, the model folder or the output folder, 130 interrupted (re-run to go on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
 from funasr_nano.cli import EXIT_FAILED_INPUTS, EXIT_OK, SetupError, check_folders, log_to_stderr, model_files
+from funasr_nano.native_lines import RAY_ACTOR_ARGUMENTS, lines_dropped
 from funasr_nano.options import (
     DEFAULT_MODEL_DIR,
     DEFAULT_PRESET,
@@ -135,7 +137,11 @@ def _run(args: argparse.Namespace) -> int:
         crash_marker=str(output / ".test-crash-hook"))
     _connect(connect, args)
     plan = _plan(args)
-    summary = run(files, CorpusStore(output), settings, plan, output_targets(files, output, formats))
+    # Ray's core worker logs one `E ... core_worker.cc` line per actor about its constructor arguments being in
+    # the object store with restarts on: Ray Data always puts them there, and the restarts are ours to keep.
+    quiet_ray = contextlib.nullcontext() if args.verbose else lines_dropped(RAY_ACTOR_ARGUMENTS)
+    with quiet_ray:
+        summary = run(files, CorpusStore(output), settings, plan, output_targets(files, output, formats))
     print(summary.line(), flush=True)
     if summary.interrupted:
         return EXIT_INTERRUPTED

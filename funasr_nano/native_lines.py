@@ -1,0 +1,129 @@
+"""Keep known lines that native libraries write to fd 2 off the user's stderr, and nothing else.
+
+Two libraries we call write lines a user cannot act on straight to file descriptor 2, bypassing
+Python (so no logging setting hides them):
+
+- libmpg123 (inside libsndfile), one line per damaged MP3 frame ("Note: Illegal Audio-MPEG-Header
+  ...", "[src/libmpg123/layer3.c:...] error: part2_3_length ..."); `audio.load`'s one warning
+  says more (what was skipped, seconds decoded of seconds announced);
+- Ray's core worker, once per actor Ray Data starts for the corpus: an `E ... core_worker.cc`
+  line saying that the actor's constructor arguments are in the object store while restarts are
+  on. Ray Data always puts them there, and restarts are what lets the corpus survive a crash.
+
+Pointing fd 2 at /dev/null would hide them, but also every other thread's output: a server's log
+lines and a crash's stack go to fd 2 too. So while such a call runs, fd 2 is a pipe, and a relay
+thread passes every line on to where fd 2 pointed before, except those matching one of the
+patterns in use. The relay is shared and counted (decodes on several threads use one) and lives
+only while a caller needs it: for an MP3, while libsndfile reads a block. `FUNASR_DEBUG=1` shows
+everything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import threading
+from collections.abc import Iterator
+
+# libmpg123's message shapes: "Note: ...", "Warning: ...", "[src/libmpg123/parse.c:wetwork():1349] error: ...".
+MPG123_NOTES = re.compile(rb"^(?:Note: |Warning: |\[[^\]\s]*\.c:[^\]]*\] (?:error|warning|note): )")
+# "[2026-12-07 06:12:42,370 E 2134 2134] core_worker.cc:2465: Actor with class name: '...' and ID: '...' has
+# constructor arguments in the object store and max_restarts > 0. ..."
+RAY_ACTOR_ARGUMENTS = re.compile(rb"^\[[^\]]*\] core_worker\.cc:\d+: Actor with class name: .* has constructor "
+                                 rb"arguments in the object store and max_restarts > 0")
+
+
+class _Relay:
+    """fd 2 -> pipe -> this thread -> the previous fd 2, without the lines of the patterns in use."""
+
+    def __init__(self) -> None:
+        sys.stderr.flush()
+        self.target = os.dup(2)
+        read_end, write_end = os.pipe()
+        os.dup2(write_end, 2)
+        os.close(write_end)
+        self.read_end = read_end
+        # Patterns stay until the relay closes: lines a caller's call wrote may still be in the pipe after it
+        # returns, and closing drains the pipe.
+        self.patterns: set[re.Pattern[bytes]] = set()
+        self.users = 0
+        self.thread = threading.Thread(target=self._pump, name="native-lines", daemon=True)
+        self.thread.start()
+
+    def _dropped(self, line: bytes) -> bool:
+        return any(p.match(line) for p in list(self.patterns))
+
+    def _may_be_dropped(self, partial: bytes) -> bool:
+        """A line start that may still match once the rest arrives: held back until it does."""
+        return partial[:1] in (b"[", b"N", b"W")
+
+    def _write(self, data: bytes) -> None:
+        with contextlib.suppress(OSError):
+            while data:
+                data = data[os.write(self.target, data):]
+
+    def _pump(self) -> None:
+        pending = b""
+        try:
+            while chunk := os.read(self.read_end, 65536):
+                lines = (pending + chunk).split(b"\n")
+                pending = lines.pop()
+                kept = [line + b"\n" for line in lines if not self._dropped(line)]
+                if pending and not self._may_be_dropped(pending):  # a progress bar's "\r..." goes on at once
+                    kept.append(pending)
+                    pending = b""
+                if kept:
+                    self._write(b"".join(kept))
+            if pending and not self._dropped(pending):
+                self._write(pending)
+        finally:
+            os.close(self.read_end)
+            os.close(self.target)
+
+    def close(self) -> None:
+        sys.stderr.flush()
+        os.dup2(self.target, 2)  # closes our write end: the pump reads what is left, then EOF
+        # A child process started meanwhile holds the write end too; its output still goes through
+        # the (daemon) pump after this, so do not wait for it longer than the pipe takes to drain.
+        self.thread.join(timeout=1.0)
+
+
+_lock = threading.Lock()
+_relay: _Relay | None = None
+
+
+@contextlib.contextmanager
+def lines_dropped(pattern: re.Pattern[bytes]) -> Iterator[None]:
+    """While inside, lines written to fd 2 (by any thread, in C or Python) that match `pattern` are dropped."""
+    global _relay
+    if os.environ.get("FUNASR_DEBUG"):
+        yield
+        return
+    with _lock:
+        if _relay is None:
+            try:
+                _relay = _Relay()
+            except (OSError, ValueError, AttributeError):  # no real fd 2 (embedded interpreters, closed stderr)
+                _relay = None
+        relay = _relay
+        if relay is not None:
+            relay.patterns.add(pattern)
+            relay.users += 1
+    try:
+        yield
+    finally:
+        if relay is not None:
+            with _lock:
+                relay.users -= 1
+                if relay.users == 0 and _relay is relay:
+                    relay.close()
+                    _relay = None
+
+
+def mpg123_notes_dropped() -> contextlib.AbstractContextManager[None]:
+    return lines_dropped(MPG123_NOTES)
+
+
+__all__ = ["MPG123_NOTES", "RAY_ACTOR_ARGUMENTS", "lines_dropped", "mpg123_notes_dropped"]
