@@ -217,6 +217,7 @@ def _run(preset: Preset, args: argparse.Namespace) -> int:
         engine = load_engine(preset, args, preload=transcribe_options(args, prompt, timestamps=_timestamps(args)))
         write_failed = False
         try:
+            prompt = prompt_options(args, engine.settings)  # the checkpoint loaded decides the languages
             write_failed = _transcribe_all(engine, jobs, prompt, args, failures, several=len(sources) > 1)
         finally:
             engine.close()
@@ -319,12 +320,31 @@ def load_engine(preset: Preset, args: argparse.Namespace, *, export: bool = True
         raise SetupError(_one_line(exc)) from exc
 
 
-def prompt_options(args: argparse.Namespace):
-    """The PromptOptions of --language, --no-itn and --hotwords; SetupError for a language the model does not take."""
-    from funasr_nano.models.prompt import LanguageError, PromptOptions, parse_hotwords, resolve_language
+def prompt_options(args: argparse.Namespace, settings=None):
+    """The PromptOptions of --language, --no-itn and --hotwords; SetupError for a language the model does not take.
 
+    `settings`: the loaded model's (`ModelSettings`), whose checkpoint decides the languages. Before a model is
+    loaded, the model folder's settings when it holds an export, else every language of the family (the check
+    is made again once the model is known).
+    """
+    from funasr_nano.models.prompt import (
+        MLT,
+        MLT_LANGUAGES,
+        LanguageError,
+        PromptOptions,
+        parse_hotwords,
+        resolve_language,
+    )
+    from funasr_nano.models.settings import ModelSettings, SettingsError
+
+    if settings is None:
+        try:
+            settings = ModelSettings.load(args.model_dir if args.model_dir is not None else DEFAULT_MODEL_DIR)
+        except SettingsError:
+            settings = None
+    languages, checkpoint = (settings.languages, settings.checkpoint) if settings is not None else (MLT_LANGUAGES, MLT)
     try:
-        language = resolve_language(args.language)
+        language = resolve_language(args.language, languages, checkpoint)
     except LanguageError as exc:
         raise SetupError(f"--language: {exc}") from exc
     return PromptOptions(language=language, itn=not args.no_itn, hotwords=parse_hotwords(args.hotwords))

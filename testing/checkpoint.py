@@ -426,13 +426,17 @@ def build_checkpoint(
     sys_prompt: bool | None = None,
     do_think: bool | None = None,
     overwrite: bool = False,
+    ctc_weights: str = "all",
     **shape_overrides: int,
 ) -> Path:
     """Write a release-shaped folder with random weights and return its path.
 
     `adaptor_std` (e.g. 28) mimics the real adaptor's large outputs for numerics
     tests. `sys_prompt` / `do_think` go into dataset_conf only when given, like a
-    release that does not mention them.
+    release that does not mention them. With `ctc`, `ctc_weights` says which of the
+    CTC head's tensors model.pt holds: "all" (ModelScope's Nano), "none" (the Hugging
+    Face copy of Nano and MLT-Nano: config.yaml names the head, model.pt lacks it) or
+    "partial" (its decoder without the output layer).
     """
     import torch
 
@@ -447,14 +451,28 @@ def build_checkpoint(
     rng = np.random.default_rng(seed)
     state: dict[str, torch.Tensor] = {}
     for name, shp in expected_shapes(shape, ctc=ctc, ctc_vocab=ctc_vocab).items():
+        if ctc_weights == "none" and name.startswith(("ctc.", "ctc_decoder.")):
+            continue
+        if ctc_weights == "partial" and name.startswith("ctc."):
+            continue
         if name == "llm.lm_head.weight":
             state[name] = state["llm.model.embed_tokens.weight"]
             continue
         state[name] = torch.from_numpy(_init_tensor(name, shp, rng, shape, adaptor_std)).to(torch.bfloat16)
     torch.save(state, out / "model.pt")
     with open(out / "shape.json", "w", encoding="utf-8") as f:  # not in the release: what built it
-        json.dump({"size": size, "seed": seed, "ctc": ctc, "adaptor_std": adaptor_std, **asdict(shape)}, f)
+        json.dump({"size": size, "seed": seed, "ctc": ctc, "ctc_weights": ctc_weights, "adaptor_std": adaptor_std,
+                   **asdict(shape)}, f)
     return out
+
+
+MLT_FOLDER = "Fun-ASR-MLT-Nano-2512"  # the folder ModelScope's and Hugging Face's downloads give the release
+
+
+def build_mlt_checkpoint(parent: Path | str, size: str = "tiny", seed: int = 0, **shape_overrides: int) -> Path:
+    """Fun-ASR-MLT-Nano-2512 as released: Nano's layout and code, config.yaml naming the CTC head (and its
+    vocabulary) but no CTC tensors in model.pt (FunASR #3208), in a folder named after the model."""
+    return build_checkpoint(Path(parent) / MLT_FOLDER, size, seed, ctc=True, ctc_weights="none", **shape_overrides)
 
 
 def tokenizer_source_dir() -> Path:

@@ -683,7 +683,7 @@ def test_12_language_takes_the_models_names_and_iso_codes_only(speech, tiny_mode
     proc = transcribe(tiny_models, audio, "--language", "xx", "--output-dir", out)
     (line,) = _stderr_lines(proc)
     assert proc.returncode == 2
-    assert line == "error: --language: unknown language 'xx'; this model takes 中文 (zh), 英文 (en), 日文 (ja), auto"
+    assert line == "error: --language: unknown language 'xx'; Fun-ASR-Nano-2512 takes 中文 (zh), 英文 (en), 日文 (ja), auto"
     assert not out.exists()
     for given, code in (("en", "en"), ("JA", "ja"), ("中文", "zh"), ("auto", None)):
         proc = transcribe(tiny_models, audio, "--language", given, "--format", "json")

@@ -241,7 +241,8 @@ def test_output_folder(exported: Exported) -> None:
         assert len(read_tiktoken(out / CTC_VOCAB_FILE)) == s.ctc.n_ranks
     raw = json.loads((out / SETTINGS_FILE).read_text())
     assert set(raw) == {"format_version", "frontend", "prompt", "use_low_frame_rate", "encoder", "adaptor", "llm",
-                        "ctc", "files"}
+                        "ctc", "files", "checkpoint"}
+    assert raw["checkpoint"] == s.checkpoint == "Fun-ASR-Nano-2512"  # a folder that names no model: Nano
 
 
 def test_cli_quiet(exported: Exported) -> None:

@@ -13,7 +13,15 @@ import contextlib
 import os
 import sys
 
-from funasr_nano.cli import EXIT_FAILED_INPUTS, EXIT_OK, SetupError, check_folders, log_to_stderr, model_files
+from funasr_nano.cli import (
+    EXIT_FAILED_INPUTS,
+    EXIT_OK,
+    SetupError,
+    check_folders,
+    log_to_stderr,
+    model_files,
+    prompt_options,
+)
 from funasr_nano.native_lines import RAY_ACTOR_ARGUMENTS, lines_dropped
 from funasr_nano.options import (
     DEFAULT_MODEL_DIR,
@@ -106,14 +114,10 @@ def _run(args: argparse.Namespace) -> int:
     from funasr_nano.corpus.pipeline import connect, output_targets, run
     from funasr_nano.corpus.store import CorpusStore
     from funasr_nano.corpus.worker import WorkerSettings
-    from funasr_nano.models.prompt import LanguageError, resolve_language
     from funasr_nano.output.writers import WriteError, check_writable
 
     formats = args.format or ()
-    try:
-        resolve_language(args.language)
-    except LanguageError as exc:
-        raise SetupError(f"--language: {exc}") from exc
+    prompt_options(args)  # a language no checkpoint takes fails here; each worker checks against its model
     try:
         files = collect_inputs(args.inputs)
     except InputError as exc:
@@ -128,6 +132,7 @@ def _run(args: argparse.Namespace) -> int:
     args.model_dir = (args.model_dir or DEFAULT_MODEL_DIR).resolve()
     # every node reads the same files: absolute paths, checked (and exported on first use) here
     args.encoder, args.gguf = (p.resolve() for p in model_files(preset, args, args.model_dir))
+    prompt_options(args)  # again, now that the model folder holds an export: its checkpoint's languages
 
     output = args.output_dir.resolve()
     hotwords = [args.hotwords or ""] + [f.hotwords for f in files if f.hotwords]

@@ -92,7 +92,9 @@ class Transcriber:
         t0 = time.perf_counter()
         try:
             check_audio_file(path)
-            prompt = PromptOptions(language=resolve_language(language), itn=not args.no_itn,
+            settings = self.engine.settings
+            prompt = PromptOptions(language=resolve_language(language, settings.languages, settings.checkpoint),
+                                   itn=not args.no_itn,
                                    hotwords=parse_hotwords(hotwords))
             with current_input(path):  # its warnings (a decoding loop, damaged audio) name the file
                 transcript = self.engine.transcribe(path, transcribe_options(args, prompt, timestamps=True))

@@ -27,6 +27,7 @@ import torch
 from funasr_nano.audio.vad import copy_vad_model
 from funasr_nano.export.release import (
     ReleaseError,
+    detect_checkpoint,
     llm_dir,
     load_state_dict,
     read_config,
@@ -78,6 +79,7 @@ class NanoModules:
     adaptor_dim: int
     ctc_vocab_size: int
     blank_id: int
+    ctc_note: str = ""  # why a CTC head the config names was not exported (its weights are missing or incomplete)
 
 
 def _register_funasr_classes() -> Any:
@@ -87,13 +89,6 @@ def _register_funasr_classes() -> Any:
     from funasr.register import tables
 
     return tables
-
-
-def has_ctc(config: dict[str, Any], state: dict[str, torch.Tensor]) -> bool:
-    """CTC is exported only when the config names a decoder AND the weights are there (HF copy lacks them)."""
-    if not config.get("ctc_decoder"):
-        return False
-    return any(k.startswith("ctc_decoder.") for k in state) and any(k.startswith("ctc.ctc_lo.") for k in state)
 
 
 def input_size_of(config: dict[str, Any]) -> int:
@@ -154,14 +149,21 @@ def build_modules(model_dir: Path, config: dict[str, Any], state: dict[str, torc
     ctc_vocab = int(config.get("ctc_vocab_size", DEFAULT_CTC_VOCAB_SIZE))
     blank_id = int((config.get("ctc_conf") or {}).get("blank_id", ctc_vocab - 1))
     ctc_decoder = ctc = None
-    if has_ctc(config, state):
-        ctc_decoder, ctc = _build_ctc(tables, config, state, encoder_dim, ctc_vocab, blank_id)
+    note = ""
+    if config.get("ctc_decoder"):
+        ctc_decoder, ctc, note = _build_ctc(tables, config, state, encoder_dim, ctc_vocab, blank_id)
     return NanoModules(encoder, adaptor, ctc_decoder, ctc, input_size, encoder_dim, int(ad_conf["llm_dim"]),
-                       ctc_vocab, blank_id)
+                       ctc_vocab, blank_id, note)
 
 
 def _build_ctc(tables: Any, config: dict[str, Any], state: dict[str, torch.Tensor], encoder_dim: int,
-               ctc_vocab: int, blank_id: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+               ctc_vocab: int, blank_id: int) -> tuple[torch.nn.Module | None, torch.nn.Module | None, str]:
+    """The CTC head the config names, only when every one of its tensors is in model.pt (fail closed).
+
+    The Hugging Face copy of Nano and MLT-Nano name a CTC decoder in config.yaml but ship none or part of
+    its weights (FunASR #3496, #3208); funasr then disables everything CTC-based rather than run a head
+    with random layers (#3211), and so does the export: (None, None, why).
+    """
     from funasr.models.fun_asr_nano.ctc import CTC
 
     dec_cls = tables.adaptor_classes.get(config["ctc_decoder"])
@@ -170,11 +172,18 @@ def _build_ctc(tables: Any, config: dict[str, Any], state: dict[str, torch.Tenso
     dec_conf = dict(config.get("ctc_decoder_conf") or {})
     dec_conf["encoder_dim"] = encoder_dim
     decoder = dec_cls(**dec_conf)
-    _load_strict(decoder, state, "ctc_decoder")
     ctc_conf = {k: v for k, v in (config.get("ctc_conf") or {}).items() if k != "blank_id"}
     ctc = CTC(odim=ctc_vocab, encoder_output_size=encoder_dim, blank_id=blank_id, **ctc_conf)
+    wanted = [f"{prefix}.{key}" for prefix, module in (("ctc_decoder", decoder), ("ctc", ctc))
+              for key in module.state_dict()]
+    missing = [key for key in wanted if key not in state]
+    if missing:
+        return None, None, (f"model.pt has {len(wanted) - len(missing)} of the CTC head's {len(wanted)} tensors: "
+                            "exported without it (no timestamps aligned to the audio, no live partial text, no "
+                            "speculative decoding; FunASR #3496)")
+    _load_strict(decoder, state, "ctc_decoder")
     _load_strict(ctc, state, "ctc")
-    return decoder, ctc
+    return decoder, ctc, ""
 
 
 class EncoderAdaptorGraph(torch.nn.Module):
@@ -453,7 +462,7 @@ def stderr_log(msg: str) -> None:
 
 
 def export_onnx(model_dir: Path | str, out_dir: Path | str, *, int8: bool = True,
-                log: Log | None = None) -> list[Path]:
+                log: Log | None = None, checkpoint: str | None = None) -> list[Path]:
     """Write the encoder (+ CTC) graphs, their int8 variants and the side files; return the graph paths."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     say = log or (lambda _msg: None)
@@ -462,6 +471,10 @@ def export_onnx(model_dir: Path | str, out_dir: Path | str, *, int8: bool = True
     state = load_state_dict(model_dir)
     mods = build_modules(model_dir, config, state)
     del state
+    checkpoint, evidence = detect_checkpoint(model_dir, explicit=checkpoint)
+    say(f"checkpoint: {checkpoint} ({evidence})")
+    if mods.ctc_note:
+        say(f"note: {mods.ctc_note}")
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"encoder": ENCODER_FILE, "tokenizer_dir": TOKENIZER_DIR}
     written = [_timed(say, "exporting encoder+adaptor", export_encoder_graph, mods, out_dir / ENCODER_FILE)]
@@ -484,7 +497,8 @@ def export_onnx(model_dir: Path | str, out_dir: Path | str, *, int8: bool = True
         files["vad"] = vad.name
         say(f"copied the Silero VAD model to {vad}")
     with open(out_dir / SETTINGS_FILE, "w", encoding="utf-8") as f:
-        json.dump(settings_dict(model_dir, config, mods, files), f, indent=2, ensure_ascii=False)
+        json.dump({**settings_dict(model_dir, config, mods, files), "checkpoint": checkpoint}, f, indent=2,
+                  ensure_ascii=False)
     say(f"wrote {out_dir / SETTINGS_FILE}")
     _timed(say, "optimizing the graphs for this CPU (ONNX Runtime session cache)", warm_session_cache,
            [out_dir / files[k] for k in ("encoder", "encoder_int8", "ctc", "vad") if k in files], out_dir)

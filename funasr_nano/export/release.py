@@ -131,6 +131,60 @@ def export_mismatch(model_dir: Path, release_dir: Path | None) -> str | None:
     return None
 
 
+# --------------------------------------------------------------------------- which checkpoint of the family
+
+# Fun-ASR-Nano-2512 and Fun-ASR-MLT-Nano-2512 share config.yaml's layout, the model code and the tensor shapes;
+# what differs is the languages the prompt may name (and MLT ships no CTC weights, like the Hugging Face copy of
+# Nano, so that cannot tell them apart). What names the checkpoint is outside the weights: the hub's
+# configuration.json when it carries the model's name, else the folder the hubs download into.
+CHECKPOINT_CHOICES = {"nano": "Fun-ASR-Nano-2512", "mlt": "Fun-ASR-MLT-Nano-2512"}
+
+
+def _named_checkpoint(text: str) -> str | None:
+    text = text.lower()
+    if "fun-asr-mlt-nano" in text or "fun_asr_mlt_nano" in text:
+        return CHECKPOINT_CHOICES["mlt"]
+    if "fun-asr-nano" in text or "fun_asr_nano" in text:
+        return CHECKPOINT_CHOICES["nano"]
+    return None
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def detect_checkpoint(release_dir: Path, *, explicit: str | None = None) -> tuple[str, str]:
+    """(checkpoint name, how it was decided) for a release folder, in this order:
+
+    1. `explicit` (`--checkpoint nano|mlt`);
+    2. a model name in configuration.json's values (ModelScope's `model_name_in_hub` and the like);
+    3. the folder's path: the hubs download into a folder named after the model (`Fun-ASR-MLT-Nano-2512`,
+       ModelScope's `FunAudioLLM/Fun-ASR-MLT-Nano-2512`, Hugging Face's cache
+       `models--FunAudioLLM--Fun-ASR-MLT-Nano-2512`);
+    4. Fun-ASR-Nano-2512, said as an assumption (an MLT-Nano release in a folder of another name needs 1).
+    """
+    if explicit:
+        return CHECKPOINT_CHOICES[explicit], "--checkpoint"
+    try:
+        configuration = json.loads((release_dir / "configuration.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        configuration = None
+    for text in _strings(configuration):
+        if (name := _named_checkpoint(text)) is not None:
+            return name, "named in configuration.json"
+    for part in reversed(Path(os.path.abspath(release_dir)).parts):
+        if (name := _named_checkpoint(part)) is not None:
+            return name, f"the folder's name {part!r}"
+    return CHECKPOINT_CHOICES["nano"], ("assumed: no model name in configuration.json or the folder's path; "
+                                        "for an MLT-Nano release export with --checkpoint mlt")
+
+
 @dataclass(frozen=True)
 class Source:
     """A place the release can be downloaded from."""

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from funasr_nano.models.prompt import NANO, checkpoint_languages
+
 SETTINGS_FILE = "funasr_nano.json"
 FORMAT_VERSION = 1
 
@@ -60,10 +62,29 @@ class ModelSettings:
     llm_hidden: int
     ctc: CTCSettings | None = None
     files: dict[str, str] = field(default_factory=dict)
+    checkpoint: str = NANO  # which checkpoint of the family was exported (folders exported before: Nano)
 
     @property
     def has_ctc(self) -> bool:
         return self.ctc is not None
+
+    @property
+    def languages(self) -> dict[str, str]:
+        """The languages this checkpoint takes in its prompt, ISO code -> the prompt's name."""
+        return checkpoint_languages(self.checkpoint)
+
+    @property
+    def capabilities(self) -> dict[str, bool]:
+        """What needs the CTC head: times aligned to the audio, live partial text, speculative drafts.
+
+        A checkpoint without CTC weights (the Hugging Face copy of Nano, MLT-Nano) still transcribes;
+        its sentence times come from the segments and its streams show finals only.
+        """
+        return {"aligned_timestamps": self.has_ctc, "live_partials": self.has_ctc, "speculative_decoding": self.has_ctc}
+
+    def describe(self) -> dict[str, object]:
+        """The model as the JSON output, /health and the page show it."""
+        return {"checkpoint": self.checkpoint, "languages": list(self.languages), "capabilities": self.capabilities}
 
     def path(self, key: str) -> Path:
         """Absolute path of one of the exported files (`encoder`, `encoder_int8`, `ctc`, ...)."""
@@ -118,4 +139,5 @@ class ModelSettings:
             llm_hidden=int(raw["llm"]["hidden_size"]),
             ctc=ctc,
             files={str(k): str(v) for k, v in (raw.get("files") or {}).items()},
+            checkpoint=str(raw.get("checkpoint") or NANO),
         )

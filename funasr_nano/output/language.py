@@ -10,6 +10,12 @@ server `auto`. The text itself tells, by its characters:
 - Latin-script words only: `en` (the one Latin-script language the model writes);
 - no letters at all (empty text, digits, punctuation): None.
 
+Fun-ASR-MLT-Nano-2512 writes 31 languages. Where a script belongs to one of them only, the script
+tells: Hangul `ko`, Thai `th`, Arabic `ar`, Devanagari `hi`, Greek `el`, Cyrillic `bg` (its one
+Cyrillic language). Han stays `zh` (Cantonese is written with the same characters). Twenty of its
+languages are written in Latin script, so a Latin-script text from MLT-Nano gets None: the script
+cannot tell Polish from Swedish, and a guess would be reported as a fact.
+
 A language given in the request is reported as given: the model was asked to write it.
 """
 
@@ -17,10 +23,16 @@ from __future__ import annotations
 
 import unicodedata
 
-from funasr_nano.models.prompt import LANGUAGES
+from funasr_nano.models.prompt import NANO_LANGUAGES
 
 _KANA = ((0x3040, 0x30FF), (0x31F0, 0x31FF), (0xFF66, 0xFF9F))  # hiragana, katakana (+ extensions, half-width)
 _HAN = ((0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x3134F))
+# Scripts that belong to one language of the MLT list, by the word in their Unicode character names.
+_ONE_LANGUAGE_SCRIPTS = {"HANGUL": "ko", "THAI": "th", "ARABIC": "ar", "DEVANAGARI": "hi", "GREEK": "el",
+                         "CYRILLIC": "bg"}
+# The languages of both lists written in Latin script; English is the only one of Nano's.
+_LATIN_SCRIPT = frozenset({"en", "vi", "id", "ms", "fil", "hr", "cs", "da", "nl", "et", "fi", "hu", "ga", "lv", "lt",
+                           "mt", "pl", "pt", "ro", "sk", "sl", "sv"})
 
 
 def _within(ch: str, ranges: tuple[tuple[int, int], ...]) -> bool:
@@ -28,28 +40,36 @@ def _within(ch: str, ranges: tuple[tuple[int, int], ...]) -> bool:
     return any(low <= code <= high for low, high in ranges)
 
 
-def text_language(text: str) -> str | None:
-    """`zh`, `en`, `ja` by the rule above, or None when the text has no letters."""
+def text_language(text: str, languages: dict[str, str] = NANO_LANGUAGES) -> str | None:
+    """The ISO code by the rules above, among the `languages` of the checkpoint that wrote `text`, or None."""
     han = latin_words = 0
+    other: dict[str, int] = {}
     in_word = False
     for ch in text:
         if _within(ch, _KANA) and ch != "\u30fb":  # the katakana middle dot is punctuation in Chinese too
-            return "ja"
+            if "ja" in languages:
+                return "ja"
+            continue
         if _within(ch, _HAN):
             han += 1
             in_word = False
-        elif ch.isalpha() and "LATIN" in unicodedata.name(ch, ""):
-            latin_words += not in_word
-            in_word = True
+        elif ch.isalpha():
+            name = unicodedata.name(ch, "")
+            if "LATIN" in name:
+                latin_words += not in_word
+                in_word = True
+                continue
+            script = next((code for word, code in _ONE_LANGUAGE_SCRIPTS.items() if word in name), None)
+            if script is not None and script in languages:
+                other[script] = other.get(script, 0) + 1
+            in_word = False
         elif not (ch == "'" and in_word):  # an apostrophe inside a word (don't) does not start a new one
             in_word = False
+    if other:
+        return max(other, key=lambda code: other[code])
     if han == 0 and latin_words == 0:
         return None
-    return "zh" if han >= latin_words else "en"
-
-
-def language_code(prompt_language: str | None) -> str | None:
-    """The ISO 639-1 code of a language as the prompt names it (英文 -> en); None stays None."""
-    if prompt_language is None:
-        return None
-    return next((code for code, name in LANGUAGES.items() if name == prompt_language), prompt_language)
+    if han >= latin_words:
+        return "zh"
+    latin = [code for code in languages if code in _LATIN_SCRIPT]
+    return latin[0] if len(latin) == 1 else None

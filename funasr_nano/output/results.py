@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from funasr_nano.output.language import language_code, text_language
+from funasr_nano.models.prompt import NANO, checkpoint_languages, language_code
+from funasr_nano.output.language import text_language
 
 STAGES = ("load_audio", "vad", "features", "encoder", "prefill", "decode")
 
@@ -93,7 +94,9 @@ class Transcript:
     `timestamps` says where sentence times came from, "ctc" or "segments" (None: not asked for).
     `language` is given as the prompt names it (英文) or its code; it becomes the ISO code (`en`), and
     when the model chose (None) the language of the text it wrote (`funasr_nano.output.language`; None for
-    a text without letters). `language_from` says which: "request" or "text".
+    a text without letters). `language_from` says which: "request" or "text". `checkpoint` names the model
+    that wrote it (its languages decide the text's); `model` is what the JSON says of that model (checkpoint,
+    languages, capabilities: `ModelSettings.describe`).
     """
 
     source: str
@@ -105,13 +108,16 @@ class Transcript:
     language: str | None = None
     vad: str | None = None
     timestamps: str | None = None
+    checkpoint: str = NANO
+    model: dict[str, object] | None = None
     language_from: str = field(init=False, default="request")
 
     def __post_init__(self) -> None:
+        languages = checkpoint_languages(self.checkpoint)
         if self.language is None:
-            self.language, self.language_from = text_language(self.text), "text"
+            self.language, self.language_from = text_language(self.text, languages), "text"
         else:
-            self.language = language_code(self.language)
+            self.language = language_code(self.language, languages)
 
     @property
     def tokens_per_second(self) -> float:
@@ -138,4 +144,6 @@ class Transcript:
             out["vad"] = self.vad
         if self.timestamps is not None:
             out["timestamps"] = self.timestamps
+        if self.model is not None:
+            out["model"] = self.model
         return out

@@ -13,6 +13,7 @@ the speech itself (no --vad), writes no subtitles (no --max-cue-seconds) and dec
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import queue
@@ -129,6 +130,11 @@ def _run(args: argparse.Namespace) -> int:
         sink: LocalSink | ServerSink = ServerSink(args.server, settings, display, api_key)
     else:
         engine = load_engine(PRESETS[args.preset], args)
+        try:
+            settings = dataclasses.replace(settings, prompt=prompt_options(args, engine.settings))
+        except SetupError:
+            engine.close()
+            raise
         config = RealtimeConfig(partial_interval_seconds=args.partial_interval, max_new_tokens=args.max_new_tokens,
                                 max_segment_seconds=args.max_segment, speculative=not args.no_speculative)
         sink = LocalSink(engine, settings, config, display)

@@ -42,6 +42,8 @@ from typing import Any
 from funasr_nano.audio.vad import VadOptions
 from funasr_nano.models.prompt import (
     LANGUAGES,
+    MLT_LANGUAGES,
+    NANO,
     LanguageError,
     PromptOptions,
     parse_hotwords,
@@ -113,8 +115,10 @@ def _loads(message: str | bytes) -> Any:
 
 
 def parse(message: str | bytes, current: SessionSettings | None = None, *,
-          max_prompt_chars: int | None = None) -> ClientEvent:
-    """One client message as a client event; `current` is what a session.update's missing fields keep."""
+          max_prompt_chars: int | None = None, languages: dict[str, str] = LANGUAGES,
+          checkpoint: str = NANO) -> ClientEvent:
+    """One client message as a client event; `current` is what a session.update's missing fields keep;
+    `languages`: those the model's `checkpoint` takes."""
     current = current or SessionSettings()
     data = _loads(message)
     if not isinstance(data, dict) or not isinstance(data.get("type"), str):
@@ -125,7 +129,8 @@ def parse(message: str | bytes, current: SessionSettings | None = None, *,
         session = data.get("session", {})
         if not isinstance(session, dict):
             raise ProtocolError("invalid_value", "`session` must be an object", "session")
-        return SessionUpdate(_settings(session, current, max_prompt_chars), UPDATE_TYPES[kind], event_id)
+        return SessionUpdate(_settings(session, current, max_prompt_chars, (languages, checkpoint)),
+                             UPDATE_TYPES[kind], event_id)
     if kind == "input_audio_buffer.append":
         audio = data.get("audio")
         if not isinstance(audio, str):
@@ -148,7 +153,9 @@ def parse(message: str | bytes, current: SessionSettings | None = None, *,
 def handle(session, message: str | bytes) -> list[ServerEvent]:
     """Apply one client message to `session` (a RealtimeSession); the events to send back now."""
     try:
-        event = parse(message, session.settings, max_prompt_chars=session.config.max_prompt_chars)
+        model = session.engine.settings
+        event = parse(message, session.settings, max_prompt_chars=session.config.max_prompt_chars,
+                      languages=model.languages, checkpoint=model.checkpoint)
     except ProtocolError as exc:
         return [Error(exc.code, exc.message, exc.param, _event_id(message))]
     if isinstance(event, SessionUpdate):
@@ -222,7 +229,8 @@ def encode_audio(pcm16: bytes) -> str:
 # ---------------------------------------------------------------------- settings <-> JSON
 
 
-def _settings(session: dict[str, Any], current: SessionSettings, max_prompt_chars: int | None) -> SessionSettings:
+def _settings(session: dict[str, Any], current: SessionSettings, max_prompt_chars: int | None,
+              languages: tuple[dict[str, str], str] = (LANGUAGES, NANO)) -> SessionSettings:
     """A session.update's `session` object over the current settings (GA or beta shape)."""
     audio_in = session.get("audio", {}).get("input", {}) if isinstance(session.get("audio"), dict) else {}
     if not isinstance(audio_in, dict):
@@ -240,7 +248,7 @@ def _settings(session: dict[str, Any], current: SessionSettings, max_prompt_char
     if transcription is not None:
         if not isinstance(transcription, dict):
             raise ProtocolError("invalid_value", "transcription settings must be an object", "transcription")
-        prompt, model = _prompt(transcription, prompt, max_prompt_chars), _model(transcription.get("model"), model)
+        prompt, model = _prompt(transcription, prompt, max_prompt_chars, languages), _model(transcription.get("model"), model)
     vad = current.vad
     if "turn_detection" in audio_in or "turn_detection" in session:
         vad = _vad(audio_in["turn_detection"] if "turn_detection" in audio_in else session["turn_detection"])
@@ -273,7 +281,8 @@ def _model(value: Any, current: str) -> str:
     return value
 
 
-def _prompt(transcription: dict[str, Any], current: PromptOptions, max_prompt_chars: int | None) -> PromptOptions:
+def _prompt(transcription: dict[str, Any], current: PromptOptions, max_prompt_chars: int | None,
+            languages: tuple[dict[str, str], str] = (LANGUAGES, NANO)) -> PromptOptions:
     language, hotwords = current.language, current.hotwords
     if "language" in transcription:
         value = transcription["language"]
@@ -281,7 +290,7 @@ def _prompt(transcription: dict[str, Any], current: PromptOptions, max_prompt_ch
             raise ProtocolError("invalid_value", "`language` must be a string (an ISO code such as zh, or empty "
                                 "for automatic)", "transcription.language")
         try:
-            language = resolve_language(value or None)
+            language = resolve_language(value or None, *languages)
         except LanguageError as exc:
             raise ProtocolError("invalid_value", str(exc), "transcription.language") from None
     if "prompt" in transcription:
@@ -317,7 +326,7 @@ def _vad(turn: Any) -> VadOptions | None:
 
 
 def _session_json(session_id: str | None, settings: SessionSettings, beta: bool) -> dict[str, Any]:
-    codes = {name: code for code, name in LANGUAGES.items()}
+    codes = {name: code for code, name in MLT_LANGUAGES.items()}
     transcription = {"model": settings.model, "language": codes.get(settings.prompt.language or "", ""),
                      "prompt": ",".join(settings.prompt.hotwords)}
     vad = settings.vad

@@ -14,7 +14,15 @@ from dataclasses import dataclass
 
 from starlette.datastructures import FormData, UploadFile
 
-from funasr_nano.models.prompt import LanguageError, PromptOptions, parse_hotwords, resolve_language
+from funasr_nano.models.prompt import (
+    LANGUAGES,
+    NANO,
+    LanguageError,
+    PromptOptions,
+    language_code,
+    parse_hotwords,
+    resolve_language,
+)
 from funasr_nano.server.errors import bad_request
 
 RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
@@ -72,8 +80,10 @@ def _model_name(value: str | None, default: str) -> str:
     return name
 
 
-def parse_request(form: FormData, *, default_model: str, max_prompt_chars: int) -> TranscriptionRequest:
-    """The request's fields checked; raises ApiError 400 naming the field and the problem."""
+def parse_request(form: FormData, *, default_model: str, max_prompt_chars: int,
+                  languages: dict[str, str] = LANGUAGES, checkpoint: str = NANO) -> TranscriptionRequest:
+    """The request's fields checked; raises ApiError 400 naming the field and the problem. `languages`: those
+    the loaded model's `checkpoint` takes."""
     upload = form.get("file")
     if upload is None:
         raise bad_request("no 'file' field: send the audio as multipart/form-data field 'file'", param="file",
@@ -98,14 +108,10 @@ def parse_request(form: FormData, *, default_model: str, max_prompt_chars: int) 
 
     language_field = _one(form, "language")
     try:
-        language = resolve_language(language_field)
+        language = resolve_language(language_field, languages, checkpoint)
     except LanguageError as exc:
         raise bad_request(str(exc), param="language", code="unsupported_language") from None
-    code = "auto" if language is None else language_field.strip().replace("_", "-").split("-", 1)[0].lower()
-    if language is not None and not code.isascii():  # given as the model's name (中文): report the ISO code
-        from funasr_nano.models.prompt import LANGUAGES
-
-        code = next(c for c, name in LANGUAGES.items() if name == language)
+    code = "auto" if language is None else language_code(language, languages)  # 中文, zh-CN, zh: zh
 
     granularities = [g.strip() for key in ("timestamp_granularities[]", "timestamp_granularities")
                      for g in form.getlist(key) if isinstance(g, str) and g.strip()]

@@ -20,6 +20,7 @@ const LABELS = {
     tooLarge: "{name}: {size} MB is more than this server's upload limit of {limit} MB",
     micDenied: "No microphone: {reason}", serverGone: "The connection to the server was lost",
     footer: "Runs on this server: the page uses its public API (POST /v1/audio/transcriptions, WebSocket /v1/realtime).",
+    noCtc: "{checkpoint} without a CTC head: no live partial text, times per segment only",
   },
   zh: {
     connecting: "正在连接…", ready: "就绪：模型 {model}", loading: "模型加载中…",
@@ -36,6 +37,7 @@ const LABELS = {
     tooLarge: "{name}：{size} MB 超过了服务器的上传上限 {limit} MB",
     micDenied: "无法使用麦克风：{reason}", serverGone: "与服务器的连接已断开",
     footer: "在本服务器上运行：页面只使用其公开 API（POST /v1/audio/transcriptions，WebSocket /v1/realtime）。",
+    noCtc: "{checkpoint} 没有 CTC 头：无实时部分文字，时间只到分段",
   },
 };
 const KEY_STORAGE = "funasr-api-key";
@@ -94,6 +96,25 @@ function askForKey() {
   $("key-input").focus();
 }
 
+// The loaded checkpoint (from /health): its languages fill the language menu (named in their own
+// language by the browser), and what a checkpoint without CTC weights cannot do is said under the header.
+function showCheckpoint(info) {
+  const select = $("language");
+  const chosen = select.value;
+  for (const option of [...select.options]) if (option.value) option.remove();
+  for (const code of info.languages || []) {
+    let name = code;
+    try { name = new Intl.DisplayNames([code], { type: "language" }).of(code) || code; } catch (err) { /* unknown tag */ }
+    select.add(new Option(`${name} (${code})`, code));
+  }
+  select.value = [...select.options].some((o) => o.value === chosen) ? chosen : "";
+  const capabilities = info.capabilities || {};
+  const note = $("capabilities");
+  note.dataset.livePartials = String(Boolean(capabilities.live_partials));
+  note.textContent = capabilities.live_partials ? "" : t("noCtc", { checkpoint: info.checkpoint });
+  note.hidden = Boolean(capabilities.live_partials);
+}
+
 async function connect() {
   try {
     const health = await fetch("/health");
@@ -108,8 +129,9 @@ async function connect() {
       return;
     }
     if (health.ok) {
-      const limits = (await health.json()).limits || {};
-      maxUploadBytes = limits.max_upload_bytes || Infinity;
+      const info = await health.json();
+      maxUploadBytes = (info.limits || {}).max_upload_bytes || Infinity;
+      if (info.checkpoint) showCheckpoint(info.checkpoint);
     }
     const models = await fetch("/v1/models", { headers: authHeaders() });
     if (models.status === 401) {
