@@ -31,6 +31,7 @@ from typing import TypeVar
 import numpy as np
 
 from funasr_nano.audio.features import FrontendConfig, audio_token_count, compute_features
+from funasr_nano.audio.fsmn_vad import EndpointOptions, FsmnSegmenter, FsmnVad, find_fsmn_vad_model
 from funasr_nano.audio.load import AudioTooLong, iter_audio_blocks, load_audio
 from funasr_nano.audio.segments import SampleSpan, split_at_quiet_points
 from funasr_nano.audio.vad import SileroVad, SpeechSegmenter, VadOptions, find_vad_model
@@ -56,7 +57,7 @@ from funasr_nano.presets import (
 
 log = logging.getLogger(__name__)
 
-VAD_CHOICES = ("silero", "none")
+VAD_CHOICES = ("silero", "fsmn", "none")
 VAD_BLOCK_SECONDS = 60.0  # audio decoded at a time on the VAD path; the segmenter holds about three blocks
 # Segments quieter than this RMS (about -80 dBFS: digital silence, at most 16-bit dither) are not
 # decoded: given nothing to hear, the real model hallucinates text or loops until max_new_tokens.
@@ -72,7 +73,8 @@ class TranscribeOptions:
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     max_segment_seconds: float = DEFAULT_MAX_SEGMENT_SECONDS
     # "silero": decode only the speech Silero VAD finds (no speech: empty transcript), streaming the
-    # file in blocks; "none": the whole input, cut at quiet points into max_segment_seconds pieces.
+    # file in blocks; "fsmn": the same with FunASR's FSMN-VAD, the official pipeline's segments exactly
+    # (funasr_nano/audio/fsmn_vad.py); "none": the whole input, cut at quiet points into max_segment_seconds pieces.
     vad: str = "silero"
     vad_options: VadOptions | None = None  # None: VadOptions(max_segment_seconds=max_segment_seconds)
     guard: RepetitionGuard = RepetitionGuard()  # stops a segment caught in a decoding loop
@@ -284,6 +286,7 @@ class Engine:
         self.hooks = hooks
         self.load_times: dict[str, float] = {}  # seconds per model loaded (encoder, llama.cpp, ctc, vad)
         self._vad: SileroVad | None | bool = None  # False: not found (said once)
+        self._fsmn: FsmnVad | None | bool = None  # likewise for FSMN-VAD
         self._no_ctc_said = False
         self._threads, self._providers = threads, providers
         self._ctc: CTCModel | None | bool = None  # False: no CTC head in the model folder
@@ -371,8 +374,9 @@ class Engine:
 
     def preload(self, options: TranscribeOptions) -> None:
         """Start opening, in background threads, the sessions `options` will need (the VAD, the CTC head)."""
-        wanted = {"vad": options.vad == "silero", "ctc": options.speculative or options.timestamps}
-        openers = {"vad": self._open_vad, "ctc": self._open_ctc}
+        wanted = {"vad": options.vad == "silero", "fsmn": options.vad == "fsmn",
+                  "ctc": options.speculative or options.timestamps}
+        openers = {"vad": self._open_vad, "fsmn": self._open_fsmn, "ctc": self._open_ctc}
         for name, opener in openers.items():
             if wanted[name] and name not in self._loading:
                 self._loading[name] = in_background(opener, name, self.load_times)
@@ -402,8 +406,7 @@ class Engine:
         t_start = time.perf_counter()
         sr = self.frontend.sample_rate
         source = str(audio) if isinstance(audio, (str, Path)) else "<waveform>"
-        model = self._silero() if options.vad == "silero" else None
-        vad = model.stream() if model is not None else None  # this input's own VAD state
+        vad = self._segmenter(options, sr)  # this input's own VAD state; None: no VAD
         n_samples = 0
         limit = options.max_audio_seconds
         if not isinstance(audio, (str, Path)) and limit is not None and np.size(audio) > limit * sr:
@@ -423,8 +426,7 @@ class Engine:
                     n_samples += len(block)
                     yield block
 
-            vad_options = options.vad_options or VadOptions(max_segment_seconds=options.max_segment_seconds)
-            spans = SpeechSegmenter(vad, vad_options, sr).segments(counted(_timed(blocks, clock, "load_audio")))
+            spans = vad.segments(counted(_timed(blocks, clock, "load_audio")))
             pieces: Iterator[tuple[SampleSpan, np.ndarray]] = _timed(spans, clock, "vad")
         else:
             wave = (load_audio(audio, sr, max_seconds=limit) if isinstance(audio, (str, Path))
@@ -446,7 +448,7 @@ class Engine:
                 timings=Timings.from_clock(clock),
                 n_tokens=sum(len(s.token_ids) for s in segments),
                 language=options.prompt.language,
-                vad="silero" if vad is not None else None,
+                vad=options.vad if vad is not None else None,
                 timestamps=self._timestamp_note() if options.timestamps else None,
             )
 
@@ -531,6 +533,38 @@ class Engine:
                      "the audio", self.settings.model_dir)
             self._no_ctc_said = True
         return source
+
+    def _segmenter(self, options: TranscribeOptions, sr: int) -> SpeechSegmenter | FsmnSegmenter | None:
+        """A segmenter for one input, on the engine's shared VAD session; None for --vad none or a missing model."""
+        if options.vad == "silero":
+            model = self._silero()
+            if model is None:
+                return None
+            vad_options = options.vad_options or VadOptions(max_segment_seconds=options.max_segment_seconds)
+            return SpeechSegmenter(model.stream(), vad_options, sr)
+        if options.vad == "fsmn":
+            fsmn = self.fsmn_vad()
+            if fsmn is None:
+                return None
+            endpoint = EndpointOptions.from_model_conf(
+                fsmn.settings.model_conf, max_single_segment_time=int(round(options.max_segment_seconds * 1000)))
+            return FsmnSegmenter(fsmn, endpoint, sr)
+        return None
+
+    def fsmn_vad(self) -> FsmnVad | None:
+        """FSMN-VAD's session, opened once and shared by every input and live stream (each segmenter keeps
+        its own state); None, and one warning, when the model folder lacks it."""
+        if self._fsmn is None:
+            self._fsmn = self._loaded("fsmn", self._open_fsmn) or False
+            if not self._fsmn:
+                log.warning("fsmn_vad.onnx not found in the model folder (get it with `funasr-nano export "
+                            "--vad-release-dir DIR`, which downloads iic/speech_fsmn_vad_zh-cn-16k-common-pytorch into "
+                            "DIR): cutting at quiet points instead (--vad none)")
+        return self._fsmn or None
+
+    def _open_fsmn(self) -> FsmnVad | None:
+        path = find_fsmn_vad_model(self.settings.model_dir)
+        return FsmnVad(path) if path is not None else None
 
     def _silero(self) -> SileroVad | None:
         """The VAD model, loaded once; None (and one warning) when neither the model folder nor silero-vad has it."""

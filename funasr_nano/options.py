@@ -194,9 +194,10 @@ def add_transcription_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_vad_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--vad", choices=("silero", "none"), default="silero",
-                   help="silero: transcribe only the speech Silero VAD finds; none: the whole input, cut "
-                        "at quiet points (default: silero)")
+    p.add_argument("--vad", choices=("silero", "fsmn", "none"), default="silero",
+                   help="silero: transcribe only the speech Silero VAD finds; fsmn: FunASR's FSMN-VAD, the "
+                        "official pipeline's segments (export it with --vad-release-dir); none: the whole "
+                        "input, cut at quiet points (default: silero)")
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:

@@ -58,6 +58,11 @@ def build_parser(prog: str = EXPORT_PROG, parts: tuple[str, ...] = PARTS) -> arg
     add_folder_options(parser, export=True)
     if "onnx" in parts:
         parser.add_argument("--no-int8", action="store_true", help="skip the int8 variants of the ONNX models")
+        parser.add_argument("--vad-release-dir", type=Path, default=None, metavar="DIR",
+                            help="FunASR's FSMN-VAD release (iic/speech_fsmn_vad_zh-cn-16k-common-pytorch) for "
+                                 "--vad fsmn, downloaded into DIR when absent (default: "
+                                 "speech_fsmn_vad_zh-cn-16k-common-pytorch/ beside the release's default folder, "
+                                 "exported only when it is there)")
     if "gguf" in parts:
         parser.add_argument("--types", default=types_default, metavar="LIST",
                             help=f"comma-separated GGUF types (default: {types_default}); any of "
@@ -93,6 +98,12 @@ def main(argv: list[str] | None = None, *, prog: str = EXPORT_PROG, parts: tuple
                 written += export_onnx(release_dir, model_dir, int8=not args.no_int8,
                                        log=None if args.quiet else stderr_log)
             except OnnxExportError as exc:
+                raise ReleaseError(str(exc)) from exc
+            from funasr_nano.export.export_fsmn_vad import VadReleaseError, export_vad_step
+
+            try:
+                written += export_vad_step(args.vad_release_dir, model_dir)
+            except VadReleaseError as exc:
                 raise ReleaseError(str(exc)) from exc
     except ReleaseError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from funasr_nano.audio.fsmn_vad import EndpointOptions, FsmnSegmenter
 from funasr_nano.audio.segments import SampleSpan
 from funasr_nano.audio.vad import (
     SileroVad,
@@ -244,7 +245,16 @@ class RealtimeSession:
         """Resampler, segmenter and decoding options for these settings."""
         self._resample = StreamResampler(settings.sample_rate)
         if settings.vad is None:
-            self._segmenter: SpeechSegmenter | ManualTurns | None = ManualTurns(self.config.max_segment_seconds)
+            self._segmenter: SpeechSegmenter | FsmnSegmenter | ManualTurns | None = ManualTurns(
+                self.config.max_segment_seconds)
+        elif self.config.vad == "fsmn":  # the engine's one FSMN-VAD session; its turns end as funasr's segments
+            fsmn = self.engine.fsmn_vad()
+            if fsmn is None:
+                raise VadError(f"{self.engine.settings.model_dir}: fsmn_vad.onnx not found (export it with `funasr-nano "
+                               "export --vad-release-dir DIR`), so turns need commits: turn_detection null")
+            endpoint = EndpointOptions.from_model_conf(
+                fsmn.settings.model_conf, max_single_segment_time=int(round(self.config.max_segment_seconds * 1000)))
+            self._segmenter = FsmnSegmenter(fsmn, endpoint, MODEL_RATE)
         else:
             if self._vad_path is None:
                 raise VadError(f"{self.engine.settings.model_dir}: silero_vad.onnx not found (re-run `funasr-nano export` or 01_export_onnx.py "

@@ -54,6 +54,8 @@ class RealtimeConfig:
     speculative: bool = True
     # longest hotword prompt a client may set (None: any): the server's KV cache is sized for it
     max_prompt_chars: int | None = None
+    # the VAD of server turn detection: "silero", or "fsmn" (the server's --vad fsmn: FunASR's FSMN-VAD)
+    vad: str = "silero"
 
 
 DEFAULT_CONFIG = RealtimeConfig()

@@ -150,7 +150,8 @@ def create_app(config: ServerConfig, load_engine: Callable[[], Engine]) -> FastA
     # live streams decode on the same engine and scheduler as the file requests (funasr_nano/realtime)
     defaults = config.defaults
     realtime = RealtimeConfig(max_segment_seconds=defaults.max_segment_seconds, max_new_tokens=defaults.max_new_tokens,
-                              speculative=defaults.speculative, max_prompt_chars=config.max_prompt_chars)
+                              speculative=defaults.speculative, max_prompt_chars=config.max_prompt_chars,
+                              vad="fsmn" if defaults.vad == "fsmn" else "silero")
     add_realtime_route(app, realtime_engine, config=realtime, max_sessions=config.max_streams,
                        authorize=realtime_authorize)
 
