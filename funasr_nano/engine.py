@@ -450,6 +450,8 @@ class Engine:
                 language=options.prompt.language,
                 vad=options.vad if vad is not None else None,
                 timestamps=self._timestamp_note() if options.timestamps else None,
+                checkpoint=self.settings.checkpoint,
+                model=self.settings.describe(),
             )
 
         total = 0 if vad is not None else len(cuts)

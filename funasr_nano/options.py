@@ -168,10 +168,11 @@ def add_batch_size_option(parser: argparse.ArgumentParser, default: int | None, 
 def add_prompt_options(p: argparse.ArgumentParser) -> None:
     """What the model is asked for: language, ITN, hotwords (transcribe, mic, corpus; a server takes them
     per request)."""
-    from funasr_nano.models.prompt import language_choices
+    from funasr_nano.models.prompt import MLT, MLT_LANGUAGES, NANO, language_choices
 
     p.add_argument("--language", default=None,
-                   help=f"the language to write: {language_choices()} (default: the model decides)")
+                   help=f"the language to write, by ISO code or the model's name for it; {NANO}: "
+                        f"{language_choices()}; {MLT}: {', '.join(MLT_LANGUAGES)} (default: the model decides)")
     p.add_argument("--no-itn", action="store_true", help="no inverse text normalization (numbers stay spelled out)")
     p.add_argument("--hotwords", default=None, metavar="WORDS",
                    help='comma-separated words to favour, e.g. "通义,魔搭" (default: none)')

@@ -16,6 +16,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from funasr_nano.export.release import CHECKPOINT_CHOICES
 from funasr_nano.options import (
     DEFAULT_RELEASE_DIR,
     EXIT_SETUP,
@@ -63,6 +64,10 @@ def build_parser(prog: str = EXPORT_PROG, parts: tuple[str, ...] = PARTS) -> arg
                                  "--vad fsmn, downloaded into DIR when absent (default: "
                                  "speech_fsmn_vad_zh-cn-16k-common-pytorch/ beside the release's default folder, "
                                  "exported only when it is there)")
+        parser.add_argument("--checkpoint", choices=sorted(CHECKPOINT_CHOICES), default=None,
+                            help="which checkpoint the release holds: nano (Fun-ASR-Nano-2512: zh, en, ja) or mlt "
+                                 "(Fun-ASR-MLT-Nano-2512: 31 languages) (default: from configuration.json or the "
+                                 "folder's name, else nano)")
     if "gguf" in parts:
         parser.add_argument("--types", default=types_default, metavar="LIST",
                             help=f"comma-separated GGUF types (default: {types_default}); any of "
@@ -96,7 +101,7 @@ def main(argv: list[str] | None = None, *, prog: str = EXPORT_PROG, parts: tuple
 
             try:
                 written += export_onnx(release_dir, model_dir, int8=not args.no_int8,
-                                       log=None if args.quiet else stderr_log)
+                                       log=None if args.quiet else stderr_log, checkpoint=args.checkpoint)
             except OnnxExportError as exc:
                 raise ReleaseError(str(exc)) from exc
             from funasr_nano.export.export_fsmn_vad import VadReleaseError, export_vad_step

@@ -174,6 +174,7 @@ def create_app(config: ServerConfig, load_engine: Callable[[], Engine]) -> FastA
                                   headers={"Retry-After": "5"})
         scheduler = state.service.engine.scheduler
         return JSONResponse({"status": "ok", "model": config.model_name,
+                             "checkpoint": state.service.engine.settings.describe(),
                              "in_flight": state.admission.in_flight,
                              "limits": {"max_upload_bytes": config.max_upload_bytes,
                                         "max_audio_seconds": config.max_audio_seconds},
@@ -250,7 +251,10 @@ def create_app(config: ServerConfig, load_engine: Callable[[], Engine]) -> FastA
         """The request's fields checked and its upload saved to a temporary file that `owned` holds
         (so that it is removed even when the deadline cancels this halfway)."""
         async with request.form(max_files=1, max_fields=50) as form:
-            req = parse_request(form, default_model=config.model_name, max_prompt_chars=config.max_prompt_chars)
+            model = state.service.engine.settings if state.service is not None else None
+            languages = {"languages": model.languages, "checkpoint": model.checkpoint} if model is not None else {}
+            req = parse_request(form, default_model=config.model_name, max_prompt_chars=config.max_prompt_chars,
+                                **languages)
             suffix = Path(req.upload.filename or "").suffix[:16]
             fd, name = tempfile.mkstemp(prefix=f"{UPLOAD_PREFIX}{os.getpid()}-", suffix=suffix)
             owned.upload = Path(name)
