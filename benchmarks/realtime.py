@@ -17,11 +17,19 @@ then, for each count in --streams, whether that many streams are sustained witho
 `RealtimeConfig.max_lag_seconds`, 5 s), and whether it also stays within --max-final-delay (2 s). By default every stream plays the same audio in lockstep, so all their segments
 end at the same moment (the worst case); `--stagger S` spreads the streams' starts over S seconds. `--encoder-cost` also times
 features + encoder + CTC head per window length (the partials' cost model).
+
+Each count also says where the time went, in seconds per second of the run: the partials' features +
+encoder + CTC head, the finals' features + encoder (+ CTC draft), prompts placed, decode rounds, and the
+decoder thread's idle share (1 - prompts - rounds). `--compare` runs every count twice in turn, with
+the partials' budget off (partials run whenever their own stream has no final outstanding) and on
+(`funasr_nano.realtime.partials.PartialBudget`), so before and after come from one run. The engine
+opens a unified KV cache as `05_server.py` does (`--kv split`: as 06 alone does).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import threading
@@ -77,6 +85,42 @@ def play(session: RealtimeSession, audio: np.ndarray, timeline: Timeline) -> Non
         timeline.sent.append((min(len(audio), start + CHUNK), time.monotonic()))
         time.sleep(max(0.0, t0 + (start + CHUNK) / SR - time.monotonic()))
     session.finish(timeout=600)
+
+
+class Breakdown:
+    """Seconds of each kind of work during one run (`start` .. `stop`), from the engine's counters and two timers."""
+
+    def __init__(self, engine: Engine) -> None:
+        from funasr_nano.realtime.partials import budget_for
+
+        self.engine, self.budget = engine, budget_for(engine)
+        self.finals_encoder = 0.0
+        prepare = engine.prepare
+
+        def timed_prepare(*args, **kwargs):  # the finals' features + encoder (+ CTC draft), on the sessions' threads
+            t0 = time.perf_counter()
+            try:
+                return prepare(*args, **kwargs)
+            finally:
+                self.finals_encoder += time.perf_counter() - t0
+
+        engine.prepare = timed_prepare  # an instance attribute: submit_segment's self.prepare finds it
+
+    def start(self) -> None:
+        stats = self.engine.scheduler.stats
+        self._t0 = time.perf_counter()
+        self._base = (self.budget.stats.seconds, self.finals_encoder, stats.prefill_seconds, stats.round_seconds,
+                      self.budget.stats.runs, self.budget.stats.busy + self.budget.stats.late)
+
+    def stop(self) -> dict[str, float]:
+        stats = self.engine.scheduler.stats
+        wall = time.perf_counter() - self._t0
+        now = (self.budget.stats.seconds, self.finals_encoder, stats.prefill_seconds, stats.round_seconds,
+               self.budget.stats.runs, self.budget.stats.busy + self.budget.stats.late)
+        partial, finals, prefill, rounds, runs, held = (b - a for a, b in zip(self._base, now))
+        return {"wall": wall, "partials_encoder": partial / wall, "finals_encoder": finals / wall,
+                "prefill": prefill / wall, "rounds": rounds / wall, "idle": max(0.0, 1 - (prefill + rounds) / wall),
+                "partials_run": runs, "partials_held": held}
 
 
 def run_streams(engine: Engine, audio: np.ndarray, n: int, config: RealtimeConfig,
@@ -149,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="spread the streams' starts over this many seconds (default 0: all speak in lockstep, "
                         "every segment ending at once; the clip's period, 11.5, spreads them evenly)")
     p.add_argument("--encoder-cost", action="store_true", help="also time the partials' encoder + CTC per length")
+    p.add_argument("--compare", action="store_true",
+                   help="run each count with the partials' budget off, then on (before/after in one run)")
+    p.add_argument("--kv", choices=("unified", "split"), default="unified",
+                   help="KV cache layout: unified (as 05_server.py, prompts folded into rounds) or split (as 06)")
     p.add_argument("--size", default="full")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
@@ -167,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{TOKENS_PER_SECOND} tokens per second of audio; partial every {config.partial_interval_seconds} s, "
           f"window {config.partial_window_seconds} s\n")
     with Engine.from_preset(args.preset, models, threads=args.threads, batch_size=max(4, max(counts)),
-                            hooks=hooks) as engine:
+                            hooks=hooks, kv_unified=args.kv == "unified") as engine:
+        breakdown = Breakdown(engine)
         if args.encoder_cost:
             print("| audio s | features + encoder + CTC, ms |\n|---|---|")
             for seconds, cost in encoder_cost(engine, clip):
@@ -189,23 +238,38 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| extra over offline (target <= 0.3) | {statistics.median(extra) if extra else float('nan'):.3f} | "
               f"{pct(extra, 95):.3f} |")
         print(f"\n{len(one['spans'])} segments; errors: {one['errors'] or 'none'}\n")
-        print(f"## Simultaneous streams (starts spread over {args.stagger:g} s)\n\n| streams | final delay p50 s | "
-              f"p95 s | first partial p50 s | audio dropped | final p95 <= {args.max_final_delay:g} s |"
-              "\n|---|---|---|---|---|---|")
-        kept_up = prompt = 0
+        print(f"## Simultaneous streams (starts spread over {args.stagger:g} s)\n\n| streams | partial budget | "
+              f"final delay p50 s | p95 s | first partial p50 s | partials run / held | audio dropped | "
+              f"final p95 <= {args.max_final_delay:g} s | partials enc | finals enc | prompts | rounds | decoder idle |"
+              "\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        kept_up: dict[bool, int] = {}
+        prompt: dict[bool, int] = {}
         for n in counts:
-            runs = [measures(t) for t in run_streams(engine, audio, n, config, args.stagger)]
-            final = [x for r in runs for x in r["final"]]
-            partial = [x for r in runs for x in r["first_partial"]]
-            dropped = sum(r["errors"].count("falling_behind") for r in runs)
-            fast = dropped == 0 and pct(final, 95) <= args.max_final_delay
-            # behind: audio dropped, or finals later than the lag a session allows itself (max_lag_seconds)
-            kept_up = n if dropped == 0 and pct(final, 95) <= config.max_lag_seconds and n > kept_up else kept_up
-            prompt = n if fast and n > prompt else prompt
-            print(f"| {n} | {pct(final, 50):.3f} | {pct(final, 95):.3f} | {pct(partial, 50):.3f} | {dropped} | "
-                  f"{'yes' if fast else 'no'} |", flush=True)
-        print(f"\nstreams sustained without falling behind: {kept_up} (target: at least 4 at cpu-int8); "
-              f"of those with final delay p95 <= {args.max_final_delay:g} s: {prompt}")
+            for budget in ((False, True) if args.compare else (config.partial_budget,)):
+                run_config = dataclasses.replace(config, partial_budget=budget)
+                breakdown.start()
+                runs = [measures(t) for t in run_streams(engine, audio, n, run_config, args.stagger)]
+                time_share = breakdown.stop()
+                final = [x for r in runs for x in r["final"]]
+                partial = [x for r in runs for x in r["first_partial"]]
+                dropped = sum(r["errors"].count("falling_behind") for r in runs)
+                fast = dropped == 0 and pct(final, 95) <= args.max_final_delay
+                # behind: audio dropped, or finals later than the lag a session allows itself (max_lag_seconds)
+                if dropped == 0 and pct(final, 95) <= config.max_lag_seconds:
+                    kept_up[budget] = max(kept_up.get(budget, 0), n)
+                if fast:
+                    prompt[budget] = max(prompt.get(budget, 0), n)
+                ts = time_share
+                print(f"| {n} | {'on' if budget else 'off'} | {pct(final, 50):.3f} | {pct(final, 95):.3f} | "
+                      f"{pct(partial, 50):.3f} | {ts['partials_run']} / {ts['partials_held']} | {dropped} | "
+                      f"{'yes' if fast else 'no'} | {ts['partials_encoder']:.2f} | {ts['finals_encoder']:.2f} | "
+                      f"{ts['prefill']:.2f} | {ts['rounds']:.2f} | {ts['idle']:.2f} |", flush=True)
+        for budget in sorted(kept_up.keys() | prompt.keys()):
+            print(f"\npartial budget {'on' if budget else 'off'}: streams sustained without falling behind: "
+                  f"{kept_up.get(budget, 0)}; of those with final delay p95 <= {args.max_final_delay:g} s: "
+                  f"{prompt.get(budget, 0)}")
+        if not kept_up and not prompt:
+            print("\nno stream count was sustained")
     return 0
 
 

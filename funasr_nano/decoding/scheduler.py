@@ -214,6 +214,8 @@ class SchedulerStats:
     max_rows: int = 0
     admitted: int = 0
     cancelled: int = 0
+    prefill_seconds: float = 0.0  # placing prompts (kept, copied or decoded prefixes and their audio rows)
+    round_seconds: float = 0.0  # decode rounds (with the unified cache, the prompt rows folded into them too)
 
 
 @dataclass
@@ -402,7 +404,9 @@ class Scheduler:
             self._release(seq, forget=True)
             entry.fail(exc)
             return
-        _add(job.clock, "prefill", time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        _add(job.clock, "prefill", seconds)
+        self.stats.prefill_seconds += seconds
         self.stats.admitted += 1
         self._notify("admit", seq)
         if state.prompt_rows is not None:
@@ -430,6 +434,7 @@ class Scheduler:
                 entry.fail(exc)
             return
         seconds = time.perf_counter() - t0
+        self.stats.round_seconds += seconds
         clocks = {id(e.job.clock): e.job.clock for e, _ in self._live.values() if e.job.clock is not None}
         for clock in clocks.values():
             _add(clock, "decode", seconds)

@@ -13,15 +13,28 @@ edge may come out slightly differently from the whole-segment text, which the fi
 
 Several streams on one engine take turns: one partial is encoded at a time (`try_update` returns
 None while another stream's is being encoded; the caller tries again with its next audio), so the
-partials of N streams cost at most one encoder's worth of the cores, and the finals, which are
-what a transcript is made of, keep the rest. Each stream's partials then come less often as
-streams are added, instead of every stream falling behind.
+partials of N streams cost at most one encoder's worth of the cores.
+
+And partials give way to finals (`PartialBudget`, one per engine). A partial's encoder run takes the
+cores the decoder needs: on a CPU where one stream's final costs most of its real time, partials
+running beside other streams' finals make those finals late, then every stream falls behind. The
+rule, over every stream of the engine:
+
+- no final outstanding (from the segment's close to its text): partials as configured;
+- finals outstanding, none waiting longer than `late_seconds`: only the first partial of a new turn
+  (the one that tells a speaker they are heard), no updates of partials already shown;
+- a final waiting longer than `late_seconds`: no partials at all, until the finals catch up.
+
+Partials come back as soon as the finals are done: a stream loses updates while others' finals
+decode, never its finals.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 import weakref
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -30,13 +43,80 @@ from funasr_nano.audio.segments import split_at_quiet_points
 from funasr_nano.realtime.settings import MODEL_RATE
 
 FREEZE_SEARCH_SECONDS = 1.0  # the window's cut is the quietest moment of its last second
-_TURNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> the lock its partials share
-_TURNS_LOCK = threading.Lock()
+LATE_SECONDS = 1.0  # a final waiting longer than this (from its segment's close) stops every partial
 
 
-def _turn(engine) -> threading.Lock:  # noqa: ANN001 - an Engine
-    with _TURNS_LOCK:
-        return _TURNS.setdefault(engine, threading.Lock())
+@dataclass
+class BudgetStats:
+    """What the partials of one engine did: runs, their encoder seconds, and why others did not run."""
+
+    runs: int = 0
+    seconds: float = 0.0  # features + encoder + CTC head, summed over the runs
+    busy: int = 0  # updates held back while finals were outstanding (first partials of a turn still ran)
+    late: int = 0  # partials held back while a final was late
+
+
+class PartialBudget:
+    """When the partials of one engine's streams may run, following its finals (the rule above).
+
+    Thread-safe: sessions report their finals (`final_started` before the segment's encoder runs,
+    `final_done` from the decoder's callback) and ask `allows` on their own threads. `turn` is the
+    lock one partial holds while it is encoded.
+    """
+
+    def __init__(self, late_seconds: float = LATE_SECONDS) -> None:
+        self.late_seconds = late_seconds
+        self.turn = threading.Lock()
+        self.stats = BudgetStats()
+        self._lock = threading.Lock()
+        self._finals: dict[object, float] = {}  # a final's key -> when it started (time.monotonic())
+
+    def final_started(self, key: object, now: float | None = None) -> None:
+        with self._lock:
+            self._finals[key] = time.monotonic() if now is None else now
+
+    def final_done(self, key: object) -> None:
+        with self._lock:
+            self._finals.pop(key, None)
+
+    def state(self, now: float | None = None) -> str:
+        """"free" (no final outstanding), "busy" (finals outstanding, on time) or "late"."""
+        with self._lock:
+            oldest = min(self._finals.values(), default=None)
+        if oldest is None:
+            return "free"
+        now = time.monotonic() if now is None else now
+        return "late" if now - oldest > self.late_seconds else "busy"
+
+    def allows(self, first_of_turn: bool, now: float | None = None) -> bool:
+        """Whether a partial may run now; `first_of_turn`: the turn has shown no partial yet."""
+        state = self.state(now)
+        if state == "free" or (state == "busy" and first_of_turn):
+            return True
+        with self._lock:
+            if state == "late":
+                self.stats.late += 1
+            else:
+                self.stats.busy += 1
+        return False
+
+    def ran(self, seconds: float) -> None:
+        with self._lock:
+            self.stats.runs += 1
+            self.stats.seconds += seconds
+
+
+_BUDGETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> its streams' PartialBudget
+_BUDGETS_LOCK = threading.Lock()
+
+
+def budget_for(engine) -> PartialBudget:  # noqa: ANN001 - an Engine
+    """The one PartialBudget of `engine`, shared by every session on it."""
+    with _BUDGETS_LOCK:
+        budget = _BUDGETS.get(engine)
+        if budget is None:
+            budget = _BUDGETS[engine] = PartialBudget()
+        return budget
 
 
 class PartialTranscriber:
@@ -58,13 +138,15 @@ class PartialTranscriber:
 
     def try_update(self, audio: np.ndarray) -> str | None:
         """`update`, or None at once when another stream's partial is being encoded on this engine."""
-        turn = _turn(self.engine)
-        if not turn.acquire(blocking=False):
+        budget = budget_for(self.engine)
+        if not budget.turn.acquire(blocking=False):
             return None
+        t0 = time.perf_counter()
         try:
             return self.update(audio)
         finally:
-            turn.release()
+            budget.ran(time.perf_counter() - t0)
+            budget.turn.release()
 
     def update(self, audio: np.ndarray) -> str:
         """The partial text of a segment whose audio so far (from its start) is `audio`."""

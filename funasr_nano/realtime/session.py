@@ -17,7 +17,9 @@ or the oldest final waiting for the decoder). Audio that would take it past
 `RealtimeConfig.max_lag_seconds` is dropped and `append` returns one `falling_behind` error (again
 only once the lag has halved), rather than buffering without bound. Partials are skipped while an
 interval's worth of audio waits (they would be stale), while the stream's own final is being
-decoded, and while another stream's partial is being encoded (`funasr_nano.realtime.partials`).
+decoded, while another stream's partial is being encoded, and they give way to every stream's
+finals on the engine (`funasr_nano.realtime.partials`: only first partials of a turn while finals
+are outstanding, none while one is late).
 `close()` cancels the session's decoding jobs (their sequences are freed before the scheduler's
 next round) and drops its audio.
 """
@@ -60,7 +62,7 @@ from funasr_nano.realtime.events import (
 )
 from funasr_nano.realtime.events import SpeechStarted as SpeechStartedEvent
 from funasr_nano.realtime.events import SpeechStopped as SpeechStoppedEvent
-from funasr_nano.realtime.partials import PartialTranscriber
+from funasr_nano.realtime.partials import PartialTranscriber, budget_for
 from funasr_nano.realtime.settings import DEFAULT_CONFIG, MODEL_RATE, RealtimeConfig, SessionSettings
 
 log = logging.getLogger(__name__)
@@ -112,6 +114,7 @@ class RealtimeSession:
         self._offset = 0  # stream samples before the current segmenter (settings changes start a new one)
         self._finishing: threading.Event | None = None
         self._partials = PartialTranscriber(engine, config.partial_window_seconds)
+        self._budget = budget_for(engine)  # every stream's finals on this engine, which partials give way to
         self._partials_on = config.partials and self._partials.available  # loads the CTC head now
         self._vad_path = find_vad_model(engine.settings.model_dir)
         self._apply(self.settings)
@@ -332,10 +335,21 @@ class RealtimeSession:
             self._emit(SpeechStoppedEvent(item_id, _ms(span.end)))
         self._emit(Committed(item_id, self._last_item))
         self._last_item = item_id
-        pending = self.engine.submit_segment(segment.audio, self._options, offset=span.start)
+        key = object()  # this final in the engine's PartialBudget, from before its encoder runs
+        self._budget.final_started(key)
+        try:
+            pending = self.engine.submit_segment(segment.audio, self._options, offset=span.start)
+        except BaseException:
+            self._budget.final_done(key)
+            raise
         with self._lock:
             self._finals.append(_Final(item_id, pending, time.monotonic()))
-        pending.add_done_callback(lambda _: self._queue.put(("final",)))
+
+        def decoded(_: object) -> None:
+            self._budget.final_done(key)
+            self._queue.put(("final",))
+
+        pending.add_done_callback(decoded)
 
     def _partial(self) -> None:
         """A delta for the open segment once `partial_interval_seconds` of new audio is in, if keeping up."""
@@ -357,6 +371,8 @@ class RealtimeSession:
                 return
             if self._finals:  # this stream's final text first: a partial now would compete with it
                 return
+        if self.config.partial_budget and not self._budget.allows(first_of_turn=item.partial_samples == 0):
+            return  # other streams' finals first (funasr_nano.realtime.partials.PartialBudget)
         if item.partial_samples == 0:
             self._partials.reset()
         text = self._partials.try_update(audio)

@@ -48,6 +48,9 @@ class RealtimeConfig:
     partial_interval_seconds: float = 0.5
     partial_window_seconds: float = 4.0
     partials: bool = True
+    # partials give way to the finals of every stream on the engine (funasr_nano.realtime.partials.PartialBudget);
+    # False: they run whenever their own stream has no final outstanding
+    partial_budget: bool = True
     max_lag_seconds: float = 5.0
     max_segment_seconds: float = DEFAULT_MAX_SEGMENT_SECONDS
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
