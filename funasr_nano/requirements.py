@@ -52,6 +52,7 @@ EXTRAS: dict[str, Extra] = {
     "server": Extra(("fastapi", "uvicorn", "multipart", "prometheus_client"), "requirements-server.txt", "server"),
     "corpus": Extra(("ray", "pyarrow"), "requirements-corpus.txt", "corpus"),
     "mic": Extra(("sounddevice", "websockets"), "requirements-mic.txt", "mic"),
+    "diarize": Extra(("scipy", "sklearn", "umap"), "requirements-diarize.txt", "diarize"),
 }
 # python-multipart's newer module name; either one serves FastAPI's form parsing
 _ALTERNATIVES = {"multipart": ("python_multipart",)}

@@ -31,7 +31,8 @@ except ModuleNotFoundError:  # Python 3.10
 
 ROOT = Path(__file__).resolve().parent.parent
 EXTRA_FILES = {None: "requirements.txt", "export": "requirements-export.txt", "server": "requirements-server.txt",
-               "mic": "requirements-mic.txt", "corpus": "requirements-corpus.txt", "test": "requirements-test.txt"}
+               "mic": "requirements-mic.txt", "corpus": "requirements-corpus.txt", "diarize": "requirements-diarize.txt",
+               "test": "requirements-test.txt"}
 EXPORT_ONLY = {"torch", "transformers", "funasr", "onnx", "onnxscript", "modelscope", "silero-vad", "torchaudio"}
 
 
@@ -106,7 +107,7 @@ def test_the_package_metadata():
     assert config["project"]["scripts"] == {"funasr-nano": "funasr_nano.__main__:main"}
     assert config["tool"]["setuptools"]["packages"]["find"]["include"] == ["funasr_nano*"]  # not tests/, testing/
     assert config["tool"]["setuptools"]["package-data"]["funasr_nano.server"] == ["ui/*"]
-    assert set(config["project"]["optional-dependencies"]) == {"export", "server", "mic", "corpus", "test"}
+    assert set(config["project"]["optional-dependencies"]) == {"export", "server", "mic", "corpus", "diarize", "test"}
     assert config["tool"]["pytest"]["ini_options"]["pythonpath"] == ["."]
 
 

@@ -1,0 +1,1 @@
+"""Who spoke when: CAM++ embeddings of speech windows, funasr's clustering, a speaker per segment and sentence."""
