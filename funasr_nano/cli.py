@@ -36,6 +36,7 @@ from funasr_nano.options import (
     DEFAULT_RELEASE_DIR,
     EXIT_SETUP,
     OneLineParser,
+    add_diarize_options,
     add_format_option,
     add_model_options,
     add_output_dir_option,
@@ -136,6 +137,7 @@ everything and the last one to finish a file wins (each file is written whole)."
     add_quiet_option(p)
     add_model_options(p)
     add_transcription_options(p)
+    add_diarize_options(p)
     return p
 
 
@@ -217,11 +219,23 @@ def _run(preset: Preset, args: argparse.Namespace) -> int:
         engine = load_engine(preset, args, preload=transcribe_options(args, prompt, timestamps=_timestamps(args)))
         write_failed = False
         try:
+            if _diarize(args):
+                _open_speaker_model(engine)
             prompt = prompt_options(args, engine.settings)  # the checkpoint loaded decides the languages
             write_failed = _transcribe_all(engine, jobs, prompt, args, failures, several=len(sources) > 1)
         finally:
             engine.close()
         return _summary(failures, len(sources), write_failed)
+
+
+def _open_speaker_model(engine) -> None:
+    """--diarize without campplus.onnx is a set-up error, said once before any input."""
+    from funasr_nano.models.encoder import OnnxModelError
+
+    try:
+        engine.speaker_embedder()
+    except OnnxModelError as exc:
+        raise SetupError(str(exc)) from exc
 
 
 STDIN = "-"
@@ -257,8 +271,8 @@ def _distinct(audio: list[str]) -> list[str]:
 
 
 def _timestamps(args: argparse.Namespace) -> bool:
-    """Whether a format of the run shows times (everything but txt)."""
-    return any(fmt != "txt" for fmt in args.format)
+    """Whether a format of the run shows times (everything but txt), or speakers per sentence (--diarize)."""
+    return any(fmt != "txt" for fmt in args.format) or _diarize(args)
 
 
 def _targets(sources: list[str], args: argparse.Namespace) -> list[tuple[Path, ...] | None]:
@@ -355,7 +369,31 @@ def transcribe_options(args: argparse.Namespace, prompt, *, timestamps: bool):
     from funasr_nano.engine import TranscribeOptions
 
     return TranscribeOptions(prompt=prompt, max_new_tokens=args.max_new_tokens, max_segment_seconds=args.max_segment,
-                             speculative=not args.no_speculative, vad=args.vad, timestamps=timestamps)
+                             speculative=not args.no_speculative, vad=args.vad, timestamps=timestamps,
+                             **_diarize_options(args))
+
+
+def _diarize_options(args: argparse.Namespace) -> dict[str, object]:
+    """--diarize and the speaker counts (which imply it); nothing for command lines without them."""
+    from funasr_nano.speakers.clustering import DEFAULT_MAX_SPEAKERS, SpeakerCount
+
+    if not _diarize(args):
+        return {}
+    try:
+        count = SpeakerCount(args.speakers, args.min_speakers, args.max_speakers)
+    except ValueError as exc:
+        raise SetupError(f"--min-speakers {args.min_speakers} --max-speakers {args.max_speakers}: {exc}") from exc
+    if args.speakers is not None and (args.min_speakers != 1 or args.max_speakers != DEFAULT_MAX_SPEAKERS):
+        raise SetupError("--speakers gives the count: leave out --min-speakers and --max-speakers")
+    return {"diarize": True, "speakers": count}
+
+
+def _diarize(args: argparse.Namespace) -> bool:
+    from funasr_nano.speakers.clustering import DEFAULT_MAX_SPEAKERS
+
+    return bool(getattr(args, "diarize", False) or getattr(args, "speakers", None) is not None
+                or getattr(args, "min_speakers", 1) != 1
+                or getattr(args, "max_speakers", DEFAULT_MAX_SPEAKERS) != DEFAULT_MAX_SPEAKERS)
 
 
 def preset_name_of(preset: Preset) -> str:
@@ -430,13 +468,14 @@ def _transcribe_one(engine, job: _Job, options, args: argparse.Namespace, out: _
     stream = engine.segments(job.path, options)
     to_stdout = job.targets is None
     txt = args.format[0] == "txt"
+    turns = txt and options.diarize  # speakers are known once the whole input is read: printed at its end
     if to_stdout and txt:
         out.start_text(job.source)
     try:
         for index, segment in enumerate(stream):
             if progress is not None:
                 progress(len(stream.done), stream.total)
-            if to_stdout and txt:
+            if to_stdout and txt and not turns:
                 out.text(segment.text)
             elif to_stdout and args.stream:
                 out.line(json.dumps({"type": "segment", "source": job.source, "index": index, **segment.to_dict()},
@@ -446,6 +485,10 @@ def _transcribe_one(engine, job: _Job, options, args: argparse.Namespace, out: _
     transcript = stream.transcript
     assert transcript is not None
     transcript.source = job.source  # `-`, not the temporary file stdin was copied to
+    if to_stdout and turns:
+        from funasr_nano.output.writers import render_txt
+
+        out.text(render_txt(transcript).rstrip("\n"))
     if transcript.duration == 0:  # shorter than one frame is fine (empty text), nothing at all is not
         raise ValueError(f"{job.source}: no audio samples (the file holds no audio data)")
     return transcript

@@ -40,7 +40,7 @@ from funasr_nano.decoding.prefix_store import PrefixStore
 from funasr_nano.decoding.repetition import loop_message
 from funasr_nano.decoding.scheduler import Observer, StreamResults
 from funasr_nano.models.ctc import CTCModel
-from funasr_nano.models.encoder import AudioEncoder
+from funasr_nano.models.encoder import AudioEncoder, OnnxModelError
 from funasr_nano.models.llm import DecoderOptions, LlamaDecoder
 from funasr_nano.models.loading import in_background
 from funasr_nano.models.prompt import PromptOptions, build_prompt
@@ -54,6 +54,9 @@ from funasr_nano.presets import (
     PRESETS,
     context_per_sequence,
 )
+from funasr_nano.speakers.clustering import SpeakerCount
+from funasr_nano.speakers.diarize import Diarization, Diarizer
+from funasr_nano.speakers.embeddings import SpeakerEmbedder, find_speaker_model
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +97,11 @@ class TranscribeOptions:
     # Decoding stops with AudioTooLong once more audio than this has been decoded (None: no limit):
     # a server's bound on work, which a container header that lies about its length cannot lift.
     max_audio_seconds: float | None = None
+    # who spoke when (funasr_nano/speakers/, docs/diarization.md): CAM++ embeddings of every VAD segment while the
+    # input streams, clustered once it is read, so `segments()` yields segments whose `speaker` is set only when
+    # the stream is exhausted (the transcript's are). Needs campplus.onnx (`funasr-nano export --spk-release-dir`).
+    diarize: bool = False
+    speakers: SpeakerCount = SpeakerCount()  # what is known of the number of speakers
 
 
 @dataclass(frozen=True)
@@ -290,6 +298,7 @@ class Engine:
         self._no_ctc_said = False
         self._threads, self._providers = threads, providers
         self._ctc: CTCModel | None | bool = None  # False: no CTC head in the model folder
+        self._speakers: SpeakerEmbedder | None = None  # CAM++, opened on the first diarization
         self._loading: dict[str, Future] = {}  # sessions being opened in the background, by name
         if preload is not None:
             self.preload(preload)
@@ -435,8 +444,14 @@ class Engine:
             n_samples = wave.shape[0]
             cuts = split_at_quiet_points(wave, sr, options.max_segment_seconds)
             pieces = ((span, wave[span.start:span.end]) for span in cuts)
+        diarizer = Diarizer(self.speaker_embedder(), options.speakers, sr) if options.diarize else None
+        if diarizer is not None:
+            pieces = diarizer.tap(pieces)
 
         def finish(segments: list[Segment]) -> Transcript:
+            found: Diarization | None = diarizer.label(segments) if diarizer is not None else None
+            if found is not None:
+                clock["diarize"] = found.embed_seconds + found.cluster_seconds
             if vad is not None:
                 clock["vad"] = max(0.0, clock["vad"] - clock["load_audio"])  # the VAD pulls the audio
             clock["total"] = time.perf_counter() - t_start
@@ -452,6 +467,7 @@ class Engine:
                 timestamps=self._timestamp_note() if options.timestamps else None,
                 checkpoint=self.settings.checkpoint,
                 model=self.settings.describe(),
+                speakers=found.speakers if found is not None else None,
             )
 
         total = 0 if vad is not None else len(cuts)
@@ -552,6 +568,19 @@ class Engine:
                 fsmn.settings.model_conf, max_single_segment_time=int(round(options.max_segment_seconds * 1000)))
             return FsmnSegmenter(fsmn, endpoint, sr)
         return None
+
+    def speaker_embedder(self) -> SpeakerEmbedder:
+        """CAM++ for diarization, opened once; a model folder without campplus.onnx is an error (asked for)."""
+        if self._speakers is None:
+            path = find_speaker_model(self.settings.model_dir)
+            if path is None:
+                raise OnnxModelError(f"{self.settings.model_dir}/campplus.onnx: not found: diarization needs CAM++ "
+                                     "(get it with `funasr-nano export --spk-release-dir DIR`, which downloads "
+                                     "iic/speech_campplus_sv_zh-cn_16k-common into DIR)")
+            t0 = time.perf_counter()
+            self._speakers = SpeakerEmbedder(path, threads=self._threads)
+            self.load_times["speakers"] = time.perf_counter() - t0
+        return self._speakers
 
     def fsmn_vad(self) -> FsmnVad | None:
         """FSMN-VAD's session, opened once and shared by every input and live stream (each segmenter keeps

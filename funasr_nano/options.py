@@ -194,6 +194,19 @@ def add_transcription_options(p: argparse.ArgumentParser) -> None:
                           "1: one at a time)")
 
 
+def add_diarize_options(p: argparse.ArgumentParser) -> None:
+    """Who spoke when (transcribe): CAM++ embeddings and funasr's clustering (docs/diarization.md)."""
+    p.add_argument("--diarize", action="store_true",
+                   help="label speakers: JSON \"speaker\" per segment and sentence, SRT/VTT cues with the speaker, "
+                        "txt a paragraph per turn (needs campplus.onnx: export it with --spk-release-dir)")
+    p.add_argument("--speakers", type=positive(int), default=None, metavar="N",
+                   help="exactly N speakers (implies --diarize; default: found from the audio)")
+    p.add_argument("--min-speakers", type=positive(int), default=1, metavar="N",
+                   help="at least N speakers when the count is found (implies --diarize; default: 1)")
+    p.add_argument("--max-speakers", type=positive(int), default=15, metavar="N",
+                   help="at most N speakers when the count is found (implies --diarize; default: 15)")
+
+
 def add_vad_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vad", choices=("silero", "fsmn", "none"), default="silero",
                    help="silero: transcribe only the speech Silero VAD finds; fsmn: FunASR's FSMN-VAD, the "

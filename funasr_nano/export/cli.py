@@ -64,6 +64,10 @@ def build_parser(prog: str = EXPORT_PROG, parts: tuple[str, ...] = PARTS) -> arg
                                  "--vad fsmn, downloaded into DIR when absent (default: "
                                  "speech_fsmn_vad_zh-cn-16k-common-pytorch/ beside the release's default folder, "
                                  "exported only when it is there)")
+        parser.add_argument("--spk-release-dir", type=Path, default=None, metavar="DIR",
+                            help="CAM++ (iic/speech_campplus_sv_zh-cn_16k-common, funasr's cam++) for --diarize, "
+                                 "downloaded into DIR when absent (default: speech_campplus_sv_zh-cn_16k-common/ "
+                                 "beside the release's default folder, exported only when it is there)")
         parser.add_argument("--checkpoint", choices=sorted(CHECKPOINT_CHOICES), default=None,
                             help="which checkpoint the release holds: nano (Fun-ASR-Nano-2512: zh, en, ja) or mlt "
                                  "(Fun-ASR-MLT-Nano-2512: 31 languages) (default: from configuration.json or the "
@@ -109,6 +113,12 @@ def main(argv: list[str] | None = None, *, prog: str = EXPORT_PROG, parts: tuple
             try:
                 written += export_vad_step(args.vad_release_dir, model_dir)
             except VadReleaseError as exc:
+                raise ReleaseError(str(exc)) from exc
+            from funasr_nano.export.export_campplus import SpkReleaseError, export_spk_step
+
+            try:
+                written += export_spk_step(args.spk_release_dir, model_dir)
+            except SpkReleaseError as exc:
                 raise ReleaseError(str(exc)) from exc
     except ReleaseError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)

@@ -21,9 +21,13 @@ class Sentence:
     start: float
     end: float
     text: str
+    speaker: int | None = None  # with diarization: 0 for the first voice heard, 1 for the next, ...
 
     def to_dict(self) -> dict[str, object]:
-        return {"start": self.start, "end": self.end, "text": self.text}
+        out: dict[str, object] = {"start": self.start, "end": self.end, "text": self.text}
+        if self.speaker is not None:
+            out["speaker"] = self.speaker
+        return out
 
 
 @dataclass
@@ -39,11 +43,16 @@ class Segment:
     draft_accepted: int = 0  # of those, tokens the decoder confirmed
     sentences: list[Sentence] = field(default_factory=list)  # with times (timestamps on)
     char_times: list[float] | None = None  # start time of each character of `text` (CTC alignment; not in JSON)
+    speaker: int | None = None  # with diarization (set once the whole input is read): funasr's `spk`
 
     def to_dict(self) -> dict[str, object]:
-        return {"start": self.start, "end": self.end, "text": self.text, "token_ids": list(self.token_ids),
-                "audio_rows": self.audio_rows, "draft_proposed": self.draft_proposed,
-                "draft_accepted": self.draft_accepted, "sentences": [s.to_dict() for s in self.sentences]}
+        out: dict[str, object] = {
+            "start": self.start, "end": self.end, "text": self.text, "token_ids": list(self.token_ids),
+            "audio_rows": self.audio_rows, "draft_proposed": self.draft_proposed,
+            "draft_accepted": self.draft_accepted, "sentences": [s.to_dict() for s in self.sentences]}
+        if self.speaker is not None:
+            out["speaker"] = self.speaker
+        return out
 
 
 @dataclass
@@ -58,6 +67,7 @@ class Timings:
     decode: float = 0.0
     draft: float | None = None  # CTC drafts (speculative decoding)
     align: float | None = None  # CTC forced alignment (timestamps)
+    diarize: float | None = None  # speaker embeddings and clustering (diarization)
     total: float = 0.0
 
     @classmethod
@@ -110,6 +120,7 @@ class Transcript:
     timestamps: str | None = None
     checkpoint: str = NANO
     model: dict[str, object] | None = None
+    speakers: int | None = None  # with diarization: how many speakers were found
     language_from: str = field(init=False, default="request")
 
     def __post_init__(self) -> None:
@@ -146,4 +157,6 @@ class Transcript:
             out["timestamps"] = self.timestamps
         if self.model is not None:
             out["model"] = self.model
+        if self.speakers is not None:
+            out["speakers"] = self.speakers
         return out

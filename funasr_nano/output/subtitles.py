@@ -7,6 +7,10 @@ the characters of each piece (spaces excluded), so cues tile each segment, never
 never run backwards. Where a segment carries `char_times` (the start time of every character
 of its text, from CTC forced alignment: `funasr_nano/alignment.py`) a cue starts at its first
 character's time instead.
+
+With diarization each cue carries a speaker: that of the segment's sentence it overlaps most (the
+sentences' speakers come from the CTC-aligned times), else the segment's. SRT writes it as a
+`Speaker 1: ` prefix, WebVTT as a voice tag, `<v Speaker 1>` (speakers numbered from 1 there).
 """
 
 from __future__ import annotations
@@ -25,6 +29,24 @@ class Cue:
     start: float
     end: float
     text: str
+    speaker: int | None = None  # 0-based, as in the JSON; rendered from 1
+
+
+def speaker_name(speaker: int) -> str:
+    """How outputs name a speaker: `Speaker 1` for the first voice heard (speaker 0)."""
+    return f"Speaker {speaker + 1}"
+
+
+def _cue_speaker(seg: object, start: float, end: float) -> int | None:
+    """The speaker of the sentence of `seg` the cue overlaps most, else the segment's own."""
+    best, speaker = 0.0, getattr(seg, "speaker", None)
+    for sentence in getattr(seg, "sentences", None) or []:
+        if getattr(sentence, "speaker", None) is None:
+            continue
+        overlap = min(end, sentence.end) - max(start, sentence.start)
+        if overlap > best:
+            best, speaker = overlap, sentence.speaker
+    return speaker
 
 
 def _weight(text: str) -> int:
@@ -126,9 +148,9 @@ def transcript_cues(segments, max_cue_seconds: float = DEFAULT_MAX_CUE_SECONDS) 
                 a = cues[-1].end
             if b <= a:
                 if cues and cues[-1].end >= a:
-                    cues[-1] = Cue(cues[-1].start, cues[-1].end, _join(cues[-1].text, cue.text))
+                    cues[-1] = Cue(cues[-1].start, cues[-1].end, _join(cues[-1].text, cue.text), cues[-1].speaker)
                 continue
-            cues.append(Cue(a, b, cue.text))
+            cues.append(Cue(a, b, cue.text, _cue_speaker(seg, cue.start, cue.end)))
     return cues
 
 
@@ -145,8 +167,11 @@ def _clean(text: str) -> str:
 
 
 def render_srt(cues: Sequence[Cue]) -> str:
+    def line(c: Cue) -> str:
+        return _clean(c.text) if c.speaker is None else f"{speaker_name(c.speaker)}: {_clean(c.text)}"
+
     blocks = [
-        f"{i}\n{_timestamp(c.start, ',')} --> {_timestamp(c.end, ',')}\n{_clean(c.text)}\n"
+        f"{i}\n{_timestamp(c.start, ',')} --> {_timestamp(c.end, ',')}\n{line(c)}\n"
         for i, c in enumerate(cues, 1)
     ]
     return "\n".join(blocks)
@@ -156,5 +181,8 @@ def render_vtt(cues: Sequence[Cue]) -> str:
     def escape(text: str) -> str:
         return _clean(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
-    blocks = [f"{_timestamp(c.start, '.')} --> {_timestamp(c.end, '.')}\n{escape(c.text)}\n" for c in cues]
+    def line(c: Cue) -> str:
+        return escape(c.text) if c.speaker is None else f"<v {speaker_name(c.speaker)}>{escape(c.text)}"
+
+    blocks = [f"{_timestamp(c.start, '.')} --> {_timestamp(c.end, '.')}\n{line(c)}\n" for c in cues]
     return "WEBVTT\n\n" + "\n".join(blocks)

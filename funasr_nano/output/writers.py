@@ -19,13 +19,41 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from funasr_nano.output.results import Transcript
-from funasr_nano.output.subtitles import DEFAULT_MAX_CUE_SECONDS, render_srt, render_vtt, transcript_cues
+from funasr_nano.output.subtitles import (
+    DEFAULT_MAX_CUE_SECONDS,
+    render_srt,
+    render_vtt,
+    speaker_name,
+    transcript_cues,
+)
 
 FORMATS = ("txt", "json", "srt", "vtt")
 
 
 def render_txt(transcript: Transcript) -> str:
-    return transcript.text + "\n"
+    """The text; with diarization, one paragraph per speaker turn, each starting `Speaker N: `."""
+    if transcript.speakers is None:
+        return transcript.text + "\n"
+    return "\n\n".join(f"{speaker_name(speaker)}: {text}" for speaker, text in speaker_turn_texts(transcript)) + "\n"
+
+
+def speaker_turn_texts(transcript: Transcript) -> list[tuple[int, str]]:
+    """(speaker, text) per turn: consecutive sentences (or segments without sentences) of one speaker joined."""
+    from funasr_nano.engine import join_texts
+
+    turns: list[tuple[int, list[str]]] = []
+    for segment in transcript.segments:
+        units = [(s.speaker, s.text) for s in segment.sentences if s.speaker is not None]
+        if not units:
+            units = [(segment.speaker, segment.text)]
+        for speaker, text in units:
+            if not text.strip() or speaker is None:
+                continue
+            if turns and turns[-1][0] == speaker:
+                turns[-1][1].append(text)
+            else:
+                turns.append((speaker, [text]))
+    return [(speaker, join_texts(parts)) for speaker, parts in turns]
 
 
 def render_json(transcript: Transcript, *, compact: bool = False) -> str:

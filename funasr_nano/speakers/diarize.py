@@ -26,12 +26,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from funasr_nano.speakers.clustering import SpeakerCount, cluster_speakers
+
+if TYPE_CHECKING:
+    from funasr_nano.audio.segments import SampleSpan
+    from funasr_nano.output.results import Segment
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +151,20 @@ class Diarizer:
         self.windows += windows
         self._parts.append(embeddings)
         self.embed_seconds += time.perf_counter() - t0
+
+    def tap(self, pieces: Iterable[tuple[SampleSpan, np.ndarray]]) -> Iterator[tuple[SampleSpan, np.ndarray]]:
+        """Pass the engine's (span, audio) pieces on, embedding each one's windows on the way."""
+        for span, audio in pieces:
+            self.add_segment(span.start, audio)
+            yield span, audio
+
+    def label(self, segments: Sequence[Segment]) -> Diarization:
+        """Cluster everything collected and set each segment's and sentence's `speaker`."""
+        found = self.finish()
+        for segment in segments:
+            segment.speaker = found.speaker_of(segment.start, segment.end)
+            segment.sentences = [replace(s, speaker=found.speaker_of(s.start, s.end)) for s in segment.sentences]
+        return found
 
     def embeddings(self) -> np.ndarray:
         if not self._parts:
