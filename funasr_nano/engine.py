@@ -299,6 +299,7 @@ class Engine:
         self._threads, self._providers = threads, providers
         self._ctc: CTCModel | None | bool = None  # False: no CTC head in the model folder
         self._speakers: SpeakerEmbedder | None = None  # CAM++, opened on the first diarization
+        self._speakers_lock = threading.Lock()  # server requests and live streams may ask at once: one session
         self._loading: dict[str, Future] = {}  # sessions being opened in the background, by name
         if preload is not None:
             self.preload(preload)
@@ -571,6 +572,10 @@ class Engine:
 
     def speaker_embedder(self) -> SpeakerEmbedder:
         """CAM++ for diarization, opened once; a model folder without campplus.onnx is an error (asked for)."""
+        with self._speakers_lock:
+            return self._open_speaker_embedder()
+
+    def _open_speaker_embedder(self) -> SpeakerEmbedder:
         if self._speakers is None:
             path = find_speaker_model(self.settings.model_dir)
             if path is None:

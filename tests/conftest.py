@@ -90,3 +90,60 @@ def layout(tmp_path_factory: pytest.TempPathFactory):
     from tests.audio_fixtures import speech_layout
 
     return speech_layout(tmp_path_factory.mktemp("espeak"))
+
+
+# A two-voice espeak-ng dialogue and a model folder with FSMN-VAD and CAM++ beside the tiny2 export: the
+# diarization tests' fixtures (tests/test_diarize_pipeline.py; the server, corpus and real-time ones too)
+DIALOGUE_LINES = [("en", "Good morning, did you read the report I sent yesterday afternoon?"),
+                  ("en+f3", "Yes, I read all of it last night, and I have a few questions about the numbers."),
+                  ("en", "Of course, the numbers in the second table come from the spring survey."),
+                  ("en+f3", "Then the totals should match the first table, but they do not match at all."),
+                  ("en", "You are right, I will check them again and send you a corrected version."),
+                  ("en+f3", "Thank you, please send it before the meeting on Thursday morning.")]
+
+
+@pytest.fixture(scope="session")
+def dialogue(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two espeak-ng voices taking turns, 2 s of silence between turns (the loudness FSMN-VAD cuts at 2 s, not at 1.2 s)."""
+    import numpy as np
+    import soundfile
+
+    from funasr_nano.audio.load import load_audio
+    from tests.audio_fixtures import espeak_wav
+
+    folder = tmp_path_factory.mktemp("dialogue")
+    parts = []
+    for i, (voice, text) in enumerate(DIALOGUE_LINES):
+        parts += [load_audio(espeak_wav(folder / f"{i}.wav", text, voice=voice, speed=150)),
+                  np.zeros(2 * 16000, np.float32)]
+    path = folder / "dialogue.wav"
+    soundfile.write(str(path), np.concatenate(parts), 16000, subtype="PCM_16")
+    return path
+
+
+@pytest.fixture(scope="session")
+def releases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Release-layout FSMN-VAD (its score follows loudness) and CAM++ (full shape, random weights) checkpoints."""
+    from testing.campplus_checkpoint import build_campplus_checkpoint
+    from testing.fsmn_checkpoint import build_fsmn_checkpoint
+
+    base = tmp_path_factory.mktemp("releases")
+    return {"fsmn": build_fsmn_checkpoint(base / "fsmn", "energy", 0),
+            "campplus": build_campplus_checkpoint(base / "campplus", seed=11)}
+
+
+@pytest.fixture(scope="session")
+def diarize_models(tiny2_models: Path, releases: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny2 export (no CTC head: funasr's timestamps need torchaudio) with FSMN-VAD and CAM++ beside it."""
+    from funasr_nano.export.export_campplus import export_campplus
+    from funasr_nano.export.export_fsmn_vad import export_fsmn_vad
+
+    extra = tmp_path_factory.mktemp("diarize_export")
+    export_fsmn_vad(releases["fsmn"], extra)
+    export_campplus(releases["campplus"], extra)
+    folder = tmp_path_factory.mktemp("diarize_models") / "tiny2"
+    folder.mkdir()
+    for item in [*tiny2_models.iterdir(), *extra.iterdir()]:
+        if not item.name.startswith("."):  # not the session caches: each folder makes its own
+            (folder / item.name).symlink_to(item)
+    return folder

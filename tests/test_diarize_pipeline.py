@@ -9,6 +9,10 @@
 - Outputs: 03 --diarize writes `speaker` in JSON (segments and sentences, `speakers` at the top),
   SRT cues with `Speaker N: ` that the `srt` package parses, WebVTT cues whose voice the `webvtt`
   package reads, txt paragraphs per turn; set-up errors are one line, exit 2.
+- The server: `response_format=diarized_json` parsed by the official `openai` client (plain and
+  streamed), verbose_json and SRT with `diarize=true`; speakers and times equal the library's.
+
+The dialogue and the model folder with FSMN-VAD and CAM++ are tests/conftest.py's fixtures.
 """
 
 from __future__ import annotations
@@ -19,64 +23,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from testing.campplus_checkpoint import build_campplus_checkpoint
-from testing.fsmn_checkpoint import build_fsmn_checkpoint
 from testing.oracle import quiet_funasr
-from tests.audio_fixtures import espeak_wav
+from tests.conftest import DIALOGUE_LINES as LINES
 
 ROOT = Path(__file__).resolve().parent.parent
-SR = 16000
 STEPS = 4
-LINES = [("en", "Good morning, did you read the report I sent yesterday afternoon?"),
-         ("en+f3", "Yes, I read all of it last night, and I have a few questions about the numbers."),
-         ("en", "Of course, the numbers in the second table come from the spring survey."),
-         ("en+f3", "Then the totals should match the first table, but they do not match at all."),
-         ("en", "You are right, I will check them again and send you a corrected version."),
-         ("en+f3", "Thank you, please send it before the meeting on Thursday morning.")]
-
-
-@pytest.fixture(scope="module")
-def dialogue(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two espeak-ng voices taking turns, 2 s of silence between turns (the loudness FSMN-VAD cuts at 2 s, not at 1.2 s)."""
-    import soundfile
-
-    from funasr_nano.audio.load import load_audio
-
-    folder = tmp_path_factory.mktemp("dialogue")
-    parts = []
-    for i, (voice, text) in enumerate(LINES):
-        parts += [load_audio(espeak_wav(folder / f"{i}.wav", text, voice=voice, speed=150)),
-                  np.zeros(int(2.0 * SR), np.float32)]
-    path = folder / "dialogue.wav"
-    soundfile.write(str(path), np.concatenate(parts), SR, subtype="PCM_16")
-    return path
-
-
-@pytest.fixture(scope="module")
-def releases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("releases")
-    return {"fsmn": build_fsmn_checkpoint(base / "fsmn", "energy", 0),
-            "campplus": build_campplus_checkpoint(base / "campplus", seed=11)}
-
-
-@pytest.fixture(scope="module")
-def diarize_models(tiny2_models: Path, releases: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny2 export (no CTC head: funasr's timestamps need torchaudio) with FSMN-VAD and CAM++ beside it."""
-    from funasr_nano.export.export_campplus import export_campplus
-    from funasr_nano.export.export_fsmn_vad import export_fsmn_vad
-
-    extra = tmp_path_factory.mktemp("diarize_export")
-    export_fsmn_vad(releases["fsmn"], extra)
-    export_campplus(releases["campplus"], extra)
-    folder = tmp_path_factory.mktemp("diarize_models") / "tiny2"
-    folder.mkdir()
-    for item in [*tiny2_models.iterdir(), *extra.iterdir()]:
-        if not item.name.startswith("."):  # not the session caches: each folder makes its own
-            (folder / item.name).symlink_to(item)
-    return folder
 
 
 def _funasr_pipeline(nano: Path, releases: dict[str, Path]):
@@ -192,3 +145,77 @@ def test_outputs_name_each_speaker(tmp_path: Path) -> None:
     plain = Transcript(source="x.wav", text="Hi.", duration=1.0, segments=[Segment(0.0, 1.0, "Hi.", [], 0)],
                        timings=Timings(), n_tokens=0, language="en")
     assert "speaker" not in render(plain, "json") and render(plain, "srt").splitlines()[2] == "Hi."
+
+
+def test_server_diarized_json_and_verbose_json_speakers(dialogue: Path, diarize_models: Path) -> None:
+    """A live server with CAM++ beside the model: the official client parses diarized_json (OpenAI's
+    `TranscriptionDiarized`), plain and streamed, and verbose_json with diarize=true has a speaker per
+    segment; the speakers and times are the library's on the same file (the text may differ: the server
+    runs the cpu preset's int8 encoder)."""
+    import httpx
+    import openai
+    import srt
+    from openai.types.audio import TranscriptionDiarized
+
+    from funasr_nano.engine import Engine, TranscribeOptions
+    from funasr_nano.server.responses import speaker_label
+    from funasr_nano.speakers.clustering import SpeakerCount
+    from tests.server_process import KEY, Server
+
+    gguf = diarize_models / "qwen3-0.6b-asr.f32.gguf"
+    with Engine(diarize_models, gguf_path=gguf) as engine:
+        ours = engine.transcribe(dialogue, TranscribeOptions(vad="fsmn", diarize=True, speakers=SpeakerCount(count=2),
+                                                             max_new_tokens=STEPS))
+    expected = [(round(s.start, 2), round(s.end, 2), s.speaker) for s in ours.segments]
+    assert len(expected) == len(LINES)
+
+    srv = Server(diarize_models, "--gguf", str(gguf), "--vad", "fsmn", "--max-new-tokens", str(STEPS),
+                 "--api-key", KEY)
+    try:
+        assert httpx.get(f"{srv.url}/health", timeout=10).json()["diarization"] is True
+        client = srv.client()
+        with open(dialogue, "rb") as f:
+            result = client.audio.transcriptions.create(model="fun-asr-nano", file=f, response_format="diarized_json",
+                                                        extra_body={"speakers": 2})
+        assert isinstance(result, TranscriptionDiarized)
+        assert result.task == "transcribe" and result.duration > 20 and result.usage.type == "duration"
+        assert [s.type for s in result.segments] == ["transcript.text.segment"] * len(LINES)
+        assert len({s.id for s in result.segments}) == len(LINES)
+        assert [(round(s.start, 2), round(s.end, 2), s.speaker) for s in result.segments] == \
+            [(a, b, speaker_label(k)) for a, b, k in expected]
+        assert result.segments[0].speaker == "A"
+
+        # streamed: deltas, then OpenAI's segment events with the speakers, then done
+        with open(dialogue, "rb") as f:
+            events = list(client.audio.transcriptions.create(model="fun-asr-nano", file=f, stream=True,
+                                                             response_format="diarized_json",
+                                                             extra_body={"speakers": 2}))
+        segment_events = [e for e in events if e.type == "transcript.text.segment"]
+        assert [(e.id, e.speaker) for e in segment_events] == [(s.id, s.speaker) for s in result.segments]
+        assert events[-1].type == "transcript.text.done" and events[-1].text == result.text
+
+        # verbose_json with diarize=true: each segment's speaker (0-based, as the CLI's JSON) and the count
+        with open(dialogue, "rb") as f:
+            verbose = client.audio.transcriptions.create(model="fun-asr-nano", file=f, response_format="verbose_json",
+                                                         extra_body={"diarize": True, "speakers": 2})
+        body = verbose.model_dump()
+        assert [(round(s["start"], 2), round(s["end"], 2), s["speaker"]) for s in body["segments"]] == expected
+        assert body["speakers"] == ours.speakers == 2
+        # without diarize: no speaker anywhere
+        with open(dialogue, "rb") as f:
+            plain = client.audio.transcriptions.create(model="fun-asr-nano", file=f, response_format="verbose_json")
+        assert all("speaker" not in s for s in plain.model_dump()["segments"]) and "speakers" not in plain.model_dump()
+        # SRT asked with diarize=true names the speakers, as the CLI's
+        with open(dialogue, "rb") as f:
+            subtitles = client.audio.transcriptions.create(model="fun-asr-nano", file=f, response_format="srt",
+                                                           extra_body={"diarize": True, "speakers": 2})
+        cues = list(srt.parse(subtitles))
+        assert cues and all(c.content.startswith(("Speaker 1: ", "Speaker 2: ")) for c in cues)
+        with open(dialogue, "rb") as f, pytest.raises(openai.BadRequestError) as caught:
+            client.audio.transcriptions.create(model="fun-asr-nano", file=f, response_format="diarized_json",
+                                               extra_body={"known_speaker_names": ["agent"]})
+        assert "known_speaker_names" in str(caught.value)
+    finally:
+        assert srv.stop() in (0, -15), srv.output()
+    assert "Traceback" not in srv.output()
+

@@ -5,7 +5,8 @@ uploaded through the page and its transcript compared with the API's for the sam
 download is parsed and equal to the API's SRT; an oversized file shows the error line. The
 microphone is Chromium's fake capture device playing a WAV of speech: partial text shows (grey),
 then finals (black), equal to offline transcription (the API, Silero VAD) of the audio the page
-sent, which the page offers as a WAV. The screenshot for the README is taken here
+sent, which the page offers as a WAV. The Speakers box shows only on a server with CAM++, and then
+labels and colours each segment with the API's speaker. The screenshot for the README is taken here
 (FUNASR_UPDATE_SCREENSHOT=1 writes docs/page.png).
 """
 
@@ -227,3 +228,36 @@ def test_no_ui_serves_no_page(tiny_models: Path):
         assert httpx.get(srv.url + "/ui/page.js", timeout=10).status_code == 404
     finally:
         srv.stop()
+
+
+def test_speakers_box_labels_and_colours_each_speaker(page, server: Server, dialogue: Path, diarize_models: Path):
+    """A server without CAM++ shows no speakers box; one with it (the dialogue's model folder) does, and a
+    file transcribed with it checked gets each row's speaker (the API's, verbose_json with diarize=true)
+    as a "Speaker N" label in that speaker's colour, and a txt download of turns."""
+    assert not page.find_element(By.ID, "speakers-option").is_displayed()
+    srv = Server(diarize_models, "--gguf", str(diarize_models / "qwen3-0.6b-asr.f32.gguf"), "--vad", "fsmn",
+                 "--max-new-tokens", "4")
+    try:
+        want = httpx.post(f"{srv.url}/v1/audio/transcriptions", files={"file": (dialogue.name, dialogue.read_bytes())},
+                          data={"model": "fun-asr-nano", "response_format": "verbose_json", "diarize": "true"},
+                          timeout=300).json()["segments"]
+        page.get(srv.url + "/")
+        wait_for(page, lambda d: d.find_element(By.ID, "status").text.startswith("Ready"), 30, "the ready status")
+        box = page.find_element(By.ID, "speakers-option")
+        assert box.is_displayed() and box.text == "Speakers"
+        page.find_element(By.ID, "speakers").click()
+        page.find_element(By.ID, "file").send_keys(str(dialogue))
+        page.find_element(By.ID, "transcribe").click()
+        wait_for(page, lambda d: state(d) == "done", 300, "the transcript")
+        rows = page.find_elements(By.CSS_SELECTOR, "#transcript li.final")
+        assert [r.get_attribute("data-speaker") for r in rows] == [str(s["speaker"]) for s in want]
+        assert [r.find_element(By.CLASS_NAME, "speaker").text for r in rows] == [f"Speaker {s['speaker'] + 1}"
+                                                                                for s in want]
+        colours = {r.get_attribute("data-speaker"): r.value_of_css_property("border-left-color") for r in rows}
+        assert colours["0"] == "rgba(0, 113, 227, 1)" and len(set(colours.values())) == len(colours)
+        Select(page.find_element(By.ID, "format")).select_by_value("txt")
+        assert blob_bytes(page, "download").decode().startswith("Speaker 1: ")
+    finally:
+        assert srv.stop() in (0, -signal.SIGTERM), srv.output()
+        page.get(server.url + "/")  # the module's page again, its key kept for the tab
+        wait_for(page, lambda d: d.find_element(By.ID, "status").text.startswith("Ready"), 30, "ready again")

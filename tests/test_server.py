@@ -205,6 +205,17 @@ def test_bad_input_gets_its_status_and_the_server_keeps_serving(server, clips):
     _error(post(clips["long"]), 413, "audio_too_long")
     _error(post(clips["a"], response_format="docx"), 400, "invalid_value")
     _error(post(clips["a"], language="klingon"), 400, "unsupported_language")
+    # speakers: the fields are checked, then a model folder without CAM++ says so in one line
+    for fields in ({"speakers": "0"}, {"speakers": "16"}, {"speakers": "two"}, {"min_speakers": "3", "max_speakers": "2"},
+                   {"speakers": "2", "max_speakers": "4"}, {"diarize": "maybe"}):
+        _error(post(clips["a"], response_format="diarized_json", **fields), 400, "invalid_value")
+    assert "response_format" in _error(post(clips["a"], diarize="true"), 400, "invalid_value")["message"]
+    _error(post(clips["a"], response_format="diarized_json", **{"known_speaker_names[]": "agent"}), 400,
+           "unsupported_value")
+    for fields in ({"response_format": "diarized_json"}, {"response_format": "verbose_json", "diarize": "true"},
+                   {"response_format": "srt", "speakers": "2"}):
+        assert "campplus.onnx" in _error(post(clips["a"], **fields), 400, "diarization_unavailable")["message"]
+    assert httpx.get(f"{server.url}/health", timeout=10).json()["diarization"] is False
     assert "temperature" in _error(post(clips["a"], temperature="0.7"), 400, "unsupported_value")["message"]
     _error(post(clips["a"], headers={}), 401, "invalid_api_key")
     _error(post(clips["a"], headers={"Authorization": "Bearer wrong"}), 401, "invalid_api_key")

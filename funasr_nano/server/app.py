@@ -176,6 +176,7 @@ def create_app(config: ServerConfig, load_engine: Callable[[], Engine]) -> FastA
         return JSONResponse({"status": "ok", "model": config.model_name,
                              "checkpoint": state.service.engine.settings.describe(),
                              "in_flight": state.admission.in_flight,
+                             "diarization": state.service.speakers_available(),
                              "limits": {"max_upload_bytes": config.max_upload_bytes,
                                         "max_audio_seconds": config.max_audio_seconds},
                              "decoding": {"max_batch": scheduler.width,
@@ -211,7 +212,10 @@ def create_app(config: ServerConfig, load_engine: Callable[[], Engine]) -> FastA
             if req.words and state.service.engine.ctc is None:
                 raise bad_request("word timestamps need the model's CTC head (ctc.onnx), which this model folder "
                                   "lacks", param="timestamp_granularities[]", code="unsupported_value")
-            options = state.service.options(prompt=req.prompt, timestamps=req.timestamps)
+            if req.diarize:
+                await asyncio.to_thread(state.service.open_speakers)  # 400 without CAM++ or the diarize extra
+            options = state.service.options(prompt=req.prompt, timestamps=req.timestamps, diarize=req.diarize,
+                                            speakers=req.speakers)
             owned.running = state.service.start(owned.upload, req.upload.filename or "upload", options)
             if req.stream:
                 response = await _streamed(owned, req, t0)
@@ -335,6 +339,9 @@ def create_app(config: ServerConfig, load_engine: Callable[[], Engine]) -> FastA
                 if delta := text.finish():
                     yield responses.delta_event(delta)
                 _done(req.response_format, transcript, t0)
+                if req.response_format == "diarized_json":  # OpenAI's segment events: speakers known at the end
+                    for index, segment in enumerate(transcript.segments):
+                        yield responses.sse(responses.diarized_segment(index, segment))
                 yield responses.done_event(transcript, req)
             except (ApiError, TimeoutError) as exc:
                 running.cancel()

@@ -18,10 +18,12 @@ from concurrent.futures import CancelledError, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from funasr_nano import requirements
 from funasr_nano.audio.load import AudioError, AudioTooLong, audio_duration
 from funasr_nano.engine import Engine, SegmentStream, TranscribeOptions
 from funasr_nano.output.results import Segment, Transcript
 from funasr_nano.server.errors import ApiError, bad_request
+from funasr_nano.speakers.embeddings import SPK_MODEL_FILE, find_speaker_model
 
 AUDIO_SLACK_SECONDS = 1.0  # decoded audio may run this much past the header's duration before it counts
 
@@ -82,6 +84,24 @@ class TranscriptionService:
 
     def close(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)
+
+    def speakers_available(self) -> bool:
+        """Whether requests may ask for speakers: campplus.onnx is in the model folder (/health says so, and
+        the page shows its speakers box only then)."""
+        return find_speaker_model(self.engine.settings.model_dir) is not None
+
+    def open_speakers(self) -> None:
+        """CAM++ opened (once: the engine's); ApiError 400 when this server cannot diarize, so that the client
+        learns it before its upload is decoded rather than as a 500 from the worker thread."""
+        if not self.speakers_available():
+            raise bad_request(f"speakers need CAM++ ({SPK_MODEL_FILE}), which this server's model folder lacks: "
+                              "export it with funasr-nano export --spk-release-dir", param="response_format",
+                              code="diarization_unavailable")
+        try:
+            requirements.check("the server's diarization", "diarize")
+        except requirements.MissingRequirement as exc:
+            raise bad_request(str(exc), param="response_format", code="diarization_unavailable") from None
+        self.engine.speaker_embedder()
 
     def start(self, path: Path, name: str, options: TranscribeOptions) -> Running:
         """Start transcribing `path` (the upload, called `name` in messages); await `running.future`."""

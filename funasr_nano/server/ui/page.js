@@ -21,6 +21,7 @@ const LABELS = {
     micDenied: "No microphone: {reason}", serverGone: "The connection to the server was lost",
     footer: "Runs on this server: the page uses its public API (POST /v1/audio/transcriptions, WebSocket /v1/realtime).",
     noCtc: "{checkpoint} without a CTC head: no live partial text, times per segment only",
+    speakers: "Speakers", speaker: "Speaker {n}",
   },
   zh: {
     connecting: "正在连接…", ready: "就绪：模型 {model}", loading: "模型加载中…",
@@ -38,10 +39,12 @@ const LABELS = {
     micDenied: "无法使用麦克风：{reason}", serverGone: "与服务器的连接已断开",
     footer: "在本服务器上运行：页面只使用其公开 API（POST /v1/audio/transcriptions，WebSocket /v1/realtime）。",
     noCtc: "{checkpoint} 没有 CTC 头：无实时部分文字，时间只到分段",
+    speakers: "区分说话人", speaker: "说话人 {n}",
   },
 };
 const KEY_STORAGE = "funasr-api-key";
 const SAMPLE_RATE = 16000;
+const SPEAKER_COLORS = 8; // page.css colours speakers 0-7, then again from the first
 
 const $ = (id) => document.getElementById(id);
 let lang = (localStorage.getItem("funasr-page-lang") || navigator.language || "en").startsWith("zh") ? "zh" : "en";
@@ -61,6 +64,9 @@ function applyLabels() {
   document.documentElement.lang = lang === "zh" ? "zh-CN" : "en";
   for (const el of document.querySelectorAll("[data-i18n]")) el.textContent = t(el.dataset.i18n);
   for (const el of document.querySelectorAll("[data-i18n-placeholder]")) el.placeholder = t(el.dataset.i18nPlaceholder);
+  for (const el of document.querySelectorAll("#transcript .speaker")) {
+    el.textContent = t("speaker", { n: Number(el.closest("li").dataset.speaker) + 1 });
+  }
   $("lang-toggle").textContent = lang === "zh" ? "English" : "中文";
 }
 
@@ -132,6 +138,7 @@ async function connect() {
       const info = await health.json();
       maxUploadBytes = (info.limits || {}).max_upload_bytes || Infinity;
       if (info.checkpoint) showCheckpoint(info.checkpoint);
+      $("speakers-option").hidden = !info.diarization; // the server has CAM++ (campplus.onnx)
     }
     const models = await fetch("/v1/models", { headers: authHeaders() });
     if (models.status === 401) {
@@ -192,6 +199,22 @@ function setRow(id, start, end, text, final) {
   row.scrollIntoView({ block: "nearest" });
 }
 
+// A speaker (0 for the first voice heard) on a row: its label and colour. Speakers are found once the whole
+// file is read, so they arrive with the done event, after the rows.
+function setSpeaker(id, speaker) {
+  const row = document.querySelector(`#transcript li[data-id="${CSS.escape(id)}"]`);
+  if (!row || !Number.isInteger(speaker) || speaker < 0) return;
+  row.dataset.speaker = String(speaker);
+  row.dataset.color = String(speaker % SPEAKER_COLORS);
+  let label = row.querySelector(".speaker");
+  if (!label) {
+    label = document.createElement("span");
+    label.className = "speaker";
+    row.querySelector(".time").after(label);
+  }
+  label.textContent = t("speaker", { n: speaker + 1 });
+}
+
 function transcriptText() {
   return [...document.querySelectorAll("#transcript li.final .text")].map((el) => el.textContent).join("\n");
 }
@@ -228,6 +251,9 @@ async function transcribeFile() {
   form.append("model", modelName);
   form.append("response_format", "verbose_json"); // timestamped: the done event brings srt, vtt and json
   form.append("stream", "true");
+  // speakers: verbose_json with our diarize field (the done event then brings the speakers, and srt, vtt and
+  // json that name them), rather than diarized_json, whose stream has no srt or vtt to download
+  if (!$("speakers-option").hidden && $("speakers").checked) form.append("diarize", "true");
   formOptions(form);
   upload = new AbortController();
   $("transcribe").disabled = true;
@@ -275,6 +301,7 @@ function onStreamEvent(event, name) {
     setRow(`file-${s.id}`, s.start, s.end, s.text, true);
   } else if (event.type === "transcript.text.done") {
     result = { name, text: event.text, documents: event.documents || {}, segments: event.segments || [] };
+    for (const s of result.segments) if (s.speaker !== undefined) setSpeaker(`file-${s.id}`, s.speaker);
     $("transcript").dataset.state = "done";
     $("copy").disabled = false;
     setStatus("done", { seconds: event.usage ? event.usage.seconds : "?" });
@@ -289,12 +316,39 @@ function onStreamEvent(event, name) {
 function documentFor(format) {
   if (!result) return null;
   const docs = result.documents;
-  if (format === "txt") return { body: `${result.text}\n`, type: "text/plain" };
+  if (format === "txt") return { body: `${speakerTurns() || result.text}\n`, type: "text/plain" };
   if (format === "json") return { body: JSON.stringify(docs.verbose_json || { text: result.text, segments: result.segments }, null, 2),
     type: "application/json" };
   if (format === "srt" && docs.srt) return { body: docs.srt, type: "application/x-subrip" };
   if (format === "vtt" && docs.vtt) return { body: docs.vtt, type: "text/vtt" };
   return null;
+}
+
+// With speakers, txt is a paragraph per turn, "Speaker N: ...", as the command line writes it (from segments here).
+function speakerTurns() {
+  const turns = [];
+  for (const s of result.segments) {
+    const text = String(s.text || "").trim();
+    if (s.speaker === undefined || !text) continue;
+    const last = turns[turns.length - 1];
+    if (last && last.speaker === s.speaker) last.parts.push(text);
+    else turns.push({ speaker: s.speaker, parts: [text] });
+  }
+  return turns.map((turn) => `${LABELS.en.speaker.replace("{n}", turn.speaker + 1)}: ${joinTexts(turn.parts)}`)
+    .join("\n\n");
+}
+
+// The server's join_texts: a space between Latin words (and after Latin punctuation), none between CJK characters.
+function joinTexts(parts) {
+  const word = (ch) => /^[A-Za-z0-9]$/.test(ch);
+  let out = "";
+  for (const part of parts) {
+    if (out && ((word(out.slice(-1)) && word(part[0])) || (".,!?;:".includes(out.slice(-1)) && part.charCodeAt(0) < 128))) {
+      out += " ";
+    }
+    out += part;
+  }
+  return out;
 }
 
 function updateDownload() {
