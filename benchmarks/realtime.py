@@ -20,10 +20,11 @@ features + encoder + CTC head per window length (the partials' cost model).
 
 Each count also says where the time went, in seconds per second of the run: the partials' features +
 encoder + CTC head, the finals' features + encoder (+ CTC draft), prompts placed, decode rounds, and the
-decoder thread's idle share (1 - prompts - rounds). `--compare` runs every count twice in turn, with
-the partials' budget off (partials run whenever their own stream has no final outstanding) and on
-(`funasr_nano.realtime.partials.PartialBudget`), so before and after come from one run. The engine
-opens a unified KV cache as `05_server.py` does (`--kv split`: as 06 alone does).
+decoder thread's idle share (1 - prompts - rounds). `--configs` lists the set-ups to run, each count
+through each in turn, so before and after come from one run: `<kv>:<budget>`, kv `unified` (as
+`05_server.py` opens it: prompts folded into the running round) or `split` (as `06_microphone.py`
+alone), budget `on` (`funasr_nano.realtime.partials.PartialBudget`) or `off` (partials whenever their
+own stream has no final outstanding). `--compare` is `split:off,unified:off,unified:on`.
 """
 
 from __future__ import annotations
@@ -165,6 +166,17 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
+def _setups(text: str) -> list[tuple[str, bool]]:
+    """`unified:on,split:off` -> [("unified", True), ("split", False)]."""
+    out = []
+    for item in text.split(","):
+        kv, _, budget = item.strip().partition(":")
+        if kv not in ("unified", "split") or budget not in ("on", "off"):
+            raise SystemExit(f"--configs: {item!r} is not <unified|split>:<on|off>")
+        out.append((kv, budget == "on"))
+    return out
+
+
 def encoder_cost(engine: Engine, audio: np.ndarray) -> list[tuple[float, float]]:
     from funasr_nano.realtime.partials import PartialTranscriber
 
@@ -193,10 +205,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="spread the streams' starts over this many seconds (default 0: all speak in lockstep, "
                         "every segment ending at once; the clip's period, 11.5, spreads them evenly)")
     p.add_argument("--encoder-cost", action="store_true", help="also time the partials' encoder + CTC per length")
-    p.add_argument("--compare", action="store_true",
-                   help="run each count with the partials' budget off, then on (before/after in one run)")
-    p.add_argument("--kv", choices=("unified", "split"), default="unified",
-                   help="KV cache layout: unified (as 05_server.py, prompts folded into rounds) or split (as 06)")
+    p.add_argument("--configs", default="unified:on", help="set-ups <kv>:<budget>, comma-separated: kv unified "
+                   "(as 05_server.py) or split (as 06), partial budget on or off (default unified:on)")
+    p.add_argument("--compare", action="store_true", help="--configs split:off,unified:off,unified:on")
     p.add_argument("--size", default="full")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
@@ -214,9 +225,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"- audio per stream: {len(audio) / SR:.1f} s ({args.audio.name} with 1.5 s pauses); finals forced to "
           f"{TOKENS_PER_SECOND} tokens per second of audio; partial every {config.partial_interval_seconds} s, "
           f"window {config.partial_window_seconds} s\n")
-    with Engine.from_preset(args.preset, models, threads=args.threads, batch_size=max(4, max(counts)),
-                            hooks=hooks, kv_unified=args.kv == "unified") as engine:
-        breakdown = Breakdown(engine)
+    setups = _setups("split:off,unified:off,unified:on" if args.compare else args.configs)
+    engines: dict[str, Engine] = {}
+    for kv in dict.fromkeys(kv for kv, _ in setups):  # one engine per KV layout, all open for the whole run
+        engines[kv] = Engine.from_preset(args.preset, models, threads=args.threads, batch_size=max(4, max(counts)),
+                                         hooks=hooks, kv_unified=kv == "unified")
+    breakdowns = {kv: Breakdown(e) for kv, e in engines.items()}
+    engine = engines[setups[-1][0]]  # the one-stream section: the last set-up's
+    try:
         if args.encoder_cost:
             print("| audio s | features + encoder + CTC, ms |\n|---|---|")
             for seconds, cost in encoder_cost(engine, clip):
@@ -229,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             engine.transcribe(audio[start_ms * 16: end_ms * 16], TranscribeOptions(vad="none"))
             offline.append(time.perf_counter() - t0)
         extra = [a - o for a, o in zip(one["after_commit"], offline)]
-        print("## One stream\n\n| measure | p50 s | p95 s |\n|---|---|---|")
+        print(f"## One stream ({setups[-1][0]} KV cache, partial budget {'on' if setups[-1][1] else 'off'})\n\n"
+              "| measure | p50 s | p95 s |\n|---|---|---|")
         print(f"| final delay (end of segment audio -> completed) | {pct(one['final'], 50):.3f} | "
               f"{pct(one['final'], 95):.3f} |")
         print(f"| speech -> first partial | {pct(one['first_partial'], 50):.3f} | {pct(one['first_partial'], 95):.3f} |")
@@ -238,38 +255,39 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| extra over offline (target <= 0.3) | {statistics.median(extra) if extra else float('nan'):.3f} | "
               f"{pct(extra, 95):.3f} |")
         print(f"\n{len(one['spans'])} segments; errors: {one['errors'] or 'none'}\n")
-        print(f"## Simultaneous streams (starts spread over {args.stagger:g} s)\n\n| streams | partial budget | "
-              f"final delay p50 s | p95 s | first partial p50 s | partials run / held | audio dropped | "
+        print(f"## Simultaneous streams (starts spread over {args.stagger:g} s)\n\n| streams | KV cache | partial budget "
+              f"| final delay p50 s | p95 s | first partial p50 s | partials run / held | audio dropped | "
               f"final p95 <= {args.max_final_delay:g} s | partials enc | finals enc | prompts | rounds | decoder idle |"
-              "\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-        kept_up: dict[bool, int] = {}
-        prompt: dict[bool, int] = {}
+              "\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        kept_up: dict[tuple[str, bool], int] = {}
+        prompt: dict[tuple[str, bool], int] = {}
         for n in counts:
-            for budget in ((False, True) if args.compare else (config.partial_budget,)):
+            for kv, budget in setups:
                 run_config = dataclasses.replace(config, partial_budget=budget)
-                breakdown.start()
-                runs = [measures(t) for t in run_streams(engine, audio, n, run_config, args.stagger)]
-                time_share = breakdown.stop()
+                breakdowns[kv].start()
+                runs = [measures(t) for t in run_streams(engines[kv], audio, n, run_config, args.stagger)]
+                ts = breakdowns[kv].stop()
                 final = [x for r in runs for x in r["final"]]
                 partial = [x for r in runs for x in r["first_partial"]]
                 dropped = sum(r["errors"].count("falling_behind") for r in runs)
                 fast = dropped == 0 and pct(final, 95) <= args.max_final_delay
                 # behind: audio dropped, or finals later than the lag a session allows itself (max_lag_seconds)
                 if dropped == 0 and pct(final, 95) <= config.max_lag_seconds:
-                    kept_up[budget] = max(kept_up.get(budget, 0), n)
+                    kept_up[kv, budget] = max(kept_up.get((kv, budget), 0), n)
                 if fast:
-                    prompt[budget] = max(prompt.get(budget, 0), n)
-                ts = time_share
-                print(f"| {n} | {'on' if budget else 'off'} | {pct(final, 50):.3f} | {pct(final, 95):.3f} | "
+                    prompt[kv, budget] = max(prompt.get((kv, budget), 0), n)
+                print(f"| {n} | {kv} | {'on' if budget else 'off'} | {pct(final, 50):.3f} | {pct(final, 95):.3f} | "
                       f"{pct(partial, 50):.3f} | {ts['partials_run']} / {ts['partials_held']} | {dropped} | "
                       f"{'yes' if fast else 'no'} | {ts['partials_encoder']:.2f} | {ts['finals_encoder']:.2f} | "
                       f"{ts['prefill']:.2f} | {ts['rounds']:.2f} | {ts['idle']:.2f} |", flush=True)
-        for budget in sorted(kept_up.keys() | prompt.keys()):
-            print(f"\npartial budget {'on' if budget else 'off'}: streams sustained without falling behind: "
-                  f"{kept_up.get(budget, 0)}; of those with final delay p95 <= {args.max_final_delay:g} s: "
-                  f"{prompt.get(budget, 0)}")
-        if not kept_up and not prompt:
-            print("\nno stream count was sustained")
+        print()
+        for kv, budget in setups:
+            print(f"- {kv} KV cache, partial budget {'on' if budget else 'off'}: streams sustained without falling "
+                  f"behind: {kept_up.get((kv, budget), 0)}; of those with final delay p95 <= "
+                  f"{args.max_final_delay:g} s: {prompt.get((kv, budget), 0)}")
+    finally:
+        for e in engines.values():
+            e.close()
     return 0
 
 
