@@ -198,6 +198,54 @@ def test_manifest_languages_are_per_file_and_a_bad_one_fails_only_its_file(clust
     assert bad["error"].startswith(clips[1]) and "klingon" in bad["error"]
 
 
+def test_diarize_gives_each_segment_its_speaker_and_the_row_the_count(cluster, dialogue: Path, diarize_models: Path,
+                                                                      tmp_path: Path):
+    """--diarize on the two-voice dialogue (CAM++ beside the model): the row's segments are the 03 script's
+    with --diarize, a speaker each, and `speakers` the count; rows without --diarize leave it null."""
+    common = ["--model-dir", str(diarize_models), "--gguf", str(diarize_models / "qwen3-0.6b-asr.f32.gguf"),
+              "--vad", "fsmn", "--speakers", "2"]
+    assert corpus_main([str(dialogue), "--output-dir", str(tmp_path / "out"), *common, *OPTIONS]) == 0
+    (row,) = read_corpus(tmp_path / "out").to_pylist()
+    assert row["error"] is None and row["speakers"] == 2
+    segments = json.loads(row["segments"])
+    assert len(segments) == 6 and all(s["speaker"] in (0, 1) for s in segments) and segments[0]["speaker"] == 0
+    cmd = [sys.executable, str(ROOT / "03_inference_cpu.py"), str(dialogue), "--format", "json", *common,
+           "--max-new-tokens", "8", "--threads", "2", "--quiet", "--batch-invariant"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    cli = json.loads(done.stdout)
+    assert segments == cli["segments"] and cli["speakers"] == row["speakers"]
+
+
+def test_diarize_without_cam_plus_plus_is_a_setup_error_before_ray(dialogue: Path, tiny_models: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]):
+    out = tmp_path / "out"
+    assert corpus_main([str(dialogue), "--output-dir", str(out), "--model-dir", str(tiny_models), "--diarize",
+                        *OPTIONS]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "campplus.onnx" in err and "--spk-release-dir" in err and "\n" not in err
+    assert corpus_main([str(dialogue), "--output-dir", str(out), "--model-dir", str(tiny_models), "--min-speakers", "3",
+                        "--max-speakers", "2", *OPTIONS]) == 2
+    assert capsys.readouterr().err.startswith("error: --min-speakers 3 --max-speakers 2")
+    assert not (out / CONSOLIDATED).exists()
+
+
+def test_rows_written_before_the_speakers_column_read_as_null(tmp_path: Path):
+    """A folder an earlier version wrote (no `speakers` column) merges with this version's parts."""
+    import pyarrow as pa
+
+    from funasr_nano.corpus.store import ROW_SCHEMA
+
+    old_schema = pa.schema([f for f in ROW_SCHEMA if f.name != "speakers"])
+    old = {k: v for k, v in _row("/a.wav").items() if k != "speakers"}
+    pq.write_table(pa.Table.from_pylist([old], schema=old_schema), tmp_path / CONSOLIDATED)
+    store = CorpusStore(tmp_path)
+    store.prepare()
+    store.write_part([{**_row("/b.wav"), "speakers": 3}])
+    assert [(r["path"], r["speakers"]) for r in store.consolidate().to_pylist()] == [("/a.wav", None), ("/b.wav", 3)]
+    assert pq.read_table(tmp_path / CONSOLIDATED).schema.equals(ROW_SCHEMA)
+
+
 # ---------------------------------------------------------------------------------------- inputs (no Ray)
 
 

@@ -29,6 +29,7 @@ from funasr_nano.options import (
     EXIT_SETUP,
     OneLineParser,
     add_deprecated_alias,
+    add_diarize_options,
     add_format_option,
     add_model_options,
     add_output_dir_option,
@@ -54,7 +55,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         notes="""\
 Output: out/ is one Parquet dataset (pandas.read_parquet("out/")): out/transcripts.parquet,
 one row per file (path, size, mtime_ns, duration, text, segments as JSON with times, model,
-preset, timings, error: set for a file that failed). out/_parts/ holds the rows of a run in
+preset, timings, error: set for a file that failed; with --diarize, speakers and a speaker per
+segment). out/_parts/ holds the rows of a run in
 progress, merged into transcripts.parquet when it ends; out/_files/ the per-file outputs of
 --format (readers of the folder skip names starting with _). Re-running the same command on
 the same --output-dir skips the files already transcribed (same path, size and mtime) and retries
@@ -73,6 +75,7 @@ and optional language and hotwords columns.""")
     add_deprecated_alias(p, "--formats", fmt)
     add_model_options(p)
     add_transcription_options(p)
+    add_diarize_options(p)
     ray_group = p.add_argument_group("Ray")
     ray_group.add_argument("--address", default=None,
                            help="join this Ray cluster ('auto': the one on this node; default: RAY_ADDRESS, "
@@ -133,6 +136,7 @@ def _run(args: argparse.Namespace) -> int:
     # every node reads the same files: absolute paths, checked (and exported on first use) here
     args.encoder, args.gguf = (p.resolve() for p in model_files(preset, args, args.model_dir))
     prompt_options(args)  # again, now that the model folder holds an export: its checkpoint's languages
+    _check_speakers(args)
 
     output = args.output_dir.resolve()
     hotwords = [args.hotwords or ""] + [f.hotwords for f in files if f.hotwords]
@@ -151,6 +155,26 @@ def _run(args: argparse.Namespace) -> int:
     if summary.interrupted:
         return EXIT_INTERRUPTED
     return EXIT_FAILED_INPUTS if summary.failed else EXIT_OK
+
+
+def _check_speakers(args: argparse.Namespace) -> None:
+    """--diarize (or a speaker count): the options, CAM++ in the model folder and the diarize extra, checked
+    here, before Ray starts: each actor would otherwise fail every file with the same error."""
+    from funasr_nano import requirements
+    from funasr_nano.cli import _diarize, _diarize_options
+    from funasr_nano.speakers.embeddings import SPK_MODEL_FILE, find_speaker_model
+
+    if not _diarize(args):
+        return
+    _diarize_options(args)  # --min-speakers above --max-speakers, --speakers with either: one line
+    if find_speaker_model(args.model_dir) is None:
+        raise SetupError(f"{args.model_dir}/{SPK_MODEL_FILE}: not found: --diarize needs CAM++ (get it with "
+                         "`funasr-nano export --spk-release-dir DIR`, which downloads "
+                         "iic/speech_campplus_sv_zh-cn_16k-common into DIR)")
+    try:
+        requirements.check(PROG, "diarize")
+    except requirements.MissingRequirement as exc:
+        raise SetupError(str(exc)) from exc
 
 
 def _connect(connect, args: argparse.Namespace) -> None:

@@ -68,7 +68,8 @@ ROW_SCHEMA = pa.schema([
     ("language", pa.string()),        # the language asked for (null: the model decides)
     ("hotwords", pa.string()),
     ("text", pa.string()),            # null on error
-    ("segments", pa.string()),        # JSON list, the 03 scripts' `--format json` segments (times in seconds)
+    ("segments", pa.string()),        # JSON list, the 03 scripts' `--format json` segments (times in seconds;
+                                      # with --diarize each has `speaker`, 0 for the first voice heard)
     ("n_segments", pa.int32()),
     ("n_tokens", pa.int64()),
     ("model", pa.string()),           # the model folder
@@ -76,6 +77,9 @@ ROW_SCHEMA = pa.schema([
     ("timings", pa.string()),         # JSON: seconds per stage, the 03 scripts' `timings`
     ("seconds", pa.float64()),        # wall time the worker spent on the file
     ("error", pa.string()),           # one line naming the file and the problem; null when transcribed
+    # --diarize: how many speakers the file has (null without --diarize, and in rows written before the
+    # column existed: readers fill it). Who spoke each segment is its `speaker` in `segments`.
+    ("speakers", pa.int32()),
 ])
 KEY_COLUMNS = ("path", "size", "mtime_ns")
 TIMING_COLUMNS = ("timings", "seconds")  # the only columns that differ between two runs of one corpus
@@ -157,9 +161,9 @@ class CorpusStore:
         return table
 
     def _merge(self, parts: list[Path]) -> pa.Table:
-        tables = [pq.read_table(p, schema=ROW_SCHEMA) for p in parts]
+        tables = [read_rows(p) for p in parts]
         if self.consolidated.is_file():
-            tables.insert(0, pq.read_table(self.consolidated, schema=ROW_SCHEMA))
+            tables.insert(0, read_rows(self.consolidated))
         if not tables:
             return ROW_SCHEMA.empty_table()
         return one_row_per_key(pa.concat_tables(tables))
@@ -180,6 +184,16 @@ class CorpusStore:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def read_rows(path: Path) -> pa.Table:
+    """A part or dataset file as ROW_SCHEMA: columns added since it was written (`speakers`) are null, so a
+    folder an earlier version wrote merges with this version's parts."""
+    table = pq.read_table(path)
+    for name in ROW_SCHEMA.names:
+        if name not in table.column_names:
+            table = table.append_column(ROW_SCHEMA.field(name), pa.nulls(table.num_rows, ROW_SCHEMA.field(name).type))
+    return table.select(ROW_SCHEMA.names).cast(ROW_SCHEMA)
 
 
 def one_row_per_key(table: pa.Table) -> pa.Table:

@@ -104,7 +104,7 @@ class Transcriber:
             row.update(duration=as_json["duration"], text=transcript.text,
                        segments=json.dumps(as_json["segments"], ensure_ascii=False),
                        n_segments=len(transcript.segments), n_tokens=transcript.n_tokens,
-                       timings=json.dumps(as_json["timings"]),
+                       timings=json.dumps(as_json["timings"]), speakers=transcript.speakers,
                        outputs=json.dumps({fmt: render(transcript, fmt, max_cue_seconds=args.max_cue_seconds)
                                            for fmt in self.settings.formats}, ensure_ascii=False))
         except Exception as exc:  # one bad file must not stop the actor, let alone the job
