@@ -430,3 +430,31 @@ def test_warnings_while_a_file_is_transcribed_name_it(capsys):
         "warning: -: truncated or damaged audio",
         "warning: no input: as it was",
     ]
+
+
+@pytest.mark.parametrize("kind", ["vad", "spk"])
+def test_the_releases_beside_the_main_one_download_through_the_proxy_or_say_how(kind, proxy, monkeypatch, tmp_path):
+    """--vad-release-dir and --spk-release-dir name folders the export downloads from ModelScope when they are
+    empty: through the proxy the environment names, and one line with the download command when that fails."""
+    from funasr_nano.export.export_campplus import SpkReleaseError, ensure_spk_release
+    from funasr_nano.export.export_fsmn_vad import VadReleaseError, ensure_vad_release
+
+    ensure, error, model_id = {"vad": (ensure_vad_release, VadReleaseError, "iic/speech_fsmn_vad_zh-cn-16k-common-pytorch"),
+                               "spk": (ensure_spk_release, SpkReleaseError, "iic/speech_campplus_sv_zh-cn_16k-common")}[kind]
+    for name in ("HTTPS_PROXY", "https_proxy"):
+        monkeypatch.setenv(name, proxy.url)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.setenv(name, "")
+    folder = tmp_path / "release"
+    folder.mkdir()
+    with pytest.raises(error) as refused:
+        ensure(folder, download=True)
+    line = str(refused.value)
+    assert "\n" not in line and f"(through the proxy {proxy.url})" in line, line
+    assert f"`modelscope download --model {model_id} --local_dir {folder}`" in line, line
+    assert proxy.requests and proxy.requests[0].startswith("CONNECT www.modelscope.cn:443 "), proxy.requests
+    with pytest.raises(error, match="release not found"):
+        ensure(tmp_path / "elsewhere", download=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(error, match=r"not a folder \(--(vad|spk)-release-dir\)"):
+        ensure(tmp_path / "file", download=True)

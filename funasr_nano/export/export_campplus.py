@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,6 @@ log = logging.getLogger(__name__)
 SPK_RELEASE_DIR_NAME = "speech_campplus_sv_zh-cn_16k-common"
 DEFAULT_WEIGHTS = "campplus_cn_common.bin"
 OPSET = 17
-MODELSCOPE_URL = "https://www.modelscope.cn/"
 # CAMPPlus's constructor defaults: what funasr builds when config.yaml leaves a key out
 DEFAULT_MODEL_CONF: dict[str, Any] = {"feat_dim": 80, "embedding_size": 192, "growth_rate": 32, "bn_size": 4,
                                       "init_channels": 128, "config_str": "batchnorm-relu",
@@ -72,37 +70,13 @@ def is_spk_release(path: Path | str) -> bool:
     return weights_file(path).is_file()
 
 
-def spk_download_command(path: Path | str) -> str:
-    return f"modelscope download --model {SPK_RELEASE_ID} --local_dir {path}"
-
-
 def ensure_spk_release(path: Path | str, *, download: bool = True) -> Path:
     """The release folder, downloaded from ModelScope into `path` when absent and `download` is allowed."""
-    from funasr_nano.export.release import _proxy_note, reachable
+    from funasr_nano.export.release import ensure_modelscope_release
 
-    path = Path(path)
-    if is_spk_release(path):
-        return path
-    if path.exists() and not path.is_dir():
-        raise SpkReleaseError(f"{path}: not a folder (--spk-release-dir)")
-    hint = f"get it with `{spk_download_command(path)}` on a machine with network access"
-    if not download:
-        raise SpkReleaseError(f"{path}: CAM++ release not found ({DEFAULT_WEIGHTS}); {hint}")
-    if not reachable(MODELSCOPE_URL):
-        raise SpkReleaseError(f"{path}: CAM++ release not found and ModelScope ({MODELSCOPE_URL}) is unreachable "
-                              f"from here{_proxy_note(MODELSCOPE_URL)}; {hint}")
-    try:
-        from modelscope import snapshot_download
-    except ImportError as exc:
-        raise SpkReleaseError(f"{path}: CAM++ release not found and modelscope is not installed; {hint}") from exc
-    print(f"Downloading {SPK_RELEASE_ID} from ModelScope into {path} ...", file=sys.stderr, flush=True)
-    try:
-        snapshot_download(SPK_RELEASE_ID, local_dir=str(path))
-    except Exception as exc:  # the hub client raises many kinds of network errors
-        raise SpkReleaseError(f"{path}: could not download {SPK_RELEASE_ID} ({type(exc).__name__}); {hint}") from exc
-    if not is_spk_release(path):
-        raise SpkReleaseError(f"{path}: download of {SPK_RELEASE_ID} is incomplete; {hint}")
-    return path
+    return ensure_modelscope_release(path, SPK_RELEASE_ID, label="CAM++", option="--spk-release-dir",
+                                     complete=is_spk_release, missing=DEFAULT_WEIGHTS, error=SpkReleaseError,
+                                     download=download)
 
 
 def read_model_conf(release_dir: Path | str) -> dict[str, Any]:

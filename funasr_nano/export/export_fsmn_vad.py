@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,6 @@ log = logging.getLogger(__name__)
 VAD_RELEASE_DIR_NAME = "speech_fsmn_vad_zh-cn-16k-common-pytorch"
 VAD_RELEASE_FILES = ("config.yaml", "model.pt", "am.mvn")
 OPSET = 17
-MODELSCOPE_URL = "https://www.modelscope.cn/"
 
 
 class VadReleaseError(RuntimeError):
@@ -48,37 +46,13 @@ def is_vad_release(path: Path | str) -> bool:
     return all((Path(path) / name).is_file() for name in VAD_RELEASE_FILES)
 
 
-def vad_download_command(path: Path | str) -> str:
-    return f"modelscope download --model {FSMN_RELEASE_ID} --local_dir {path}"
-
-
 def ensure_vad_release(path: Path | str, *, download: bool = True) -> Path:
     """The release folder, downloaded from ModelScope into `path` when absent and `download` is allowed."""
-    from funasr_nano.export.release import _proxy_note, reachable
+    from funasr_nano.export.release import ensure_modelscope_release
 
-    path = Path(path)
-    if is_vad_release(path):
-        return path
-    if path.exists() and not path.is_dir():
-        raise VadReleaseError(f"{path}: not a folder (--vad-release-dir)")
-    hint = f"get it with `{vad_download_command(path)}` on a machine with network access"
-    if not download:
-        raise VadReleaseError(f"{path}: FSMN-VAD release not found ({', '.join(VAD_RELEASE_FILES)}); {hint}")
-    if not reachable(MODELSCOPE_URL):
-        raise VadReleaseError(f"{path}: FSMN-VAD release not found and ModelScope ({MODELSCOPE_URL}) is unreachable "
-                              f"from here{_proxy_note(MODELSCOPE_URL)}; {hint}")
-    try:
-        from modelscope import snapshot_download
-    except ImportError as exc:
-        raise VadReleaseError(f"{path}: FSMN-VAD release not found and modelscope is not installed; {hint}") from exc
-    print(f"Downloading {FSMN_RELEASE_ID} from ModelScope into {path} ...", file=sys.stderr, flush=True)
-    try:
-        snapshot_download(FSMN_RELEASE_ID, local_dir=str(path))
-    except Exception as exc:  # the hub client raises many kinds of network errors
-        raise VadReleaseError(f"{path}: could not download {FSMN_RELEASE_ID} ({type(exc).__name__}); {hint}") from exc
-    if not is_vad_release(path):
-        raise VadReleaseError(f"{path}: download of {FSMN_RELEASE_ID} is incomplete; {hint}")
-    return path
+    return ensure_modelscope_release(path, FSMN_RELEASE_ID, label="FSMN-VAD", option="--vad-release-dir",
+                                     complete=is_vad_release, missing=", ".join(VAD_RELEASE_FILES),
+                                     error=VadReleaseError, download=download)
 
 
 def read_vad_config(release_dir: Path | str) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -258,6 +259,42 @@ def _download(path: Path, source: Source) -> None:
         raise ReleaseError(f"{path}: could not download {MODEL_ID} ({type(exc).__name__}); {hint}") from exc
     if not (path / "model.pt").is_file():
         raise ReleaseError(f"{path}: download of {MODEL_ID} is incomplete (no model.pt); {hint}")
+
+
+def ensure_modelscope_release(path: Path | str, model_id: str, *, label: str, option: str,
+                              complete: Callable[[Path], bool], missing: str, error: type[Exception] = ReleaseError,
+                              download: bool = True) -> Path:
+    """A release the export reads beside the main one (FSMN-VAD, CAM++), downloaded from ModelScope into `path`
+    when it is not there and `download` allows; `error` (one line, with the download command) otherwise.
+
+    `complete` says whether a folder holds it; `missing` names what it should hold, for the message; `option`
+    is the command-line option that names the folder.
+    """
+    path = Path(path)
+    if complete(path):
+        return path
+    if path.exists() and not path.is_dir():
+        raise error(f"{path}: not a folder ({option})")
+    command = f"modelscope download --model {model_id} --local_dir {path}"
+    hint = f"get it with `{command}` on a machine with network access"
+    if not download:
+        raise error(f"{path}: {label} release not found ({missing}); {hint}")
+    source = SOURCES["modelscope"]
+    if not reachable(source.url):
+        raise error(f"{path}: {label} release not found and ModelScope ({source.url}) is unreachable from "
+                    f"here{_proxy_note(source.url)}; {hint}")
+    try:
+        from modelscope import snapshot_download
+    except ImportError as exc:
+        raise error(f"{path}: {label} release not found and modelscope is not installed; {hint}") from exc
+    print(f"Downloading {model_id} from ModelScope into {path} ...", file=sys.stderr, flush=True)
+    try:
+        snapshot_download(model_id, local_dir=str(path))
+    except Exception as exc:  # the hub client raises many kinds of network errors
+        raise error(f"{path}: could not download {model_id} ({type(exc).__name__}); {hint}") from exc
+    if not complete(path):
+        raise error(f"{path}: download of {model_id} is incomplete; {hint}")
+    return path
 
 
 def reachable(url: str, timeout: float = 5.0) -> bool:
