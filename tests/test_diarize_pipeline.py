@@ -11,6 +11,8 @@
   package reads, txt paragraphs per turn; set-up errors are one line, exit 2.
 - The server: `response_format=diarized_json` parsed by the official `openai` client (plain and
   streamed), verbose_json and SRT with `diarize=true`; speakers and times equal the library's.
+- Live streams: a session with `diarize` puts the online speaker (funasr_nano.speakers.online) of each
+  turn on its completed event.
 
 The dialogue and the model folder with FSMN-VAD and CAM++ are tests/conftest.py's fixtures.
 """
@@ -23,6 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from testing.oracle import quiet_funasr
@@ -219,3 +222,53 @@ def test_server_diarized_json_and_verbose_json_speakers(dialogue: Path, diarize_
         assert srv.stop() in (0, -15), srv.output()
     assert "Traceback" not in srv.output()
 
+
+def test_live_stream_finals_carry_online_speakers(dialogue: Path, diarize_models: Path, tmp_path: Path) -> None:
+    """A real-time session with `diarize` (manual turns on the dialogue): each completed event has the speaker
+    that funasr_nano.speakers.online gives the turn's CAM++ mean embedding, computed here directly; the event's
+    JSON carries it as an extra field, session.update takes `diarize` (a boolean), and a server without
+    campplus.onnx refuses it with one error event."""
+    import types
+
+    from funasr_nano.audio.load import load_audio
+    from funasr_nano.engine import Engine
+    from funasr_nano.realtime import RealtimeConfig, RealtimeSession, SessionSettings
+    from funasr_nano.realtime.events import Error, SessionUpdated, TranscriptionCompleted
+    from funasr_nano.realtime.protocol import handle, parse, render
+    from funasr_nano.speakers.online import OnlineSpeakers, segment_embedding
+
+    wave = load_audio(dialogue)
+    pcm = (np.clip(np.round(wave * 32768), -32768, 32767)).astype(np.int16)
+    cuts = np.linspace(0, len(pcm), 7).astype(int)  # six turns of equal length
+    config = RealtimeConfig(max_new_tokens=STEPS, max_lag_seconds=1e9, partials=False, speaker_threshold=0.5,
+                            max_speakers=4)
+    events: list = []
+    with Engine(diarize_models, gguf_path=diarize_models / "qwen3-0.6b-asr.f32.gguf") as engine:
+        with RealtimeSession(engine, SessionSettings(vad=None, diarize=True), config, events.append) as session:
+            for a, b in zip(cuts, cuts[1:]):
+                session.append(pcm[a:b])
+                session.commit()
+            assert session.finish(timeout=120)
+        online = OnlineSpeakers(0.5, 4)
+        want = [online.assign(segment_embedding(engine.speaker_embedder(), pcm[a:b].astype(np.float32) / 32768))
+                for a, b in zip(cuts, cuts[1:])]
+    finals = [e for e in events if isinstance(e, TranscriptionCompleted)]
+    assert [e.speaker for e in finals] == want and want[0] == 0
+    print(f"online speakers: {want}")
+    assert render(finals[0])["speaker"] == 0
+    assert "speaker" not in render(TranscriptionCompleted("item_1", "hi", 0, 100))
+    update = {"type": "session.update", "session": {"audio": {"input": {"transcription": {"diarize": True}}}}}
+    assert parse(json.dumps(update)).settings.diarize is True
+    echoed = render(SessionUpdated("sess_1", parse(json.dumps(update)).settings))["session"]
+    assert echoed["audio"]["input"]["transcription"]["diarize"] is True
+    assert "diarize" not in render(SessionUpdated("sess_1", SessionSettings()))["session"]["audio"]["input"]["transcription"]
+    update["session"]["audio"]["input"]["transcription"]["diarize"] = "yes"
+    with pytest.raises(ValueError, match="diarize"):
+        parse(json.dumps(update))
+    # a server whose model folder has no CAM++: one error event, the settings unchanged
+    update["session"]["audio"]["input"]["transcription"]["diarize"] = True
+    bare = types.SimpleNamespace(model_dir=tmp_path, languages={"en": "英文"}, checkpoint="nano")
+    fake = types.SimpleNamespace(engine=types.SimpleNamespace(settings=bare), settings=SessionSettings(),
+                                 config=RealtimeConfig())
+    (error,) = handle(fake, json.dumps(update))
+    assert isinstance(error, Error) and error.code == "invalid_value" and "campplus.onnx" in error.message

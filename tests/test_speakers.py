@@ -13,6 +13,8 @@
   the UMAP branch, on the windows funasr's HDBSCAN does not call noise: see that test).
 - Turns and sentence speakers: funasr's postprocess + distribute_spk on the same windows and labels
   give the same turns and the same speaker per sentence.
+- Live streams' online speakers (ours, no funasr counterpart): assignment by cosine to running means,
+  a new speaker below the threshold, the bound.
 """
 
 from __future__ import annotations
@@ -224,3 +226,37 @@ def test_turns_and_sentence_speakers_equal_funasr() -> None:
         distribute_spk(sentences, theirs)
         assert [speaker_of(s["start"] / 1000, s["end"] / 1000, ours) for s in sentences] == \
             [s["spk"] for s in sentences], trial
+
+
+def test_online_speakers_follow_the_running_means_up_to_the_bound() -> None:
+    """Live streams' speakers (funasr_nano.speakers.online): noisy copies of random unit vectors (cosine about
+    0.8 within a speaker, about 0 between) go to the speaker whose running mean they are close to, a far one
+    opens a new speaker until `max_speakers`, then joins the closest; a segment without samples keeps the last."""
+    from funasr_nano.speakers.online import OnlineSpeakers, segment_embedding
+
+    rng = np.random.default_rng(5)
+    voices = rng.standard_normal((3, 192))
+    voices /= np.linalg.norm(voices, axis=1, keepdims=True)
+
+    def segment(k: int) -> np.ndarray:
+        return voices[k] + 0.75 * rng.standard_normal(192) / np.sqrt(192)
+
+    order = [0, 0, 1, 0, 1, 1, 2, 0]
+    online = OnlineSpeakers(threshold=0.5, max_speakers=3)
+    assert [online.assign(segment(k)) for k in order] == order and online.speakers == 3
+    assert online.assign(None) == 0  # the last segment's speaker
+    bounded = OnlineSpeakers(threshold=0.5, max_speakers=2)
+    got = [bounded.assign(segment(k)) for k in order]
+    assert got[:6] == order[:6] and got[6] in (0, 1) and bounded.speakers == 2
+    strict = OnlineSpeakers(threshold=0.99, max_speakers=15)  # no noisy copy reaches it: a new speaker each time
+    assert [strict.assign(segment(0)) for _ in range(4)] == [0, 1, 2, 3]
+    for bad in ({"threshold": 1.5}, {"max_speakers": 0}):
+        with pytest.raises(ValueError):
+            OnlineSpeakers(**bad)
+
+    class TwoWindows:  # the embedder's interface: (windows, embeddings)
+        def segment(self, start: float, wave: np.ndarray, sample_rate: int):
+            return [(0.0, 1.5), (0.75, 2.25)], np.array([[3.0, 0.0], [0.0, 3.0]], np.float32)
+
+    assert np.allclose(segment_embedding(TwoWindows(), np.ones(SR, np.float32)), [2 ** -0.5, 2 ** -0.5])
+    assert segment_embedding(TwoWindows(), np.zeros(0, np.float32)) is None

@@ -69,11 +69,16 @@ class TranscriptionDelta:
 
 @dataclass(frozen=True)
 class TranscriptionCompleted:
+    """The final text of an item. `speaker` (our addition, sessions with `diarize` only): who spoke it, 0 for
+    the first voice of the stream, assigned online as the item ends (`funasr_nano.speakers.online`). OpenAI's
+    clients keep an extra field of an event they parse, and ignore it otherwise."""
+
     type: ClassVar[str] = "conversation.item.input_audio_transcription.completed"
     item_id: str
     transcript: str
     audio_start_ms: int
     audio_end_ms: int
+    speaker: int | None = None
 
 
 @dataclass(frozen=True)

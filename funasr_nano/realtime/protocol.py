@@ -8,7 +8,9 @@ Client events (JSON text messages) that are understood:
     other rates are resampled with soxr); the beta `"pcm16"` is OpenAI's 24 kHz PCM16. With no
     format ever given, the session takes 16 kHz.
   * transcription: `language` (zh/en/ja or their names, empty for auto), `prompt` (hotwords,
-    comma-separated: the model's prompt takes a hotword list, not free text), `model` (echoed).
+    comma-separated: the model's prompt takes a hotword list, not free text), `model` (echoed),
+    and ours, `diarize` (true/false): a `speaker` on each completed event (online assignment,
+    `funasr_nano.speakers.online`; `invalid_value` on a server without campplus.onnx).
   * turn_detection: `{"type": "server_vad", "threshold", "silence_duration_ms", "prefix_padding_ms"}`
     (Silero VAD; the defaults are the offline CLI's, 0.5 / 300 ms / 100 ms), or null: no VAD, each
     `input_audio_buffer.commit` ends a segment.
@@ -62,6 +64,7 @@ from funasr_nano.realtime.events import (
     TranscriptionFailed,
 )
 from funasr_nano.realtime.settings import MAX_RATE, MIN_RATE, SessionSettings
+from funasr_nano.speakers.embeddings import SPK_MODEL_FILE, find_speaker_model
 
 BETA_PCM16_RATE = 24000  # OpenAI's "pcm16": 24 kHz mono little-endian
 UPDATE_TYPES = {"session.update": "session.updated",
@@ -159,6 +162,10 @@ def handle(session, message: str | bytes) -> list[ServerEvent]:
     except ProtocolError as exc:
         return [Error(exc.code, exc.message, exc.param, _event_id(message))]
     if isinstance(event, SessionUpdate):
+        if event.settings.diarize and find_speaker_model(session.engine.settings.model_dir) is None:
+            return [Error("invalid_value", f"speakers need CAM++ ({SPK_MODEL_FILE}), which this server's model folder "
+                          "lacks: export it with funasr-nano export --spk-release-dir", "transcription.diarize",
+                          event.event_id)]
         return [dataclasses.replace(e, reply_type=event.reply_type) if isinstance(e, SessionUpdated) else e
                 for e in session.configure(event.settings)]
     if not session.configured:
@@ -189,6 +196,8 @@ def render(event: ServerEvent) -> dict[str, Any]:
     elif isinstance(event, TranscriptionCompleted):
         out.update(item_id=event.item_id, content_index=0, transcript=event.transcript,
                    audio_start_ms=event.audio_start_ms, audio_end_ms=event.audio_end_ms)
+        if event.speaker is not None:
+            out["speaker"] = event.speaker
     elif isinstance(event, TranscriptionFailed):
         out.update(item_id=event.item_id, content_index=0,
                    error={"type": "transcription_error", "code": event.code, "message": event.message})
@@ -209,8 +218,10 @@ def parse_server_event(data: dict[str, Any]) -> ServerEvent | None:
     if kind == TranscriptionDelta.type:
         return TranscriptionDelta(data["item_id"], data.get("delta", ""), data.get("partial", data.get("delta", "")))
     if kind == TranscriptionCompleted.type:
+        speaker = data.get("speaker")
         return TranscriptionCompleted(data["item_id"], data["transcript"], data.get("audio_start_ms", 0),
-                                      data.get("audio_end_ms", 0))
+                                      data.get("audio_end_ms", 0),
+                                      speaker if isinstance(speaker, int) and not isinstance(speaker, bool) else None)
     if kind == TranscriptionFailed.type:
         error = data.get("error") or {}
         return TranscriptionFailed(data["item_id"], error.get("code", ""), error.get("message", ""))
@@ -244,16 +255,19 @@ def _settings(session: dict[str, Any], current: SessionSettings, max_prompt_char
                                 "supported: pcm16 only", "session.input_audio_format")
         rate = BETA_PCM16_RATE
     transcription = audio_in.get("transcription", session.get("input_audio_transcription"))
-    prompt, model = current.prompt, current.model
+    prompt, model, diarize = current.prompt, current.model, current.diarize
     if transcription is not None:
         if not isinstance(transcription, dict):
             raise ProtocolError("invalid_value", "transcription settings must be an object", "transcription")
         prompt, model = _prompt(transcription, prompt, max_prompt_chars, languages), _model(transcription.get("model"), model)
+        diarize = transcription.get("diarize", diarize)
+        if not isinstance(diarize, bool):
+            raise ProtocolError("invalid_value", "`diarize` must be true or false", "transcription.diarize")
     vad = current.vad
     if "turn_detection" in audio_in or "turn_detection" in session:
         vad = _vad(audio_in["turn_detection"] if "turn_detection" in audio_in else session["turn_detection"])
     try:
-        return SessionSettings(sample_rate=rate, prompt=prompt, vad=vad, model=model)
+        return SessionSettings(sample_rate=rate, prompt=prompt, vad=vad, model=model, diarize=diarize)
     except ValueError as exc:
         raise ProtocolError("invalid_value", str(exc), "format.rate") from None
 
@@ -327,8 +341,10 @@ def _vad(turn: Any) -> VadOptions | None:
 
 def _session_json(session_id: str | None, settings: SessionSettings, beta: bool) -> dict[str, Any]:
     codes = {name: code for code, name in MLT_LANGUAGES.items()}
-    transcription = {"model": settings.model, "language": codes.get(settings.prompt.language or "", ""),
-                     "prompt": ",".join(settings.prompt.hotwords)}
+    transcription: dict[str, Any] = {"model": settings.model, "language": codes.get(settings.prompt.language or "", ""),
+                                     "prompt": ",".join(settings.prompt.hotwords)}
+    if settings.diarize:  # ours: said only when asked for, so OpenAI's own shape is unchanged otherwise
+        transcription["diarize"] = True
     vad = settings.vad
     turn = None if vad is None else {"type": "server_vad", "threshold": vad.threshold,
                                      "silence_duration_ms": round(vad.min_silence_seconds * 1000),

@@ -20,6 +20,9 @@ interval's worth of audio waits (they would be stale), while the stream's own fi
 decoded, while another stream's partial is being encoded, and they give way to every stream's
 finals on the engine (`funasr_nano.realtime.partials`: only first partials of a turn while finals
 are outstanding, none while one is late).
+With `SessionSettings.diarize`, each closed segment's CAM++ embedding (the mean of its windows) is
+given a speaker among those of the stream so far as it closes (`funasr_nano.speakers.online`: an
+online assignment, not the offline clustering), and its completed event carries it.
 `close()` cancels the session's decoding jobs (their sequences are freed before the scheduler's
 next round) and drops its audio.
 """
@@ -64,6 +67,7 @@ from funasr_nano.realtime.events import SpeechStarted as SpeechStartedEvent
 from funasr_nano.realtime.events import SpeechStopped as SpeechStoppedEvent
 from funasr_nano.realtime.partials import PartialTranscriber, budget_for
 from funasr_nano.realtime.settings import DEFAULT_CONFIG, MODEL_RATE, RealtimeConfig, SessionSettings
+from funasr_nano.speakers.online import OnlineSpeakers, segment_embedding
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +81,7 @@ class _Final:
     item_id: str
     pending: object  # funasr_nano.engine.PendingSegment
     submitted: float  # time.monotonic() when submitted
+    speaker: int | None = None  # settings.diarize: the stream's speaker of this segment
 
 
 @dataclass
@@ -117,6 +122,7 @@ class RealtimeSession:
         self._budget = budget_for(engine)  # every stream's finals on this engine, which partials give way to
         self._partials_on = config.partials and self._partials.available  # loads the CTC head now
         self._vad_path = find_vad_model(engine.settings.model_dir)
+        self._speakers: OnlineSpeakers | None = None  # the stream's speakers, once a segment is diarized
         self._apply(self.settings)
         self._thread = threading.Thread(target=self._run, name=f"realtime-{self.id}", daemon=True)
         self._thread.start()
@@ -271,6 +277,8 @@ class RealtimeSession:
                                           speculative=self.config.speculative)
         self._vad_mode = settings.vad is not None
         self._applied = settings
+        if settings.diarize:
+            self.engine.speaker_embedder()  # CAM++ now: a model folder without it fails here, not at the first final
 
     def _on_audio(self, samples: np.ndarray, seconds: float) -> None:
         try:
@@ -342,14 +350,28 @@ class RealtimeSession:
         except BaseException:
             self._budget.final_done(key)
             raise
+        submitted = time.monotonic()
+        speaker = self._speaker_of(segment.audio)  # after the submit: the segment decodes meanwhile
         with self._lock:
-            self._finals.append(_Final(item_id, pending, time.monotonic()))
+            self._finals.append(_Final(item_id, pending, submitted, speaker))
 
         def decoded(_: object) -> None:
             self._budget.final_done(key)
             self._queue.put(("final",))
 
         pending.add_done_callback(decoded)
+
+    def _speaker_of(self, audio: np.ndarray) -> int | None:
+        """With settings.diarize, the segment's speaker among the stream's so far (funasr_nano.speakers.online)."""
+        if not self._applied.diarize:
+            return None
+        try:
+            if self._speakers is None:
+                self._speakers = OnlineSpeakers(self.config.speaker_threshold, self.config.max_speakers)
+            return self._speakers.assign(segment_embedding(self.engine.speaker_embedder(), audio, MODEL_RATE))
+        except Exception:  # noqa: BLE001 - the final still comes, without a speaker
+            log.exception("%s: the speaker of a segment failed", self.id)
+            return None
 
     def _partial(self) -> None:
         """A delta for the open segment once `partial_interval_seconds` of new audio is in, if keeping up."""
@@ -404,7 +426,7 @@ class RealtimeSession:
                                                "decoding this segment failed (see the server's log)"))
                 continue
             self._emit(TranscriptionCompleted(final.item_id, segment.text, round(segment.start * 1000),
-                                              round(segment.end * 1000)))
+                                              round(segment.end * 1000), final.speaker))
         if self._finishing is not None and not self._finals:
             self._finishing.set()
             self._finishing = None

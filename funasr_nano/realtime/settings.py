@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from funasr_nano.audio.vad import VadOptions
 from funasr_nano.models.prompt import PromptOptions
 from funasr_nano.presets import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_SEGMENT_SECONDS
+from funasr_nano.speakers.online import DEFAULT_MAX_ONLINE_SPEAKERS, DEFAULT_THRESHOLD
 
 MODEL_RATE = 16000
 # Input rates taken as PCM16: 16 kHz is used as sent (bit-exact with offline transcription of the same
@@ -26,6 +27,9 @@ class SessionSettings:
     prompt: PromptOptions = PromptOptions()
     vad: VadOptions | None = field(default_factory=VadOptions)
     model: str = "fun-asr-nano"
+    # a speaker on each final (`funasr_nano.speakers.online`: assigned as each segment ends, not the offline
+    # clustering); needs campplus.onnx in the model folder
+    diarize: bool = False
 
     def __post_init__(self) -> None:
         if not (MIN_RATE <= int(self.sample_rate) <= MAX_RATE):
@@ -59,6 +63,10 @@ class RealtimeConfig:
     max_prompt_chars: int | None = None
     # the VAD of server turn detection: "silero", or "fsmn" (the server's --vad fsmn: FunASR's FSMN-VAD)
     vad: str = "silero"
+    # sessions with `diarize`: the cosine to a speaker's running mean at which a final is that speaker's, and the
+    # most speakers one stream gets (funasr_nano.speakers.online says why these defaults)
+    speaker_threshold: float = DEFAULT_THRESHOLD
+    max_speakers: int = DEFAULT_MAX_ONLINE_SPEAKERS
 
 
 DEFAULT_CONFIG = RealtimeConfig()
