@@ -26,6 +26,7 @@ import pytest
 
 from testing.imports import RUN_SCRIPT
 from testing.server import wait_until_healthy
+from testing.signals import with_default_sigint
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ("--max-new-tokens", "4", "--threads", "2")
@@ -174,9 +175,9 @@ def test_first_segment_shows_before_the_last_is_decoded_and_ctrl_c_keeps_it(thre
     texts = [s["text"] for s in json.loads(whole.stdout)["segments"]]
     assert len(texts) == 3
 
-    proc = subprocess.Popen([sys.executable, str(ROOT / "03_inference_cpu.py"), str(three_segments), "--model-dir",
-                             str(tiny_models), *SLOW], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=_env())
+    proc = subprocess.Popen(with_default_sigint([sys.executable, str(ROOT / "03_inference_cpu.py"), str(three_segments),
+                                                 "--model-dir", str(tiny_models), *SLOW]),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
     try:
         first = os.read(proc.stdout.fileno(), 65536)  # blocks until the first segment's text is printed
         running = proc.poll() is None
@@ -249,9 +250,10 @@ def test_ctrl_c_on_the_server_shuts_down_without_a_traceback(tiny_models, tmp_pa
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, str(ROOT / "05_server.py"), "--preset", "cpu", "--model-dir",
-                             str(tiny_models), "--port", str(port), "--threads", "2"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+    proc = subprocess.Popen(with_default_sigint([sys.executable, str(ROOT / "05_server.py"), "--preset", "cpu",
+                                                 "--model-dir", str(tiny_models), "--port", str(port), "--threads",
+                                                 "2"]),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
                             start_new_session=True)
     try:
         assert wait_until_healthy(f"http://127.0.0.1:{port}", proc, 120)
