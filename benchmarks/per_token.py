@@ -50,7 +50,7 @@ def ours_ms_per_token(timings: dict[str, float], n_tokens: int) -> float:
 def ours(args: argparse.Namespace, env: dict[str, str]) -> dict[str, float]:
     cmd = [sys.executable, str(ROOT / "03_inference_cpu_int8.py"), str(args.wav), "--model-dir", str(args.models),
            "--vad", "none", "--force-tokens", str(args.tokens), "--threads", str(args.threads), "--format", "json",
-           "--no-speculative"]
+           "--no-speculative", *args.ours_args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     if proc.returncode != 0:
         raise SystemExit(f"03_inference_cpu_int8.py failed ({proc.returncode}): {proc.stderr[-2000:]}")
@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=45)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--ours-arg", dest="ours_args", action="append", default=[], metavar="ARG",
+                   help="an extra argument for our 03 script (e.g. --ours-arg=--batch-size --ours-arg=1); repeatable")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                    help="extra environment for our runs (e.g. OMP_WAIT_POLICY=PASSIVE); repeatable")
     args = p.parse_args(argv)
