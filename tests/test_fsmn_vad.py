@@ -251,3 +251,28 @@ def test_cli_vad_fsmn_text_equals_funasr_pipeline(gguf, fsmn_models, tiny_ckpt, 
         if name in TEXT_INPUTS[gguf]:
             assert res[0]["text"] == " ".join(texts), name
             print(f"{gguf} {name}: {len(texts)} segments, text equal to funasr's")
+
+
+def test_live_turns_with_fsmn_end_where_the_offline_segments_do(fsmn_models, inputs):
+    """A server's live session with `--vad fsmn` turn detection (RealtimeConfig.vad): audio in 0.1 s chunks
+    gives the completed events of the offline `--vad fsmn` transcription of the same file: same spans (ms),
+    same texts. FSMN's end-point rules look at the stream's sample count, not at how it arrives."""
+    from funasr_nano.audio.load import load_audio
+    from funasr_nano.engine import Engine, TranscribeOptions
+    from funasr_nano.realtime import RealtimeConfig, RealtimeSession, SessionSettings
+    from funasr_nano.realtime.events import TranscriptionCompleted
+
+    wave = load_audio(inputs["layout"])
+    with Engine.from_preset("cpu", fsmn_models, threads=2) as engine:
+        offline = engine.transcribe(wave, TranscribeOptions(vad="fsmn", max_new_tokens=STEPS))
+        events: list[object] = []
+        config = RealtimeConfig(vad="fsmn", max_new_tokens=STEPS, max_lag_seconds=3600.0, partials=False)
+        with RealtimeSession(engine, SessionSettings(), config, events.append) as session:
+            for start in range(0, len(wave), SR // 10):
+                assert session.append(wave[start:start + SR // 10]) == []
+            assert session.finish(timeout=300)
+    finals = [e for e in events if isinstance(e, TranscriptionCompleted)]
+    assert len(offline.segments) >= 2
+    assert [(f.audio_start_ms, f.audio_end_ms) for f in finals] == [
+        (round(s.start * 1000), round(s.end * 1000)) for s in offline.segments]
+    assert [f.transcript for f in finals] == [s.text for s in offline.segments]
