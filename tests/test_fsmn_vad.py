@@ -276,3 +276,30 @@ def test_live_turns_with_fsmn_end_where_the_offline_segments_do(fsmn_models, inp
     assert [(f.audio_start_ms, f.audio_end_ms) for f in finals] == [
         (round(s.start * 1000), round(s.end * 1000)) for s in offline.segments]
     assert [f.transcript for f in finals] == [s.text for s in offline.segments]
+
+
+def test_a_commit_closes_the_fsmn_turn_in_progress_and_detection_goes_on(fsmn_models, inputs):
+    """A client's commit in the middle of speech (server VAD on, FSMN) closes that turn at the commit point;
+    the detector starts afresh and the rest of the stream gets its own turns."""
+    from funasr_nano.audio.load import load_audio
+    from funasr_nano.engine import Engine, TranscribeOptions
+    from funasr_nano.realtime import RealtimeConfig, RealtimeSession, SessionSettings
+    from funasr_nano.realtime.events import Error, TranscriptionCompleted
+
+    wave = load_audio(inputs["layout"])
+    chunk = SR // 10
+    with Engine.from_preset("cpu", fsmn_models, threads=2) as engine:
+        first = engine.transcribe(wave, TranscribeOptions(vad="fsmn", max_new_tokens=STEPS)).segments[0]
+        middle = int((first.start + first.end) / 2 * SR) // chunk * chunk  # inside the first turn
+        events: list[object] = []
+        config = RealtimeConfig(vad="fsmn", max_new_tokens=STEPS, max_lag_seconds=3600.0, partials=False)
+        with RealtimeSession(engine, SessionSettings(), config, events.append) as session:
+            for start in range(0, len(wave), chunk):
+                if start == middle:
+                    session.commit()
+                session.append(wave[start:start + chunk])
+            assert session.finish(timeout=300)
+    assert not [e for e in events if isinstance(e, Error)]
+    finals = [e for e in events if isinstance(e, TranscriptionCompleted)]
+    assert (finals[0].audio_start_ms, finals[0].audio_end_ms) == (round(first.start * 1000), middle * 1000 // SR)
+    assert len(finals) >= 2 and all(f.audio_start_ms >= middle * 1000 // SR for f in finals[1:])
