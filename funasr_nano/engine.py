@@ -128,6 +128,10 @@ class BenchmarkHooks:
 NO_HOOKS = BenchmarkHooks()
 
 
+class CapacityError(ValueError):
+    """A segment's prompt and new tokens do not fit the engine's context (one line); only that call fails."""
+
+
 @dataclass
 class PreparedPrompt:
     """One segment's prompt: the shared text before the audio, the audio rows, the text after them."""
@@ -732,8 +736,22 @@ class Engine:
 
     def _job(self, prepared: PreparedPrompt, options: TranscribeOptions, seconds: float,
              clock: dict[str, float]) -> Job:
-        """The decoding job of one prepared segment of `seconds` of audio: the file path's and submit_segment's."""
-        return Job(prepared.prompt, self.hooks.rule(options, seconds), self._draft(prepared, options, clock), clock)
+        """The decoding job of one prepared segment of `seconds` of audio: the file path's and submit_segment's.
+
+        CapacityError when the prompt and the new tokens asked for cannot fit one sequence's context: such a
+        job would reach a decoding round and make llama_decode fail for every job in it, so it is refused
+        here, alone, before it is queued.
+        """
+        rule = self.hooks.rule(options, seconds)
+        positions = prepared.length + rule.max_new_tokens - 1  # the last token is never fed back
+        capacity = self.decoder.n_ctx
+        if positions > capacity:
+            raise CapacityError(
+                f"a {seconds:.1f} s segment with this prompt needs {positions} positions ({prepared.length} for the "
+                f"prompt, up to {rule.max_new_tokens} new tokens) and this engine's context holds {capacity} per "
+                "sequence: ask for fewer new tokens or fewer hotwords, or open the engine with larger limits "
+                "(Engine.from_preset's max_new_tokens, max_segment_seconds, hotwords)")
+        return Job(prepared.prompt, rule, self._draft(prepared, options, clock), clock)
 
     def _seconds(self, span: SampleSpan) -> tuple[float, float]:
         start, end = span.seconds(self.frontend.sample_rate)

@@ -384,3 +384,26 @@ def test_new_prompts_join_the_running_round_with_a_unified_cache(tiny_models, cl
     assert sum(len(prompts) for prompts, _ in folded.rounds_with_prompts) == len(pieces)  # each in one round
     assert any(everyone - prompts for prompts, everyone in folded.rounds_with_prompts)  # beside token rows
     assert counting["split"].prompt_passes == len(pieces) and not counting["split"].rounds_with_prompts
+
+
+def test_a_job_that_cannot_fit_the_context_is_refused_alone(tiny_models, clip):
+    """Per-call options may ask for more new tokens than the engine's context was sized for: such a job is
+    refused when it is made (CapacityError, one line), before any round, and the jobs beside it decode the
+    tokens they decode alone; the engine goes on serving."""
+    from funasr_nano.engine import CapacityError, Engine, TranscribeOptions
+
+    segment = clip[: 4 * 16000]
+    fits = TranscribeOptions(vad="none", max_new_tokens=16, speculative=False)
+    too_many = TranscribeOptions(vad="none", max_new_tokens=100_000, speculative=False)
+    with Engine.from_preset("cpu", tiny_models, threads=2, batch_size=2, max_new_tokens=16, max_segment_seconds=5,
+                            batch_invariant=True) as engine:
+        alone = engine.transcribe(segment, fits).segments[0].token_ids
+        beside = engine.submit_segment(segment, fits)
+        with pytest.raises(CapacityError, match=r"needs \d+ positions .* holds \d+ per sequence"):
+            engine.submit_segment(segment, too_many)
+        assert beside.result(timeout=120).token_ids == alone
+        with pytest.raises(CapacityError) as refused:  # the file path: its stream fails, with the same line
+            engine.transcribe(segment, too_many)
+        assert "\n" not in str(refused.value)
+        assert engine.scheduler.live == 0 and engine.scheduler.stats.cancelled == 0
+        assert engine.transcribe(segment, fits).segments[0].token_ids == alone
