@@ -560,7 +560,7 @@ class Engine:
     def _segmenter(self, options: TranscribeOptions, sr: int) -> SpeechSegmenter | FsmnSegmenter | None:
         """A segmenter for one input, on the engine's shared VAD session; None for --vad none or a missing model."""
         if options.vad == "silero":
-            model = self._silero()
+            model = self.silero_vad()
             if model is None:
                 return None
             vad_options = options.vad_options or VadOptions(max_segment_seconds=options.max_segment_seconds)
@@ -606,8 +606,9 @@ class Engine:
         path = find_fsmn_vad_model(self.settings.model_dir)
         return FsmnVad(path) if path is not None else None
 
-    def _silero(self) -> SileroVad | None:
-        """The VAD model, loaded once; None (and one warning) when neither the model folder nor silero-vad has it."""
+    def silero_vad(self) -> SileroVad | None:
+        """Silero VAD's session, opened once and shared by every input and live stream (each takes its own
+        `stream()` state); None, and one warning, when neither the model folder nor silero-vad has it."""
         if self._vad is None:
             self._vad = self._loaded("vad", self._open_vad) or False
             if not self._vad:

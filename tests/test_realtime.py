@@ -145,6 +145,9 @@ def test_two_sessions_and_file_requests_at_once_stay_correct(engine, speech, exp
     alone = engine.transcribe(zh_mp3, TranscribeOptions(max_new_tokens=MAX_TOKENS))
     recorders = [Recorder(), Recorder()]
     sessions = [RealtimeSession(engine, SessionSettings(), CONFIG, r) for r in recorders]
+    # one ONNX Runtime session for every stream (the engine's), each stream its own recurrent state
+    vads = [s._segmenter.vad for s in sessions]
+    assert vads[0] is not vads[1] and vads[0].session is vads[1].session is engine.silero_vad().session
     threads = [threading.Thread(target=stream, args=(s, speech, 4.0)) for s in sessions]
     for t in threads:
         t.start()

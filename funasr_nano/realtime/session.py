@@ -45,7 +45,6 @@ import numpy as np
 from funasr_nano.audio.fsmn_vad import EndpointOptions, FsmnSegmenter
 from funasr_nano.audio.segments import SampleSpan
 from funasr_nano.audio.vad import (
-    SileroVad,
     SpeechSegment,
     SpeechSegmenter,
     SpeechStarted,
@@ -269,7 +268,8 @@ class RealtimeSession:
                 raise VadError(f"{self.engine.settings.model_dir}: silero_vad.onnx not found (re-run `funasr-nano export` or 01_export_onnx.py "
                                "with silero-vad installed), so turns need commits: turn_detection null")
             options = dataclasses.replace(settings.vad, max_segment_seconds=self.config.max_segment_seconds)
-            self._segmenter = SpeechSegmenter(SileroVad(self._vad_path), options, MODEL_RATE)
+            # the engine's one Silero session, this stream's own state (a restart takes a fresh one)
+            self._segmenter = SpeechSegmenter(self.engine.silero_vad().stream(), options, MODEL_RATE)
         from funasr_nano.engine import TranscribeOptions
 
         self._options = TranscribeOptions(prompt=settings.prompt, max_new_tokens=self.config.max_new_tokens,
