@@ -35,9 +35,9 @@ def clip(zh_mp3: Path) -> np.ndarray:
     return load_audio(zh_mp3)
 
 
-def _engine(models: Path, n_seq: int, **kwargs) -> Engine:
+def _engine(models: Path, n_seq: int, n_ctx: int = 512, **kwargs) -> Engine:
     return Engine(models, gguf_path=models / "qwen3-0.6b-asr.gguf",
-                  decoder_options=DecoderOptions(threads=2, n_ctx=512, n_seq_max=n_seq), **kwargs)
+                  decoder_options=DecoderOptions(threads=2, n_ctx=n_ctx, n_seq_max=n_seq), **kwargs)
 
 
 def _prepared(engine: Engine, clip: np.ndarray):
@@ -178,7 +178,9 @@ def test_concurrent_segment_streams_share_rounds_and_one_can_be_cancelled_from_a
             cancel_point.set()
             assert cancel_sent.wait(timeout=120), "the main thread never cancelled"
 
-    engine = _engine(tiny_models, 4, hooks=BenchmarkHooks(min_new_tokens=40), batch_invariant=True, observer=observe)
+    # room for the default 512 new tokens after a prompt: the engine refuses a segment that cannot fit (CapacityError)
+    engine = _engine(tiny_models, 4, n_ctx=768, hooks=BenchmarkHooks(min_new_tokens=40), batch_invariant=True,
+                     observer=observe)
     try:
         alone = [engine.transcribe(w, dataclasses.replace(o, prepare_ahead=0)) for w, o in zip(waves, options)]
         want = [t.text for t in alone]
