@@ -470,7 +470,6 @@ class Engine:
                 language=options.prompt.language,
                 vad=options.vad if vad is not None else None,
                 timestamps=self._timestamp_note() if options.timestamps else None,
-                checkpoint=self.settings.checkpoint,
                 model=self.settings.describe(),
                 speakers=found.speakers if found is not None else None,
             )

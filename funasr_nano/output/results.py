@@ -118,7 +118,6 @@ class Transcript:
     language: str | None = None
     vad: str | None = None
     timestamps: str | None = None
-    checkpoint: str = NANO
     model: dict[str, object] | None = None
     speakers: int | None = None  # with diarization: how many speakers were found
     language_from: str = field(init=False, default="request")
@@ -129,6 +128,11 @@ class Transcript:
             self.language, self.language_from = text_language(self.text, languages), "text"
         else:
             self.language = language_code(self.language, languages)
+
+    @property
+    def checkpoint(self) -> str:
+        """The checkpoint that wrote the text, from `model`; Fun-ASR-Nano-2512 when none is given."""
+        return str(self.model["checkpoint"]) if self.model else NANO
 
     @property
     def tokens_per_second(self) -> float:
