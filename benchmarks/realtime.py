@@ -46,10 +46,11 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.runner import DEFAULT_AUDIO, DEFAULT_CACHE, ensure_models  # noqa: E402
 from funasr_nano.audio.load import load_audio  # noqa: E402
-from funasr_nano.engine import BenchmarkHooks, Engine, TranscribeOptions  # noqa: E402
+from funasr_nano.engine import Engine, TranscribeOptions  # noqa: E402
 from funasr_nano.realtime import RealtimeConfig, RealtimeSession, SessionSettings  # noqa: E402
 from funasr_nano.realtime.events import Committed, Error, TranscriptionCompleted, TranscriptionDelta  # noqa: E402
 from funasr_nano.realtime.events import SpeechStarted as Started  # noqa: E402
+from testing.bench_engine import BenchmarkEngine  # noqa: E402
 
 SR = 16000
 CHUNK = 1600  # 0.1 s
@@ -92,9 +93,7 @@ class Breakdown:
     """Seconds of each kind of work during one run (`start` .. `stop`), from the engine's counters and two timers."""
 
     def __init__(self, engine: Engine) -> None:
-        from funasr_nano.realtime.partials import budget_for
-
-        self.engine, self.budget = engine, budget_for(engine)
+        self.engine, self.budget = engine, engine.partial_budget
         self.finals_encoder = 0.0
         prepare = engine.prepare
 
@@ -220,7 +219,6 @@ def main(argv: list[str] | None = None) -> int:
     clip = load_audio(args.audio, SR)
     audio = build_audio(clip, args.seconds)
     config = RealtimeConfig()
-    hooks = BenchmarkHooks(tokens_per_second=TOKENS_PER_SECOND)
     print(f"# Real-time transcription ({args.size} shapes, {args.preset}, {args.threads} threads)\n")
     print(f"- audio per stream: {len(audio) / SR:.1f} s ({args.audio.name} with 1.5 s pauses); finals forced to "
           f"{TOKENS_PER_SECOND} tokens per second of audio; partial every {config.partial_interval_seconds} s, "
@@ -228,8 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     setups = _setups("split:off,unified:off,unified:on" if args.compare else args.configs)
     engines: dict[str, Engine] = {}
     for kv in dict.fromkeys(kv for kv, _ in setups):  # one engine per KV layout, all open for the whole run
-        engines[kv] = Engine.from_preset(args.preset, models, threads=args.threads, batch_size=max(4, max(counts)),
-                                         hooks=hooks, kv_unified=kv == "unified")
+        engines[kv] = BenchmarkEngine.from_preset(args.preset, models, threads=args.threads,
+                                                  batch_size=max(4, max(counts)), kv_unified=kv == "unified",
+                                                  tokens_per_second=TOKENS_PER_SECOND)
     breakdowns = {kv: Breakdown(e) for kv, e in engines.items()}
     engine = engines[setups[-1][0]]  # the one-stream section: the last set-up's
     try:

@@ -70,14 +70,14 @@ def child_variant(spec: dict[str, Any]) -> dict[str, Any]:
     earlier result in RESULTS.md was measured with, so that runs compare across commits.
     """
     t_import = time.perf_counter()
-    from funasr_nano.engine import BenchmarkHooks, Engine, TranscribeOptions
+    from funasr_nano.engine import Engine, TranscribeOptions
     from funasr_nano.models.llm import DecoderOptions
 
     imports_s = time.perf_counter() - t_import  # a fresh child: the engine's imports (numpy, ORT, llama.cpp)
     threads, n = spec["threads"], spec["tokens"]
     engine = Engine(
         spec["model_dir"], encoder_path=spec["encoder"], gguf_path=spec["gguf"], threads=threads,
-        providers=spec.get("providers"), hooks=BenchmarkHooks(min_new_tokens=n),
+        providers=spec.get("providers"), min_new_tokens=n,
         decoder_options=DecoderOptions(threads=threads, n_gpu_layers=spec.get("n_gpu_layers", 0), n_ctx=1280,
                                        n_seq_max=1),
     )
@@ -372,17 +372,18 @@ def child_speculative(spec: dict[str, Any]) -> dict[str, Any]:
 
 def child_long(spec: dict[str, Any]) -> dict[str, Any]:
     """One long file through the VAD path, `n_seq_max` segments decoded at a time (issue 7)."""
-    from funasr_nano.engine import BenchmarkHooks, Engine, TranscribeOptions
+    from funasr_nano.engine import TranscribeOptions
     from funasr_nano.models.llm import DecoderOptions
+    from testing.bench_engine import BenchmarkEngine
 
     threads, n = spec["threads"], spec["tokens"]
     rate = spec.get("rate", 0.0)  # tokens per second of segment audio instead of a fixed count
     if rate:
         n = math.ceil(rate * 30.0) + 1  # the VAD's longest segment
-    hooks = BenchmarkHooks(min_new_tokens=0 if rate else n, tokens_per_second=rate, refill=spec.get("refill", True))
-    engine = Engine(spec["model_dir"], encoder_path=spec["encoder"], gguf_path=spec["gguf"], threads=threads,
-                    decoder_options=DecoderOptions(threads=threads, n_seq_max=spec["n_seq_max"],
-                                                   n_ctx=context_per_sequence(n)), hooks=hooks)
+    engine = BenchmarkEngine(spec["model_dir"], encoder_path=spec["encoder"], gguf_path=spec["gguf"], threads=threads,
+                             decoder_options=DecoderOptions(threads=threads, n_seq_max=spec["n_seq_max"],
+                                                            n_ctx=context_per_sequence(n)),
+                             min_new_tokens=0 if rate else n, tokens_per_second=rate, refill=spec.get("refill", True))
     options = TranscribeOptions(max_new_tokens=n, vad="silero", speculative=False)
     t0 = time.perf_counter()
     transcript = engine.transcribe(spec["audio"], options)

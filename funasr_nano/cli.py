@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -55,6 +56,8 @@ from funasr_nano.paths import (
 from funasr_nano.presets import PRESETS, Preset
 
 if TYPE_CHECKING:  # pragma: no cover
+    from funasr_nano.config import EngineConfig, TranscribeOptions
+    from funasr_nano.engine import Engine
     from funasr_nano.output.results import Transcript
 
 RELEASE_ID = "FunAudioLLM/Fun-ASR-Nano-2512"
@@ -146,7 +149,7 @@ def main(argv: list[str] | None = None, *, prog: str = PROG, preset: str = DEFAU
     args = build_parser(prog, preset).parse_args(argv)
     log_to_stderr()
     try:
-        return _run(PRESETS[args.preset], args)
+        return _run(args)
     except SetupError as exc:
         _error(str(exc))
         return EXIT_SETUP
@@ -167,7 +170,7 @@ class _Job:
         self.path = self.path or self.source
 
 
-def _run(preset: Preset, args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace) -> int:
     from funasr_nano.audio.load import AudioError, check_audio_file
     from funasr_nano.output.writers import WriteError, check_writable
 
@@ -215,14 +218,16 @@ def _run(preset: Preset, args: argparse.Namespace) -> int:
         if not jobs:  # nothing to transcribe: no model is loaded, let alone exported
             return _summary(failures, len(sources), write_failed=False)
 
+        options = transcribe_options(args, prompt, timestamps=_timestamps(args))
         # the VAD and CTC sessions these options need load alongside the encoder and llama.cpp
-        engine = load_engine(preset, args, preload=transcribe_options(args, prompt, timestamps=_timestamps(args)))
+        engine = open_engine(engine_config(args.preset, args, preload=options))
         write_failed = False
         try:
             if _diarize(args):
                 _open_speaker_model(engine)
-            prompt = prompt_options(args, engine.settings)  # the checkpoint loaded decides the languages
-            write_failed = _transcribe_all(engine, jobs, prompt, args, failures, several=len(sources) > 1)
+            # the checkpoint loaded decides the languages
+            options = dataclasses.replace(options, prompt=prompt_options(args, engine.settings))
+            write_failed = _transcribe_all(engine, jobs, options, args, failures, several=len(sources) > 1)
         finally:
             engine.close()
         return _summary(failures, len(sources), write_failed)
@@ -308,30 +313,51 @@ def check_folders(args: argparse.Namespace) -> None:
             raise SetupError(f"{path}: {'not a file' if path.exists() else 'no such file'} ({option})")
 
 
-def load_engine(preset: Preset, args: argparse.Namespace, *, export: bool = True, hotwords: str | None = None,
-                preload=None, kv_unified: bool = False):
-    """The Engine for this preset and these options; SetupError (one line) when the models cannot load.
+def engine_config(preset: str, args: argparse.Namespace, *, export: bool = True,
+                  max_hotword_chars: int | None = None, kv_unified: bool = False, preload=None) -> EngineConfig:
+    """The EngineConfig of preset `preset` (its name) and these command-line options; SetupError (one line).
 
-    `export`: an empty model folder is exported first (the 03 scripts' first use); without it, a
-    missing file is an error naming it (a corpus worker on a node that lacks the folder).
-    `hotwords`: the longest hotwords any input will use, to size the KV cache (default: --hotwords).
-    `preload` (TranscribeOptions): the sessions those options need are opened alongside the rest.
-    `kv_unified`: one KV cache for all sequences (`Engine.from_preset`; the server's default).
+    The model files are resolved here (`model_files`): `export`, an empty (or stale) model folder is
+    exported first (the 03 scripts' first use); without it, that is an error giving the export
+    commands. A missing file is an error naming it. `max_hotword_chars`: the longest
+    hotwords text a call will send, which sizes the KV cache (default: --hotwords, where the command
+    has it). `preload` (TranscribeOptions): the sessions those options need are opened alongside the
+    rest. `kv_unified`: one KV cache for all sequences (the server's default). --force-tokens (hidden,
+    for benchmarks on random weights) becomes `min_new_tokens`.
     """
-    from funasr_nano.engine import BenchmarkHooks, Engine
-    from funasr_nano.models.llm import DecoderError
+    from funasr_nano.config import EngineConfig
 
     model_dir = args.model_dir if args.model_dir is not None else DEFAULT_MODEL_DIR
-    encoder_path, gguf_path = model_files(preset, args, model_dir, export=export)
+    encoder_path, gguf_path = model_files(PRESETS[preset], args, model_dir, export=export)
+    if max_hotword_chars is None:
+        max_hotword_chars = hotword_chars(getattr(args, "hotwords", None))
     try:
-        return Engine.from_preset(
-            preset_name_of(preset), model_dir, threads=args.threads, batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens, max_segment_seconds=args.max_segment,
-            hotwords=(args.hotwords or "") if hotwords is None else hotwords,
-            encoder_path=encoder_path, gguf_path=gguf_path, hooks=BenchmarkHooks(min_new_tokens=args.force_tokens),
-            preload=preload, batch_invariant=args.batch_invariant, kv_unified=kv_unified)
+        return EngineConfig(model_dir=model_dir, preset=preset, encoder_path=encoder_path, gguf_path=gguf_path,
+                            threads=args.threads, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                            max_segment_seconds=args.max_segment, max_hotword_chars=max_hotword_chars,
+                            min_new_tokens=args.force_tokens, kv_unified=kv_unified,
+                            batch_invariant=args.batch_invariant, preload=preload)
+    except ValueError as exc:
+        raise SetupError(one_line(exc)) from exc
+
+
+def open_engine(config: EngineConfig) -> Engine:
+    """`Engine.from_config(config)`; SetupError (one line) when the models cannot load."""
+    from funasr_nano.engine import Engine
+    from funasr_nano.models.llm import DecoderError
+
+    try:
+        return Engine.from_config(config)
     except (DecoderError, ValueError, RuntimeError, OSError) as exc:
-        raise SetupError(_one_line(exc)) from exc
+        raise SetupError(one_line(exc)) from exc
+
+
+def hotword_chars(hotwords: str | None) -> int:
+    """How many characters `--hotwords TEXT` takes in the prompt (the words as the prompt lists them), for
+    `EngineConfig.max_hotword_chars`."""
+    from funasr_nano.models.prompt import parse_hotwords
+
+    return len(", ".join(parse_hotwords(hotwords)))
 
 
 def prompt_options(args: argparse.Namespace, settings=None):
@@ -364,13 +390,17 @@ def prompt_options(args: argparse.Namespace, settings=None):
     return PromptOptions(language=language, itn=not args.no_itn, hotwords=parse_hotwords(args.hotwords))
 
 
-def transcribe_options(args: argparse.Namespace, prompt, *, timestamps: bool):
-    """The per-call TranscribeOptions of these command-line options and this prompt (language, hotwords)."""
-    from funasr_nano.engine import TranscribeOptions
+def transcribe_options(args: argparse.Namespace, prompt, *, timestamps: bool) -> TranscribeOptions:
+    """The per-call TranscribeOptions of these command-line options and this prompt (language, hotwords).
+
+    Built once per run; what changes per input or request is a `dataclasses.replace` of it. Options a command
+    does not offer (mic: --vad; serve, mic: --diarize) keep their defaults.
+    """
+    from funasr_nano.config import TranscribeOptions
 
     return TranscribeOptions(prompt=prompt, max_new_tokens=args.max_new_tokens, max_segment_seconds=args.max_segment,
-                             speculative=not args.no_speculative, vad=args.vad, timestamps=timestamps,
-                             **_diarize_options(args))
+                             speculative=not args.no_speculative, vad=getattr(args, "vad", TranscribeOptions.vad),
+                             timestamps=timestamps, **_diarize_options(args))
 
 
 def _diarize_options(args: argparse.Namespace) -> dict[str, object]:
@@ -396,12 +426,8 @@ def _diarize(args: argparse.Namespace) -> bool:
                 or getattr(args, "max_speakers", DEFAULT_MAX_SPEAKERS) != DEFAULT_MAX_SPEAKERS)
 
 
-def preset_name_of(preset: Preset) -> str:
-    return next(name for name, p in PRESETS.items() if p == preset)
-
-
-def _transcribe_all(engine, jobs: list[_Job], prompt, args: argparse.Namespace, failures: list[str], *,
-                    several: bool) -> bool:
+def _transcribe_all(engine, jobs: list[_Job], options: TranscribeOptions, args: argparse.Namespace,
+                    failures: list[str], *, several: bool) -> bool:
     """Transcribe and write every job; a failing input is listed in `failures`. True if a write failed.
 
     Stdout gets each segment as it is decoded (txt: its text; json with --stream: a JSON Lines record),
@@ -410,7 +436,6 @@ def _transcribe_all(engine, jobs: list[_Job], prompt, args: argparse.Namespace, 
     """
     from funasr_nano.output.writers import WriteError, render, render_json, write_atomic
 
-    options = transcribe_options(args, prompt, timestamps=_timestamps(args))
     fmt = args.format[0]  # on stdout there is one
     show_progress = not args.quiet and sys.stderr.isatty()
     write_failed = False
@@ -446,7 +471,7 @@ def _transcribe_all(engine, jobs: list[_Job], prompt, args: argparse.Namespace, 
                 write_failed = True
             except Exception as exc:  # one bad input must not stop the batch
                 out.abandon()
-                message = _one_line(exc).replace(job.path, job.source)
+                message = one_line(exc).replace(job.path, job.source)
                 if not message.startswith(str(job.source)):
                     message = f"{job.source}: {message}"
                 _error(message)
@@ -465,6 +490,8 @@ def _transcribe_all(engine, jobs: list[_Job], prompt, args: argparse.Namespace, 
 
 def _transcribe_one(engine, job: _Job, options, args: argparse.Namespace, out: _Stdout, progress) -> Transcript:
     """One input's transcript, its segments shown on stdout as they are decoded (when stdout is its output)."""
+    from funasr_nano.audio.load import check_some_audio
+
     stream = engine.segments(job.path, options)
     to_stdout = job.targets is None
     txt = args.format[0] == "txt"
@@ -489,8 +516,7 @@ def _transcribe_one(engine, job: _Job, options, args: argparse.Namespace, out: _
         from funasr_nano.output.writers import render_txt
 
         out.text(render_txt(transcript).rstrip("\n"))
-    if transcript.duration == 0:  # shorter than one frame is fine (empty text), nothing at all is not
-        raise ValueError(f"{job.source}: no audio samples (the file holds no audio data)")
+    check_some_audio(transcript.duration, job.source)
     return transcript
 
 
@@ -747,7 +773,8 @@ def log_to_stderr() -> None:
         logger.propagate = False
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
+    """An error's message as one line (stderr, a corpus row, /health): its first line, else its type's name."""
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 

@@ -215,8 +215,8 @@ def add_vad_option(p: argparse.ArgumentParser) -> None:
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
-    """The model folders and files, threads and decoding limits: what `load_engine` reads (transcribe, serve,
-    mic, corpus)."""
+    """The model folders and files, threads and decoding limits: what `funasr_nano.cli.engine_config` reads
+    (transcribe, serve, mic, corpus)."""
     add_folder_options(p, export=False)
     p.add_argument("--threads", type=positive(int), default=DEFAULT_THREADS, metavar="N",
                    help=f"CPU threads (default: {DEFAULT_THREADS}: this machine's cores, at most 8)")

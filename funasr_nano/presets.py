@@ -45,20 +45,21 @@ SEGMENT_MARGIN_SECONDS = 2.0  # the VAD pads segments beyond the cut
 
 
 def context_per_sequence(max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-                         max_segment_seconds: float = DEFAULT_MAX_SEGMENT_SECONDS, hotwords: str = "") -> int:
+                         max_segment_seconds: float = DEFAULT_MAX_SEGMENT_SECONDS, hotwords: str | int = "") -> int:
     """KV cells per sequence: the prompt text, the audio rows of the longest segment and the new tokens.
 
     A batch gives each segment its own KV stream of this size (tokens then equal decoding it alone),
     and llama.cpp clears every stream at start, so each cell is resident memory (112 KiB for
     Qwen3-0.6B's f16 cache): size it to the longest segment instead of a fixed prompt allowance.
     Hotwords go into the prompt (with funasr's preamble) at up to one token per character, counted
-    twice for safety. Rounded up to 256 cells, llama.cpp's padding.
+    twice for safety; `hotwords` is the longest hotwords text a call will send, or its length in
+    characters. Rounded up to 256 cells, llama.cpp's padding.
     """
     from funasr_nano.audio.features import audio_token_count, lfr_frame_count
     from funasr_nano.models.prompt import PromptOptions, parse_hotwords, task_prompt
 
     text = PROMPT_TEXT_CELLS
-    words = parse_hotwords(hotwords)
+    words = ["x" * hotwords] if isinstance(hotwords, int) and hotwords > 0 else parse_hotwords(hotwords or "")
     if words:
         text += 2 * (len(task_prompt(PromptOptions(hotwords=words))) - len(task_prompt(PromptOptions())))
     samples = int((max_segment_seconds + SEGMENT_MARGIN_SECONDS) * 16000)

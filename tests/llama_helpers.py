@@ -194,7 +194,7 @@ ENGINES = {
 }
 
 
-def small_engine(models: Path, cfg: dict, n_seq: int, **kwargs) -> Engine:
+def small_engine(models: Path, cfg: dict, n_seq: int, engine: type[Engine] = Engine, **kwargs) -> Engine:
     options = DecoderOptions(threads=2, n_ctx=512, n_seq_max=n_seq, kv_f32=cfg["kv_f32"],
                              flash_attn=cfg["flash_attn"], kv_unified=cfg["kv_unified"])
-    return Engine(models, gguf_path=models / cfg["gguf"], decoder_options=options, **kwargs)
+    return engine(models, gguf_path=models / cfg["gguf"], decoder_options=options, **kwargs)

@@ -6,17 +6,17 @@ batched with the tokens of each decoded alone."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 
 from funasr_nano.audio.load import load_audio
-from funasr_nano.decoding import Job, StopRule
+from funasr_nano.decoding import Job, Scheduler, StopRule
+from funasr_nano.decoding.prefixes import PrefixCache
 from funasr_nano.decoding.repetition import NO_GUARD, RepetitionGuard
-from funasr_nano.engine import BenchmarkHooks, Engine, TranscribeOptions
+from funasr_nano.engine import Engine, TranscribeOptions
 from funasr_nano.models.prompt import PromptOptions
 from testing import reference
+from testing.bench_engine import BenchmarkEngine
 from testing.drafts import make_draft
 from tests.llama_helpers import ENGINES
 from tests.llama_helpers import small_engine as _engine
@@ -36,10 +36,9 @@ def _decode_all(engine: Engine, pieces, rule: StopRule, drafts=None):
     """Every piece through the scheduler at once (one stream), results in input order."""
     jobs = [Job(engine.prepare(p, PromptOptions()).prompt, rule, None if drafts is None else drafts[i])
             for i, p in enumerate(pieces)]
-    out = [None] * len(jobs)
-    for index, decoded in engine.scheduler.stream(jobs):
-        out[index] = decoded
-    return out
+    owner = object()  # one caller, as a file's segments are
+    futures = [engine.scheduler.submit(job, owner) for job in jobs]
+    return [future.result(timeout=600) for future in futures]
 
 
 @pytest.mark.parametrize("name", sorted(ENGINES))
@@ -133,10 +132,9 @@ def test_forced_token_rate_gives_each_segment_its_own_length(tiny_models, clip):
     """The benchmark's forcing by duration: segment lengths follow the audio, batched output = one by one."""
     cfg = ENGINES["f16-split"]
     options = TranscribeOptions(vad="none", max_segment_seconds=2.0, speculative=False)
-    rate = BenchmarkHooks(tokens_per_second=4.0)
-    single = _engine(tiny_models, cfg, 1, hooks=rate)
-    batched = _engine(tiny_models, cfg, 3, hooks=rate)
-    fixed = _engine(tiny_models, cfg, 3, hooks=dataclasses.replace(rate, refill=False))
+    single = _engine(tiny_models, cfg, 1, engine=BenchmarkEngine, tokens_per_second=4.0)
+    batched = _engine(tiny_models, cfg, 3, engine=BenchmarkEngine, tokens_per_second=4.0)
+    fixed = _engine(tiny_models, cfg, 3, engine=BenchmarkEngine, tokens_per_second=4.0, refill=False)
     try:
         alone = single.transcribe(clip, options)
         together = batched.transcribe(clip, options)
@@ -367,15 +365,21 @@ def test_new_prompts_join_the_running_round_with_a_unified_cache(tiny_models, cl
         want = [_one_by_one(single, [piece], StopRule.forced(n))[0] for piece, n in zip(pieces, lengths)]
         counting = {}
         for name, engine in (("unified", unified), ("split", split)):
-            counting[name] = _CountingDecoder(engine.decoder)
-            engine.scheduler.decoder = engine.scheduler.prefixes.decoder = counting[name]
+            counting[name] = decoder = _CountingDecoder(engine.decoder)
+            # a scheduler of its own around the counting decoder (the engine's stays idle meanwhile)
+            scheduler = Scheduler(decoder, PrefixCache(decoder), batch_invariant=False)
             rng = np.random.default_rng(0)  # drafts too: verified rows of several tokens beside prompts
             drafts = [None if k is None else make_draft(w, k, rng, engine.decoder.n_vocab)
                       for w, k in zip(want, ["own", None, "half", None, "random", "own", None])]
             jobs = [Job(engine.prepare(p, PromptOptions()).prompt, StopRule.forced(n), d)
                     for p, n, d in zip(pieces, lengths, drafts)]
-            got = dict(engine.scheduler.stream(jobs))
-            assert [got[i].tokens for i in range(len(jobs))] == want, name
+            try:
+                owner = object()
+                futures = [scheduler.submit(job, owner) for job in jobs]
+                got = [future.result(timeout=600) for future in futures]
+            finally:
+                scheduler.close()
+            assert [g.tokens for g in got] == want, name
     finally:
         for engine in (single, unified, split):
             engine.close()

@@ -22,6 +22,7 @@ ray = pytest.importorskip("ray", reason="pip install -r requirements-corpus.txt"
 from funasr_nano.corpus.cli import main as corpus_main  # noqa: E402
 from funasr_nano.corpus.inputs import AudioFile, InputError, collect_inputs  # noqa: E402
 from funasr_nano.corpus.store import CONSOLIDATED, FILES, PARTS, TIMING_COLUMNS, CorpusStore, read_corpus  # noqa: E402
+from testing import corpus_faults  # noqa: E402
 
 # --batch-invariant on both sides: files batched with different company still get the same tokens (f16 GGUF)
 OPTIONS = ["--preset", "cpu", "--max-new-tokens", "8", "--threads", "2", "--quiet", "--batch-invariant"]
@@ -143,10 +144,10 @@ def test_a_worker_killed_mid_run_is_replaced_and_nothing_is_lost_or_doubled(firs
 
     monkeypatch.setattr(CorpusStore, "consolidate", consolidate_after_reading_the_parts)
     out = tmp_path / "crash"
-    code = corpus_main([str(corpus), "--output-dir", str(out), "--model-dir", str(tiny_models), "--test-crash-after", "3",
-                        *OPTIONS])
+    code = corpus_faults.main([str(corpus), "--output-dir", str(out), "--model-dir", str(tiny_models), *OPTIONS],
+                              crash_after=3)
     assert code == 1
-    assert (out / ".test-crash-hook").is_file()  # the actor really exited after 3 files
+    assert (out / corpus_faults.CRASH_MARKER).is_file()  # the actor really exited after 3 files
     assert sorted(r["path"] for r in journal) == sorted(r["path"] for r in read_corpus(first_run).to_pylist())
     assert _without_timings(read_corpus(out)) == _without_timings(read_corpus(first_run))
     _assert_one_dataset(out, _inputs(corpus))
@@ -156,7 +157,7 @@ def test_an_interrupted_run_resumed_gives_the_same_dataset(first_run: Path, corp
                                                            tmp_path: Path):
     out = tmp_path / "resumed"
     args = [str(corpus), "--output-dir", str(out), "--model-dir", str(tiny_models), "--rows-per-part", "2", *OPTIONS]
-    assert corpus_main([*args, "--test-stop-after", "4"]) == 130
+    assert corpus_faults.main(args, stop_after=4) == 130
     partial = read_corpus(out)
     assert 4 <= partial.num_rows < N_GOOD + N_BAD
     _assert_one_dataset(out, partial["path"].to_pylist())  # the interrupted run's rows are the dataset already

@@ -9,7 +9,6 @@ and leaves the others untouched. The reference is `testing.reference`, independe
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import threading
 from concurrent.futures import CancelledError
 from pathlib import Path
@@ -134,25 +133,21 @@ def test_a_cancelled_job_frees_its_sequence_and_the_others_are_unaffected(tiny_m
     assert admitted_after[0] == cancelled[0]  # the waiting job took the cancelled job's sequence
 
 
-@pytest.mark.parametrize("ahead", [0, 2], ids=["prepared-when-decoded", "prepared-ahead"])
-def test_concurrent_segment_streams_share_rounds_and_one_can_be_cancelled_from_another_thread(
-        tiny_models, clip, ahead):
+def test_concurrent_segment_streams_share_rounds_and_one_can_be_cancelled_from_another_thread(tiny_models, clip):
     """Engine.segments() from several threads (a server's requests): their segments decode in the same
     rounds, each stream's text equals its text alone, and `SegmentStream.cancel()` from another thread
-    frees the cancelled stream's sequences while the others finish unchanged; alike whether the
-    segments are prepared on the scheduler's thread or ahead on the callers' (`prepare_ahead`).
+    frees the cancelled stream's sequences while the others finish unchanged.
 
     The cancel comes at a chosen state, not after a race: the scheduler's observer holds a round in
     which the victim's second or later segment decodes while another of its segments has not started,
     until the main thread has cancelled. So its live sequences must be freed (exactly those) and the
     rest never admitted, however the threads are scheduled on a loaded machine."""
-    from funasr_nano.engine import BenchmarkHooks, TranscribeOptions
+    from funasr_nano.engine import TranscribeOptions
 
     waves = [clip[: 7 * SR], clip[2 * SR:], clip[SR: 9 * SR]]
-    options = [TranscribeOptions(prompt=p, vad="none", max_segment_seconds=3.0, prepare_ahead=ahead)
-               for p in PROMPTS[:3]]
+    options = [TranscribeOptions(prompt=p, vad="none", max_segment_seconds=3.0) for p in PROMPTS[:3]]
     # the hotwords prompt: a prefix no other stream has, so the scheduler's rows tell which are the victim's
-    victim_options = TranscribeOptions(prompt=PROMPTS[3], vad="none", max_segment_seconds=2.0, prepare_ahead=ahead)
+    victim_options = TranscribeOptions(prompt=PROMPTS[3], vad="none", max_segment_seconds=2.0)
     watching = threading.Event()
     cancel_point = threading.Event()  # a round holds: a victim segment live, one admitted before, one not yet
     cancel_sent = threading.Event()
@@ -171,7 +166,7 @@ def test_concurrent_segment_streams_share_rounds_and_one_can_be_cancelled_from_a
         if event != "round" or cancel_point.is_set():
             return
         # the scheduler's own table of live sequences: safe to read on its thread, between admissions and decoding
-        live = [entry for entry, _ in engine.scheduler._live.values() if entry.job.prompt.prefix == victim_prefix]
+        live = [entry for entry in engine.scheduler.planner.live.values() if entry.job.prompt.prefix == victim_prefix]
         victim_seen.extend(e for e in live if all(e is not seen for seen in victim_seen))
         if live and 2 <= len(victim_seen) < victim_segments:
             at_cancel.update(live=len(live), admitted=len(victim_seen))
@@ -179,13 +174,12 @@ def test_concurrent_segment_streams_share_rounds_and_one_can_be_cancelled_from_a
             assert cancel_sent.wait(timeout=120), "the main thread never cancelled"
 
     # room for the default 512 new tokens after a prompt: the engine refuses a segment that cannot fit (CapacityError)
-    engine = _engine(tiny_models, 4, n_ctx=768, hooks=BenchmarkHooks(min_new_tokens=40), batch_invariant=True,
-                     observer=observe)
+    engine = _engine(tiny_models, 4, n_ctx=768, min_new_tokens=40, batch_invariant=True, observer=observe)
     try:
-        alone = [engine.transcribe(w, dataclasses.replace(o, prepare_ahead=0)) for w, o in zip(waves, options)]
+        alone = [engine.transcribe(w, o) for w, o in zip(waves, options)]
         want = [t.text for t in alone]
         stream_segments = sum(len(t.segments) for t in alone)
-        victim_segments = len(engine.transcribe(clip, dataclasses.replace(victim_options, prepare_ahead=0)).segments)
+        victim_segments = len(engine.transcribe(clip, victim_options).segments)
         assert victim_segments >= 4
         victim_prefix = engine.prepare(clip[:SR], PROMPTS[3]).prefix
         assert victim_prefix not in {engine.prepare(clip[:SR], o.prompt).prefix for o in options}
@@ -234,27 +228,23 @@ def test_concurrent_segment_streams_share_rounds_and_one_can_be_cancelled_from_a
     assert stats.admitted - admitted_before <= stream_segments + at_cancel["admitted"] < stream_segments + victim_segments
 
 
-@pytest.mark.parametrize("ahead", [1, 3])
-def test_segments_prepared_ahead_are_at_most_that_many_in_the_scheduler(tiny_models, clip, ahead):
-    """`prepare_ahead=N`: the caller's thread prepares and submits a file's segments while earlier ones
-    decode, never more than N not yet decoded (memory stays bounded, and a lone file still fills N
-    sequences); the segments and their tokens are those of the file prepared on the scheduler's thread."""
-    from funasr_nano.engine import BenchmarkHooks, TranscribeOptions
+def test_a_files_segments_are_prepared_ahead_to_fill_every_sequence(tiny_models, clip):
+    """A lone file's segments are prepared on the engine's pool ahead of their decoding, enough to fill
+    every sequence (the rounds reach the batch width), and their tokens are those of the same file
+    decoded one segment at a time."""
+    from funasr_nano.engine import TranscribeOptions
 
     rounds: list[tuple[int, ...]] = []
-    engine = _engine(tiny_models, 4, hooks=BenchmarkHooks(min_new_tokens=12), batch_invariant=True,
-                     observer=lambda event, detail: rounds.append(detail) if event == "round" else None)
     options = TranscribeOptions(vad="none", max_segment_seconds=1.5, max_new_tokens=12)
-    try:
-        want = engine.transcribe(clip, options)
-        rounds.clear()
-        got = engine.transcribe(clip, dataclasses.replace(options, prepare_ahead=ahead))
-    finally:
-        engine.close()
+    with _engine(tiny_models, 1, min_new_tokens=12, batch_invariant=True) as alone:
+        want = alone.transcribe(clip, options)
+    with _engine(tiny_models, 4, min_new_tokens=12, batch_invariant=True,
+                 observer=lambda event, detail: rounds.append(detail) if event == "round" else None) as engine:
+        got = engine.transcribe(clip, options)
     assert len(got.segments) >= 5
     assert [s.token_ids for s in got.segments] == [s.token_ids for s in want.segments]
     assert [(s.start, s.end) for s in got.segments] == [(s.start, s.end) for s in want.segments]
-    assert max(len(r) for r in rounds) == ahead
+    assert max(len(r) for r in rounds) == 4
     assert got.timings["encoder"] > 0
 
 
@@ -287,3 +277,51 @@ def test_a_prompt_gets_the_same_logits_with_its_prefix_new_copied_or_kept(tiny_m
         decoder.close()
     assert np.array_equal(new, copied) and np.array_equal(new, kept)
     assert not np.array_equal(new, one_pass)
+
+
+def test_a_slow_input_does_not_delay_the_rounds_of_another(tiny_models, clip):
+    """One input's segment is prepared slowly (its encoder stuck for a second) while another input's
+    segment decodes: the preparing happens on the engine's pool, so the decoding rounds go on at their
+    own pace (their timestamps show no pause), and both inputs get the text they get alone."""
+    import time
+
+    from funasr_nano.engine import TranscribeOptions
+
+    stall = 1.0
+    slow_started = threading.Event()
+
+    class SlowEngine(Engine):
+        def prepare(self, wave, prompt, clock=None):
+            if prompt.language == "英文":
+                slow_started.set()
+                time.sleep(stall)
+            return super().prepare(wave, prompt, clock)
+
+    round_times: list[float] = []
+    engine = SlowEngine(tiny_models, gguf_path=tiny_models / "qwen3-0.6b-asr.gguf",
+                        decoder_options=DecoderOptions(threads=2, n_ctx=1024, n_seq_max=2), min_new_tokens=600,
+                        batch_invariant=True,
+                        observer=lambda event, _: round_times.append(time.perf_counter()) if event == "round" else None)
+    fast = TranscribeOptions(vad="none", max_new_tokens=600, speculative=False)
+    slow = TranscribeOptions(prompt=PromptOptions(language="英文"), vad="none", max_new_tokens=20, speculative=False)
+    try:
+        want_fast = engine.transcribe(clip[: 3 * SR], fast).segments[0].token_ids
+        want_slow = engine.transcribe(clip[3 * SR: 5 * SR], slow).segments[0].token_ids
+        round_times.clear()
+        got: dict[str, list[int]] = {}
+        fast_thread = threading.Thread(
+            target=lambda: got.update(fast=engine.transcribe(clip[: 3 * SR], fast).segments[0].token_ids))
+        fast_thread.start()
+        while len(round_times) < 5:
+            time.sleep(0.005)
+        slow_started.clear()
+        t0 = time.perf_counter()
+        got["slow"] = engine.transcribe(clip[3 * SR: 5 * SR], slow).segments[0].token_ids
+        fast_thread.join(timeout=300)
+    finally:
+        engine.close()
+    assert slow_started.is_set() and got == {"fast": want_fast, "slow": want_slow}
+    during = [t for t in round_times if t0 <= t <= t0 + stall]
+    assert during and during[-1] - t0 > 0.8 * stall, "the fast input ended before the stall was over: make it longer"
+    gaps = np.diff([t0, *during])
+    assert gaps.max() < 0.3 * stall, f"a {gaps.max():.2f} s pause in the rounds while another input was prepared"

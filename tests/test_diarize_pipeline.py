@@ -231,6 +231,7 @@ def test_live_stream_finals_carry_online_speakers(dialogue: Path, diarize_models
     import types
 
     from funasr_nano.audio.load import load_audio
+    from funasr_nano.config import TranscribeOptions
     from funasr_nano.engine import Engine
     from funasr_nano.realtime import RealtimeConfig, RealtimeSession, SessionSettings
     from funasr_nano.realtime.events import Error, SessionUpdated, TranscriptionCompleted
@@ -240,8 +241,8 @@ def test_live_stream_finals_carry_online_speakers(dialogue: Path, diarize_models
     wave = load_audio(dialogue)
     pcm = (np.clip(np.round(wave * 32768), -32768, 32767)).astype(np.int16)
     cuts = np.linspace(0, len(pcm), 7).astype(int)  # six turns of equal length
-    config = RealtimeConfig(max_new_tokens=STEPS, max_lag_seconds=1e9, partials=False, speaker_threshold=0.5,
-                            max_speakers=4)
+    config = RealtimeConfig(options=TranscribeOptions(max_new_tokens=STEPS), max_lag_seconds=1e9, partials=False,
+                            speaker_threshold=0.5, max_speakers=4)
     events: list = []
     with Engine(diarize_models, gguf_path=diarize_models / "qwen3-0.6b-asr.f32.gguf") as engine:
         with RealtimeSession(engine, SessionSettings(vad=None, diarize=True), config, events.append) as session:

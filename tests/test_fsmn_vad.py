@@ -254,19 +254,21 @@ def test_cli_vad_fsmn_text_equals_funasr_pipeline(gguf, fsmn_models, tiny_ckpt, 
 
 
 def test_live_turns_with_fsmn_end_where_the_offline_segments_do(fsmn_models, inputs):
-    """A server's live session with `--vad fsmn` turn detection (RealtimeConfig.vad): audio in 0.1 s chunks
+    """A server's live session with `--vad fsmn` turn detection (RealtimeConfig.options.vad): audio in 0.1 s chunks
     gives the completed events of the offline `--vad fsmn` transcription of the same file: same spans (ms),
     same texts. FSMN's end-point rules look at the stream's sample count, not at how it arrives."""
     from funasr_nano.audio.load import load_audio
-    from funasr_nano.engine import Engine, TranscribeOptions
+    from funasr_nano.config import TranscribeOptions
+    from funasr_nano.engine import Engine
     from funasr_nano.realtime import RealtimeConfig, RealtimeSession, SessionSettings
     from funasr_nano.realtime.events import TranscriptionCompleted
 
     wave = load_audio(inputs["layout"])
     with Engine.from_preset("cpu", fsmn_models, threads=2) as engine:
-        offline = engine.transcribe(wave, TranscribeOptions(vad="fsmn", max_new_tokens=STEPS))
+        options = TranscribeOptions(vad="fsmn", max_new_tokens=STEPS)
+        offline = engine.transcribe(wave, options)
         events: list[object] = []
-        config = RealtimeConfig(vad="fsmn", max_new_tokens=STEPS, max_lag_seconds=3600.0, partials=False)
+        config = RealtimeConfig(options=options, max_lag_seconds=3600.0, partials=False)
         with RealtimeSession(engine, SessionSettings(), config, events.append) as session:
             for start in range(0, len(wave), SR // 10):
                 assert session.append(wave[start:start + SR // 10]) == []
@@ -282,17 +284,19 @@ def test_a_commit_closes_the_fsmn_turn_in_progress_and_detection_goes_on(fsmn_mo
     """A client's commit in the middle of speech (server VAD on, FSMN) closes that turn at the commit point;
     the detector starts afresh and the rest of the stream gets its own turns."""
     from funasr_nano.audio.load import load_audio
-    from funasr_nano.engine import Engine, TranscribeOptions
+    from funasr_nano.config import TranscribeOptions
+    from funasr_nano.engine import Engine
     from funasr_nano.realtime import RealtimeConfig, RealtimeSession, SessionSettings
     from funasr_nano.realtime.events import Error, TranscriptionCompleted
 
     wave = load_audio(inputs["layout"])
     chunk = SR // 10
     with Engine.from_preset("cpu", fsmn_models, threads=2) as engine:
-        first = engine.transcribe(wave, TranscribeOptions(vad="fsmn", max_new_tokens=STEPS)).segments[0]
+        options = TranscribeOptions(vad="fsmn", max_new_tokens=STEPS)
+        first = engine.transcribe(wave, options).segments[0]
         middle = int((first.start + first.end) / 2 * SR) // chunk * chunk  # inside the first turn
         events: list[object] = []
-        config = RealtimeConfig(vad="fsmn", max_new_tokens=STEPS, max_lag_seconds=3600.0, partials=False)
+        config = RealtimeConfig(options=options, max_lag_seconds=3600.0, partials=False)
         with RealtimeSession(engine, SessionSettings(), config, events.append) as session:
             for start in range(0, len(wave), chunk):
                 if start == middle:

@@ -24,7 +24,7 @@ from funasr_nano.engine import PendingSegment
 from funasr_nano.output.results import Segment
 from funasr_nano.realtime import RealtimeConfig, RealtimeSession, SessionSettings
 from funasr_nano.realtime.events import Committed, TranscriptionCompleted, TranscriptionDelta
-from funasr_nano.realtime.partials import PartialBudget, budget_for
+from funasr_nano.realtime.partials import PartialBudget
 
 SR = 16000
 CHUNK = SR // 10  # 0.1 s per append, at real-time pace
@@ -55,15 +55,6 @@ def test_the_rule_follows_the_finals_of_every_stream():
     assert (budget.stats.busy, budget.stats.late) == (1, 1)
 
 
-class _Engine:
-    pass
-
-
-def test_one_budget_per_engine():
-    one, other = _Engine(), _Engine()
-    assert budget_for(one) is budget_for(one) and budget_for(one) is not budget_for(other)
-
-
 # ---------------------------------------------------------------------------------------------- live sessions
 
 class FakeEngine:
@@ -77,6 +68,7 @@ class FakeEngine:
         self.encoder = SimpleNamespace(run=self._encode)
         self.ctc = SimpleNamespace(text=lambda encoder_out: "w" * max(1, encoder_out.shape[0] // 10))
         self.partial_work = 0.0
+        self.partial_budget = PartialBudget()  # the engine's one budget, which every session on it shares
 
     def _busy(self, seconds: float) -> None:
         with self.core:
@@ -96,7 +88,7 @@ class FakeEngine:
             self._busy(FINAL_DECODE_COST)
 
         future: Future = self.decoder.submit(decode)
-        return PendingSegment(future, lambda _: Segment(start, end, "final", [], 0))
+        return PendingSegment(future, lambda _: Segment(start, end, "final", [], 0), future.cancel)
 
     def close(self) -> None:
         self.decoder.shutdown(wait=True)
@@ -156,7 +148,7 @@ def _run(tmp_path: Path, budget: bool) -> dict[str, object]:
         assert alone.session.finish(timeout=60)
         return {"delays": [d for s in streams[1:] for d in s.final_delays()], "loaded_work": loaded_work,
                 "alone_partials": alone.partials_between(quiet_from + 0.5, time.monotonic()),
-                "held": budget_for(engine).stats.busy + budget_for(engine).stats.late,
+                "held": engine.partial_budget.stats.busy + engine.partial_budget.stats.late,
                 "committed": sum(isinstance(e, Committed) for s in streams for _, e in s.events)}
     finally:
         for stream in streams:

@@ -9,6 +9,7 @@ PCM16 samples too. Session level first, then the protocol, the WebSocket endpoin
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import subprocess
 import sys
@@ -21,7 +22,8 @@ import pytest
 
 from funasr_nano.audio.load import load_audio
 from funasr_nano.audio.vad import SileroVad, VadOptions, find_vad_model, speech_spans
-from funasr_nano.engine import BenchmarkHooks, Engine, TranscribeOptions
+from funasr_nano.config import TranscribeOptions
+from funasr_nano.engine import Engine
 from funasr_nano.models.llm import DecoderOptions
 from funasr_nano.presets import GGUF_Q8_0, context_per_sequence
 from funasr_nano.realtime import RealtimeConfig, RealtimeSession, SessionSettings
@@ -39,8 +41,8 @@ from tests.audio_fixtures import espeak_wav, have_espeak
 ROOT = Path(__file__).resolve().parent.parent
 SR = 16000
 MAX_TOKENS = 16  # random weights rarely stop: keep every final short
-CONFIG = RealtimeConfig(max_new_tokens=MAX_TOKENS)
-FLOOD = RealtimeConfig(max_new_tokens=MAX_TOKENS, max_lag_seconds=1e9)  # audio sent as fast as it goes: never dropped
+CONFIG = RealtimeConfig(options=TranscribeOptions(max_new_tokens=MAX_TOKENS))
+FLOOD = dataclasses.replace(CONFIG, max_lag_seconds=1e9)  # audio sent as fast as it goes: never dropped
 OFFLINE = TranscribeOptions(max_new_tokens=MAX_TOKENS, vad="none")
 
 
@@ -164,7 +166,7 @@ def test_streams_take_turns_encoding_partials(engine, speech):
     """One partial is encoded at a time per engine: while one stream's runs, another's try gives None at once."""
     from types import SimpleNamespace
 
-    from funasr_nano.realtime.partials import PartialTranscriber
+    from funasr_nano.realtime.partials import PartialBudget, PartialTranscriber
 
     inside, release = threading.Event(), threading.Event()
 
@@ -175,6 +177,7 @@ def test_streams_take_turns_encoding_partials(engine, speech):
 
     class SharedEngine:  # what a partial uses of an Engine, its encoder blocking until released
         frontend, ctc, encoder = engine.frontend, engine.ctc, SimpleNamespace(run=blocking_run)
+        partial_budget = PartialBudget()  # an engine's own: its streams' partials take turns on it
 
     shared = SharedEngine()
     first, second = PartialTranscriber(shared), PartialTranscriber(shared)
@@ -225,7 +228,7 @@ def test_other_rates_are_resampled(engine, speech, expected):
 
 def test_falling_behind_is_reported_not_buffered(engine, speech):
     recorder = Recorder()
-    config = RealtimeConfig(max_new_tokens=MAX_TOKENS, max_lag_seconds=4.0)
+    config = dataclasses.replace(CONFIG, max_lag_seconds=4.0)
     with RealtimeSession(engine, SessionSettings(), config, recorder) as session:
         replies = session.append(speech[: 3 * SR])  # within the limit: queued
         replies += session.append(speech[3 * SR: 6 * SR])  # 3 s still waiting + 3 s: dropped
@@ -242,7 +245,7 @@ def _observed_engine(models: Path, events: list) -> Engine:
     n_ctx = context_per_sequence(3000)
     return Engine(models, gguf_path=models / GGUF_Q8_0, decoder_options=DecoderOptions(n_seq_max=2, n_ctx=n_ctx),
                   batch_invariant=True,
-                  hooks=BenchmarkHooks(min_new_tokens=3000), observer=lambda kind, detail: events.append((kind, detail)))
+                  min_new_tokens=3000, observer=lambda kind, detail: events.append((kind, detail)))
 
 
 def _wait_for(condition, timeout: float = 30.0) -> bool:

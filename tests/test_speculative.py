@@ -286,10 +286,9 @@ def test_tokens_identical_to_greedy_batched(tiny_models: Path, wave: np.ndarray,
 
 
 def test_engine_speculative_matches_plain_greedy(tiny_models: Path, wave: np.ndarray) -> None:
-    from funasr_nano.engine import BenchmarkHooks
 
     engine = Engine(tiny_models, gguf_path=tiny_models / "qwen3-0.6b-asr.q8_0.gguf",
-                    decoder_options=DecoderOptions(n_seq_max=1), hooks=BenchmarkHooks(min_new_tokens=N_TOKENS))
+                    decoder_options=DecoderOptions(n_seq_max=1), min_new_tokens=N_TOKENS)
     try:
         assert engine.ctc is not None
         base = dict(max_new_tokens=N_TOKENS, vad="none")
@@ -306,10 +305,9 @@ def test_engine_speculative_matches_plain_greedy(tiny_models: Path, wave: np.nda
 
 def test_batched_engine_speculates_per_segment(tiny_models: Path, wave: np.ndarray) -> None:
     """Several segments in one context (n_seq_max 4): CTC drafts in the shared batch, greedy's tokens."""
-    from funasr_nano.engine import BenchmarkHooks
 
     engine = Engine(tiny_models, gguf_path=tiny_models / "qwen3-0.6b-asr.q8_0.gguf",
-                    decoder_options=DecoderOptions(n_seq_max=4), hooks=BenchmarkHooks(min_new_tokens=N_TOKENS))
+                    decoder_options=DecoderOptions(n_seq_max=4), min_new_tokens=N_TOKENS)
     try:
         base = dict(max_new_tokens=N_TOKENS, vad="none", max_segment_seconds=2.0)
         plain = engine.transcribe(wave, TranscribeOptions(speculative=False, **base))
@@ -330,9 +328,8 @@ def test_batched_engine_speculates_per_segment(tiny_models: Path, wave: np.ndarr
 
 
 def test_without_ctc_the_engine_decodes_plain_greedy(tiny2_models: Path, wave: np.ndarray) -> None:
-    from funasr_nano.engine import BenchmarkHooks
 
-    engine = Engine(tiny2_models, hooks=BenchmarkHooks(min_new_tokens=8))
+    engine = Engine(tiny2_models, min_new_tokens=8)
     try:
         assert not engine.settings.has_ctc and engine.ctc is None
         out = engine.transcribe(wave, TranscribeOptions(max_new_tokens=8, vad="none"))

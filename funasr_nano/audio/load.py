@@ -73,6 +73,13 @@ class AudioError(Exception):
         super().__init__(f"{self.path}: {self.problem}")
 
 
+def check_some_audio(duration: float, path: str | Path) -> None:
+    """AudioError when a transcript covers no audio at all: a file that holds no samples. Shorter than
+    one frame is fine (an empty text); nothing at all is not."""
+    if duration == 0:
+        raise AudioError(path, "no audio samples (the file holds no audio data)")
+
+
 class AudioTooLong(AudioError):
     """More decoded audio than the caller's limit (`max_seconds`): decoding stopped there, whatever
     the container's header claimed."""

@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import sys
+from collections.abc import Callable
 
 from funasr_nano.cli import (
     EXIT_FAILED_INPUTS,
     EXIT_OK,
     SetupError,
     check_folders,
+    engine_config,
+    hotword_chars,
     log_to_stderr,
-    model_files,
+    one_line,
     prompt_options,
+    transcribe_options,
 )
 from funasr_nano.native_lines import RAY_ACTOR_ARGUMENTS, lines_dropped
 from funasr_nano.options import (
@@ -93,28 +98,31 @@ and optional language and hotwords columns.""")
                            help="rows per Parquet part file (default: 64; a part is also written every 30 s)")
     add_quiet_option(p, "no progress bars")
     p.add_argument("--verbose", action="store_true", help="Ray's own start-up and execution logs too")
-    p.add_argument("--test-crash-after", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--test-stop-after", type=int, default=0, help=argparse.SUPPRESS)
     return p
 
 
-def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
-    """Transcribe the corpus: 0 every file done, 1 some failed (their rows say why), 2 set-up, 130 interrupted."""
+def main(argv: list[str] | None = None, *, prog: str = PROG, run: Callable | None = None) -> int:
+    """Transcribe the corpus: 0 every file done, 1 some failed (their rows say why), 2 set-up, 130 interrupted.
+
+    `run`: what runs the pipeline once everything is checked, called as `funasr_nano.corpus.pipeline.run`
+    (the default) is; testing/corpus_faults.py passes one that injects faults.
+    """
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     if args.output_dir is None:  # not argparse's `required`: the deprecated --output may give it instead
         parser.error("the following arguments are required: --output-dir")
     log_to_stderr()
     try:
-        return _run(args)
+        return _run(args, run)
     except SetupError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_SETUP
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, run: Callable | None) -> int:
+    from funasr_nano.corpus import pipeline
     from funasr_nano.corpus.inputs import InputError, collect_inputs
-    from funasr_nano.corpus.pipeline import connect, output_targets, run
+    from funasr_nano.corpus.pipeline import connect, output_targets
     from funasr_nano.corpus.store import CorpusStore
     from funasr_nano.corpus.worker import WorkerSettings
     from funasr_nano.output.writers import WriteError, check_writable
@@ -130,27 +138,30 @@ def _run(args: argparse.Namespace) -> int:
     except WriteError as exc:
         raise SetupError(str(exc)) from exc
 
-    preset = PRESETS[args.preset]
     check_folders(args)
     args.model_dir = (args.model_dir or DEFAULT_MODEL_DIR).resolve()
-    # every node reads the same files: absolute paths, checked (and exported on first use) here
-    args.encoder, args.gguf = (p.resolve() for p in model_files(preset, args, args.model_dir))
-    prompt_options(args)  # again, now that the model folder holds an export: its checkpoint's languages
+    # every node reads the same files: absolute paths, checked (and exported on first use) here; the KV cache
+    # holds the longest hotwords of any input
+    config = engine_config(args.preset, args, max_hotword_chars=max(
+        hotword_chars(h) for h in [args.hotwords, *(f.hotwords for f in files)]))
+    config = dataclasses.replace(config, encoder_path=config.encoder_file.resolve(),
+                                 gguf_path=config.gguf_file.resolve())
+    # the language again, now that the model folder holds an export: its checkpoint's languages; the speaker
+    # counts (--min-speakers above --max-speakers, --speakers with either: one line)
+    options = transcribe_options(args, prompt_options(args), timestamps=True)
     _check_speakers(args)
 
     output = args.output_dir.resolve()
-    hotwords = [args.hotwords or ""] + [f.hotwords for f in files if f.hotwords]
-    settings = WorkerSettings(
-        preset=args.preset, args=args, model=str(args.model_dir), formats=formats,
-        context_hotwords=max(hotwords, key=len), crash_after=args.test_crash_after,
-        crash_marker=str(output / ".test-crash-hook"))
+    settings = WorkerSettings(engine=config, options=options, language=args.language, hotwords=args.hotwords,
+                              formats=formats, max_cue_seconds=args.max_cue_seconds)
     _connect(connect, args)
     plan = _plan(args)
     # Ray's core worker logs one `E ... core_worker.cc` line per actor about its constructor arguments being in
     # the object store with restarts on: Ray Data always puts them there, and the restarts are ours to keep.
     quiet_ray = contextlib.nullcontext() if args.verbose else lines_dropped(RAY_ACTOR_ARGUMENTS)
     with quiet_ray:
-        summary = run(files, CorpusStore(output), settings, plan, output_targets(files, output, formats))
+        summary = (run or pipeline.run)(files, CorpusStore(output), settings, plan,
+                                        output_targets(files, output, formats))
     print(summary.line(), flush=True)
     if summary.interrupted:
         return EXIT_INTERRUPTED
@@ -158,15 +169,14 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check_speakers(args: argparse.Namespace) -> None:
-    """--diarize (or a speaker count): the options, CAM++ in the model folder and the diarize extra, checked
-    here, before Ray starts: each actor would otherwise fail every file with the same error."""
+    """--diarize (or a speaker count): CAM++ in the model folder and the diarize extra, checked here, before
+    Ray starts: each actor would otherwise fail every file with the same error."""
     from funasr_nano import requirements
-    from funasr_nano.cli import _diarize, _diarize_options
+    from funasr_nano.cli import _diarize
     from funasr_nano.speakers.embeddings import SPK_MODEL_FILE, find_speaker_model
 
     if not _diarize(args):
         return
-    _diarize_options(args)  # --min-speakers above --max-speakers, --speakers with either: one line
     if find_speaker_model(args.model_dir) is None:
         raise SetupError(f"{args.model_dir}/{SPK_MODEL_FILE}: not found: --diarize needs CAM++ (get it with "
                          "`funasr-nano export --spk-release-dir DIR`, which downloads "
@@ -206,13 +216,8 @@ def _connect(connect, args: argparse.Namespace) -> None:
         connect(args.address, args.num_cpus)
     except ConnectionError as exc:
         address = args.address or os.environ.get("RAY_ADDRESS")
-        raise SetupError(f"--address {address}: no Ray cluster there ({_first_line(exc)}); start one with "
-                         "`ray start --head`, or leave --address and RAY_ADDRESS unset for a local cluster") from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0].rstrip(".") if lines else type(exc).__name__
+        raise SetupError(f"--address {address}: no Ray cluster there ({one_line(exc).rstrip('.')}); start one "
+                         "with `ray start --head`, or leave --address and RAY_ADDRESS unset for a local cluster") from exc
 
 
 def _plan(args: argparse.Namespace):
@@ -229,4 +234,4 @@ def _plan(args: argparse.Namespace):
     max_actors = args.max_actors or max(1, int(cpus // args.threads))
     return Plan(min_actors=min(args.min_actors, max_actors), max_actors=max_actors, cpus_per_actor=args.threads,
                 gpus_per_actor=gpus, max_task_retries=args.max_retries, rows_per_part=args.rows_per_part,
-                progress=not args.quiet, stop_after=args.test_stop_after)
+                progress=not args.quiet)

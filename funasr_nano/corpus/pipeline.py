@@ -29,6 +29,7 @@ import json
 import logging
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +55,6 @@ class Plan:
     rows_per_part: int = 64
     flush_seconds: float = 30.0  # a part is written at least this often while rows arrive
     progress: bool = True
-    stop_after: int = 0  # test hook: the driver stops (KeyboardInterrupt) after receiving this many rows
 
 
 @dataclass
@@ -101,11 +101,16 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
 
 
 def run(files: list[AudioFile], store: CorpusStore, settings: WorkerSettings, plan: Plan,
-        targets: dict[str, dict[str, Path]] | None = None) -> Summary:
+        targets: dict[str, dict[str, Path]] | None = None, *, transcriber: type[Transcriber] = Transcriber,
+        on_row: Callable[[dict], None] | None = None) -> Summary:
     """Transcribe the files not yet in `store`, write their rows, consolidate them into its dataset; the summary.
 
-    `targets[path][fmt]`: where each file's rendered outputs go. KeyboardInterrupt (Ctrl-C, or the
-    stop_after hook) is caught: what has arrived is written, and the summary says `interrupted`.
+    `targets[path][fmt]`: where each file's rendered outputs go. KeyboardInterrupt (Ctrl-C, or raised
+    by `on_row`) is caught: what has arrived is written, and the summary says `interrupted`.
+    `transcriber`: the actor class, made with `(settings,)` on the workers (Ray pickles it by
+    reference: its module must be importable there). `on_row(row)`: called on the driver for each
+    row once it is collected. Both are for fault injection (testing/corpus_faults.py: an actor that
+    dies mid-run, a driver stopped after some rows).
     """
     t0 = time.perf_counter()
     store.prepare()
@@ -116,10 +121,12 @@ def run(files: list[AudioFile], store: CorpusStore, settings: WorkerSettings, pl
     writer = _RowWriter(store, targets or {}, plan)
     if todo:
         try:
-            for batch in _dataset(todo, settings, plan).iter_batches(batch_size=None, batch_format="pyarrow"):
-                writer.add(batch.to_pylist())
-                if plan.stop_after and writer.received >= plan.stop_after:
-                    raise KeyboardInterrupt
+            for batch in _dataset(todo, settings, plan, transcriber).iter_batches(batch_size=None,
+                                                                                   batch_format="pyarrow"):
+                rows = batch.to_pylist()
+                writer.add(rows)
+                for row in rows if on_row is not None else ():
+                    on_row(row)
         except KeyboardInterrupt:
             summary.interrupted = True
         finally:
@@ -137,7 +144,7 @@ def run(files: list[AudioFile], store: CorpusStore, settings: WorkerSettings, pl
     return summary
 
 
-def _dataset(todo: list[FileState], settings: WorkerSettings, plan: Plan):
+def _dataset(todo: list[FileState], settings: WorkerSettings, plan: Plan, transcriber: type[Transcriber]):
     import ray
 
     context = ray.data.DataContext.get_current()
@@ -158,7 +165,7 @@ def _dataset(todo: list[FileState], settings: WorkerSettings, plan: Plan):
         # retry for ever) apply, and a file that kills its worker every time is retried for ever.
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*", category=DeprecationWarning)
         return ds.map_batches(
-            Transcriber, fn_constructor_args=(settings,), batch_size=1, batch_format="pyarrow", compute=pool,
+            transcriber, fn_constructor_args=(settings,), batch_size=1, batch_format="pyarrow", compute=pool,
             num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None,
             max_restarts=-1, max_task_retries=plan.max_task_retries,
         )

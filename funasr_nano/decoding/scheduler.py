@@ -1,11 +1,19 @@
 """The one owner of a llama.cpp context's sequences: jobs from any number of callers, decoded together.
 
-A `Scheduler` lives as long as its `LlamaDecoder`. Callers hand it jobs (a prompt, a stop rule,
-optionally a draft) from any thread; it admits each into a free sequence (reusing the cached
-prompt prefix, `funasr_nano.decoding.prefixes`), advances every live sequence by one `llama_decode`
-per round (plain greedy and speculative rows alike, `funasr_nano.decoding.rounds`), hands each job its
-result as soon as it ends, and gives the freed sequence to the next job at once (continuous
-batching: a long segment does not keep the others' slots idle).
+A `Scheduler` lives as long as its `LlamaDecoder`. Callers hand it ready jobs (a prompt, a stop
+rule, optionally a draft) from any thread; its thread admits each into a free sequence (reusing
+the cached prompt prefix, `funasr_nano.decoding.prefixes`), advances every live sequence by one
+`llama_decode` per round (plain greedy and speculative rows alike, `funasr_nano.decoding.rounds`),
+hands each job its result as soon as it ends, and gives the freed sequence to the next job at once
+(continuous batching: a long segment does not keep the others' slots idle). Which job gets which
+sequence, what a round holds and what a cancellation frees is decided by a `RoundPlanner`
+(`funasr_nano.decoding.planner`, no threads, no llama.cpp); this module only carries it out, and
+its thread runs nothing else: audio, VAD and encoders run in the engine's prepare stage
+(`funasr_nano.prepare`), so a slow producer never delays a round.
+
+Everything reaches the owner as a message on its queue, as in llama.cpp's server queue: a job, a
+cancellation (a caller's `future.cancel()` posts one; the sequence is freed before the next
+round), a direct call on the decoder, closing. Nothing else is shared with callers.
 
 Why a thread and a queue rather than asyncio: llama.cpp's calls block for tens of milliseconds
 and are not thread-safe, so they must all run on one thread, and every caller must wait for them
@@ -16,13 +24,8 @@ loop as the owner would stall every other coroutine during each `llama_decode`, 
 executor thread anyway. llama.cpp and onnxruntime release the GIL, so callers keep working while
 the context decodes.
 
-Two ways to submit:
-- `submit(job)`: one ready job, its result (`Decoded`) in a future; `future.cancel()` stops it,
-  and its sequence is freed before the next round.
-- `stream(jobs)`: a lazy iterable of jobs, pulled on the scheduler's thread only when a sequence
-  is free for the next one. This is how a long file is transcribed: a segment is encoded only
-  when it can be decoded, so memory holds a handful of prepared segments, and the encoder never
-  competes with decoding for the cores. Results come back in finishing order.
+`submit(job, owner)`: one ready job, its result (`Decoded`) in a future; `future.cancel()` stops
+it. Jobs of one owner (a file, a request, a live stream) are admitted in order, owners in turn.
 
 Behaviours the tokens depend on (all tested against decoding each job alone):
 - rows of a round go in increasing sequence order, and when no job is waiting, live sequences
@@ -47,24 +50,24 @@ Behaviours the tokens depend on (all tested against decoding each job alone):
 
 from __future__ import annotations
 
-import atexit
-import bisect
+import itertools
 import logging
 import queue
 import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable
 from concurrent.futures import CancelledError, Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from funasr_nano.decoding.prefix_store import PrefixStore
-from funasr_nano.decoding.prefixes import PrefixCache, Prompt
+from funasr_nano.decoding.planner import CapacityError, Job, Request, RoundPlanner
+from funasr_nano.decoding.prefixes import PrefixCache
 from funasr_nano.decoding.rounds import RoundCosts, decode_round
-from funasr_nano.decoding.sequence import Decoded, SequenceState, StopRule
+from funasr_nano.decoding.sequence import SequenceState
 from funasr_nano.decoding.speculation import DEFAULT_CONFIG, Draft, SpeculativeConfig
+from funasr_nano.output.results import StageClock
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -72,139 +75,10 @@ Observer = Callable[[str, Any], None]
 
 
 @dataclass
-class Job:
-    """One segment to decode: its prompt, when to stop, and its draft (None: plain greedy rows).
-
-    `clock`, when given, gets "prefill" and "decode" seconds added (a round's time counts for
-    every clock among the jobs it advanced); it is written on the scheduler's thread.
-    """
-
-    prompt: Prompt
-    rule: StopRule = StopRule()
-    draft: Sequence[int] | None = None
-    clock: dict[str, float] | None = None
-
-
-class _Entry:
-    """A job on its way through the scheduler."""
-
-    __slots__ = ("job", "future", "stream", "index")
-
-    def __init__(self, job: Job, stream: _Stream | None = None, index: int = 0) -> None:
-        self.job, self.future, self.stream, self.index = job, Future(), stream, index
-
-    def cancelled(self) -> bool:
-        return self.future.cancelled() or (self.stream is not None and self.stream.cancelled)
-
-    def complete(self, decoded: Decoded) -> None:
-        try:
-            self.future.set_result(decoded)
-        except InvalidStateError:  # cancelled meanwhile
-            return
-        if self.stream is not None:
-            self.stream.delivered((self.index, decoded))
-
-    def fail(self, exc: BaseException) -> None:
-        try:
-            self.future.set_exception(exc)
-        except InvalidStateError:
-            return
-        if self.stream is not None:
-            self.stream.failed(exc)
-
-
-class _Stream:
-    """A producer's lazy iterable of jobs; results go back through `results` in finishing order."""
-
-    _END = object()
-
-    def __init__(self, jobs: Iterable[Job]) -> None:
-        self.jobs = iter(jobs)
-        self.results: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self.cancelled = False
-        self.lookahead: _Entry | None = None
-        self.started = self.exhausted = False
-        self.next_index = self.outstanding = 0
-
-    def _pull(self) -> _Entry | None:
-        job = next(self.jobs, None)  # producer code (the encoder) runs here, on the scheduler's thread
-        if job is None:
-            self.exhausted = True
-            return None
-        entry = _Entry(job, self, self.next_index)
-        self.next_index += 1
-        return entry
-
-    def take(self) -> _Entry | None:
-        """The next job, keeping one pulled ahead so that the end of the stream is known early."""
-        if not self.started:
-            self.started = True
-            self.lookahead = self._pull()
-        entry = self.lookahead
-        if entry is not None:
-            self.outstanding += 1
-            self.lookahead = None if self.exhausted else self._pull()
-        return entry
-
-    def delivered(self, item: tuple[int, Decoded]) -> None:
-        self.results.put(item)
-        self.outstanding -= 1
-        if self.exhausted and self.outstanding == 0 and self.lookahead is None:
-            self.results.put(self._END)
-
-    def failed(self, exc: BaseException) -> None:
-        if not self.cancelled:
-            self.cancelled = True
-            self.results.put(exc)
-
-    def cancel(self) -> None:
-        """From any thread: the jobs not yet ended are dropped, the consumer wakes with CancelledError."""
-        self.failed(CancelledError())
-
-    def consume(self) -> Iterator[tuple[int, Decoded]]:
-        try:
-            while True:
-                try:
-                    item = self.results.get(timeout=1.0)  # a timeout keeps Ctrl-C responsive
-                except queue.Empty:
-                    continue
-                if item is self._END:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            self.cancelled = True  # a consumer that stops early cancels the rest
-
-
-class StreamResults(Iterator[tuple[int, Decoded]]):
-    """What `Scheduler.stream` returns: (index, result) pairs in finishing order.
-
-    `close()` is for the consuming thread (it stops iterating); `cancel()` may be called from any
-    other thread while the consumer waits (a server whose client went away, a timeout): the
-    stream's live sequences are freed before the next round and the consumer gets CancelledError.
-    """
-
-    def __init__(self, stream: _Stream) -> None:
-        self._stream = stream
-        self._items = stream.consume()
-
-    def __next__(self) -> tuple[int, Decoded]:
-        return next(self._items)
-
-    def close(self) -> None:
-        self._stream.cancelled = True
-        self._items.close()
-
-    def cancel(self) -> None:
-        self._stream.cancel()
-
-
-@dataclass
 class SchedulerStats:
     """Counters of the scheduler's work, written on its thread, read from any (metrics, tests).
 
-    `shared_rounds`: rounds whose rows belong to more than one caller (stream or submitted job),
+    `shared_rounds`: rounds whose rows belong to more than one owner (file, request, stream),
     the proof that concurrent callers are batched together; `max_rows`: most sequences in one round.
     """
 
@@ -219,6 +93,11 @@ class SchedulerStats:
 
 
 @dataclass
+class _Cancel:
+    request_id: int
+
+
+@dataclass
 class _Call:
     fn: Callable[[Any, PrefixCache], Any]
     future: Future
@@ -230,20 +109,20 @@ _CLOSE = object()
 class Scheduler:
     """Owns a decoder's sequences on one thread; see the module docstring.
 
-    `refill=False` admits jobs only when every sequence has ended (fixed groups: a benchmark
-    comparison). `batch_invariant=True` makes every job's tokens independent of the other jobs
+    `planner`: the decisions (default: continuous batching over the decoder's `n_seq_max` sequences
+    of `n_ctx` cells). `batch_invariant=True` makes every job's tokens independent of the other jobs
     decoded with it: a sequence that llama.cpp would compute as a micro-batch of one row gets a
     padding row (`funasr_nano.decoding.rounds`), and small rounds are never split into one-row steps.
-    `observer(event, detail)` sees "admit" (sequence id), "round" (the sequence ids
-    fed), "move" ((from, to)), "cancel" (sequence id): for tests and tracing.
+    `observer(event, detail)` sees "admit" (sequence id), "round" (the sequence ids fed), "move"
+    ((from, to)), "cancel" (sequence id), on the owner's thread: for tests and tracing.
     """
 
-    def __init__(self, decoder: Any, *, config: SpeculativeConfig = DEFAULT_CONFIG, refill: bool = True,
-                 observer: Observer | None = None, batch_invariant: bool = False,
-                 prefix_store: PrefixStore | None = None) -> None:
+    def __init__(self, decoder: Any, prefixes: PrefixCache, *, planner: RoundPlanner | None = None,
+                 config: SpeculativeConfig = DEFAULT_CONFIG, observer: Observer | None = None,
+                 batch_invariant: bool = False) -> None:
         self.decoder = decoder
+        self.prefixes = prefixes
         self.config = config
-        self.refill = refill
         self.pad_lone_rows = batch_invariant
         # a unified cache takes rows of any sequences in one pass: new prompts join the next round
         # (not with batch_invariant: a unified cache's results depend on where cells were free)
@@ -251,53 +130,50 @@ class Scheduler:
         self.fold_prompts = self.unified and not batch_invariant
         self.costs = None if batch_invariant else RoundCosts()  # small rounds split where that is cheaper
         self.observer = observer
-        self.width = max(1, int(decoder.n_seq_max))
-        self.prefixes = PrefixCache(decoder, store=prefix_store)
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._waiting: deque[_Entry | _Stream | _Call] = deque()
-        self._live: dict[int, tuple[_Entry, SequenceState]] = {}
-        self._free = list(range(self.width))
+        self.planner = planner or RoundPlanner(int(decoder.n_seq_max), int(decoder.n_ctx))
+        self.width = self.planner.width
         self.stats = SchedulerStats()
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._ids = itertools.count()
+        self._calls: deque[_Call] = deque()
         self._closing = False
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="llama-scheduler", daemon=True)
         self._thread.start()
-        _OPEN.add(self)
+        # at exit (Ctrl-C included) the thread stops between two rounds, before the context is freed
+        self._finalizer = weakref.finalize(self, _stop, self._queue, self._thread)
 
     # ------------------------------------------------------------------ callers' side (any thread)
 
-    def submit(self, job: Job) -> Future:
-        """Queue one job; its `Decoded` arrives in the returned future (cancel it to stop the job)."""
-        entry = _Entry(job)
-        self._put(entry)
-        return entry.future
+    def submit(self, job: Job, owner: Hashable | None = None) -> Future:
+        """Queue one job; its `Decoded` arrives in the returned future (cancel it to stop the job).
 
-    def stream(self, jobs: Iterable[Job]) -> StreamResults:
-        """(index in `jobs`, result) for each job as it ends; `jobs` is pulled lazily on the scheduler's thread.
-
-        Closing the returned iterator early, cancelling it from another thread, or an exception in
-        `jobs` cancels the remaining jobs. Several callers' streams are served round robin: each
-        free sequence goes to the next stream in line, so their jobs share rounds.
+        `owner`: who asks (jobs of one owner go in order, owners take turns; default: the job
+        alone). CapacityError at once when the job cannot fit one sequence.
         """
-        stream = _Stream(jobs)
-        self._put(stream)
-        return StreamResults(stream)
+        self.planner.check(job)
+        future: Future = Future()
+        request_id = next(self._ids)
+        request = Request(request_id, job, owner if owner is not None else ("job", request_id), future)
+        future.add_done_callback(lambda f: f.cancelled() and self._queue.put(_Cancel(request_id)))
+        self._put(request)
+        return future
 
     @property
     def live(self) -> int:
         """Sequences decoding now."""
-        return len(self._live)
+        return len(self.planner.live)
 
     @property
     def waiting(self) -> int:
-        """Callers (streams, jobs, calls) waiting for a sequence."""
-        return len(self._waiting) + self._queue.qsize()
+        """Jobs and calls waiting for a sequence (those still on the queue included)."""
+        return sum(len(line) for line in list(self.planner.waiting.values())) + len(self._calls) + self._queue.qsize()
 
     def call(self, fn: Callable[[Any, PrefixCache], T]) -> T:
         """Run `fn(decoder, prefixes)` on the scheduler's thread once no job is live; its result.
 
         For direct use of the decoder (parity tests, benchmarks): afterwards nothing is assumed
-        about the sequences' contents.
+        about the sequences' contents. Jobs submitted after it wait for it.
         """
         call = _Call(fn, Future())
         self._put(call)
@@ -307,22 +183,25 @@ class Scheduler:
         """Cancel what is queued or running and stop the thread (the decoder itself stays open)."""
         if not self._closed:
             self._closed = True
-            self._queue.put(_CLOSE)
-            self._thread.join()
+            self._finalizer()
 
     def _put(self, item: object) -> None:
         if self._closed or not self._thread.is_alive():
             raise RuntimeError("the decoding scheduler is closed")
         self._queue.put(item)
 
-    # ------------------------------------------------------------------ the scheduler's thread
+    # ------------------------------------------------------------------ the owner's thread
 
     def _run(self) -> None:
         try:
-            while self._take_requests(block=not self._live and not self._waiting):
-                self._drop_cancelled()
-                self._admit()
-                if self._live:
+            while self._take_messages(block=self.planner.idle and not self._calls):
+                if self._calls and not self.planner.live:
+                    self._run_call(self._calls.popleft())
+                    continue
+                if not self._calls:
+                    for seq, request in self.planner.admit():
+                        self._start(seq, request)
+                if self.planner.live:
                     self._round()
         except BaseException as exc:  # noqa: BLE001 - a broken context fails every job instead of hanging them
             log.error("decoding scheduler stopped: %s", exc)
@@ -330,8 +209,8 @@ class Scheduler:
             return
         self._fail_all(CancelledError())
 
-    def _take_requests(self, block: bool) -> bool:
-        """Move new requests into the waiting line; False once closing."""
+    def _take_messages(self, block: bool) -> bool:
+        """Act on every message queued (blocking for the first when idle); False once closing."""
         while True:
             try:
                 item = self._queue.get() if block else self._queue.get_nowait()
@@ -340,57 +219,25 @@ class Scheduler:
             block = False
             if item is _CLOSE:
                 self._closing = True
-            else:
-                self._waiting.append(item)
+            elif isinstance(item, _Cancel):
+                self._cancel(item.request_id)
+            elif isinstance(item, _Call):
+                self._calls.append(item)
+            elif not item.handle.cancelled():
+                try:
+                    self.planner.add(item)
+                except CapacityError as exc:  # a planner with a smaller capacity than the submit check
+                    _fail(item.handle, exc)
 
-    def _drop_cancelled(self) -> None:
-        for seq in [s for s, (entry, _) in self._live.items() if entry.cancelled()]:
-            del self._live[seq]
+    def _cancel(self, request_id: int) -> None:
+        seq = self.planner.cancel(request_id)
+        if seq is not None:
             self._release(seq)
             self.stats.cancelled += 1
             self._notify("cancel", seq)
 
-    def _admit(self) -> None:
-        if not self.refill and self._live:
-            return  # fixed groups: a new group only once all have ended
-        while self._free and self._waiting:
-            head = self._waiting[0]
-            if isinstance(head, _Call):
-                if self._live:
-                    return  # a call waits for the live jobs; later jobs wait behind it
-                self._waiting.popleft()
-                self._run_call(head)
-                continue
-            if isinstance(head, _Stream):
-                entry = self._take_from(head)
-                if entry is None:
-                    continue
-            else:
-                self._waiting.popleft()
-                entry = head
-                if entry.cancelled():
-                    continue
-            self._start(entry)
-
-    def _take_from(self, stream: _Stream) -> _Entry | None:
-        """The stream's next job; the stream goes to the back of the line (round robin) or leaves it."""
-        self._waiting.popleft()
-        if stream.cancelled:
-            return None
-        try:
-            entry = stream.take()
-        except Exception as exc:  # the producer failed (an unreadable file...): the stream ends with it
-            stream.failed(exc)
-            return None
-        if not stream.exhausted:
-            self._waiting.append(stream)
-        elif stream.outstanding == 0:
-            stream.results.put(stream._END)
-        return entry
-
-    def _start(self, entry: _Entry) -> None:
-        seq = self._free.pop(0)
-        job = entry.job
+    def _start(self, seq: int, request: Request) -> None:
+        job = request.job
         t0 = time.perf_counter()
         draft = Draft(list(job.draft)) if job.draft else None
         try:
@@ -400,90 +247,76 @@ class Scheduler:
             else:
                 logits = self.prefixes.feed(rows, start, seq)
                 state = SequenceState(seq=seq, pos=start + len(rows), logits=logits, rule=job.rule, draft=draft)
+                state.start(self.decoder.stop_ids)
         except Exception as exc:
+            self.planner.failed(seq)
             self._release(seq, forget=True)
-            entry.fail(exc)
+            _fail(request.handle, exc)
             return
         seconds = time.perf_counter() - t0
         _add(job.clock, "prefill", seconds)
         self.stats.prefill_seconds += seconds
         self.stats.admitted += 1
         self._notify("admit", seq)
-        if state.prompt_rows is not None:
-            self._live[seq] = (entry, state)  # its first token comes with the next round's logits
-            return
-        state.start(self.decoder.stop_ids)
-        if state.done:
+        if self.planner.started(seq, state):  # its first token ended it
             self._release(seq)
-            entry.complete(state.result())
-            return
-        self._live[seq] = (entry, state)
+            _complete(request.handle, state.result())
 
     def _round(self) -> None:
+        states = self.planner.round()
+        if not states:
+            return
         t0 = time.perf_counter()
-        order = sorted(self._live)
-        self._count_round(order)
-        self._notify("round", tuple(order))
+        self._count_round(states)
+        self._notify("round", tuple(s.seq for s in states))
         try:
-            decode_round(self.decoder, [self._live[seq][1] for seq in order], self.config, self.pad_lone_rows,
-                         self.costs)
+            decode_round(self.decoder, states, self.config, self.pad_lone_rows, self.costs)
         except Exception as exc:  # a llama_decode failure: every job of the round fails with it
-            for seq in order:
-                entry, _ = self._live.pop(seq)
+            for seq, request in self.planner.fail_round(states):
                 self._release(seq, forget=True)
-                entry.fail(exc)
+                _fail(request.handle, exc)
             return
         seconds = time.perf_counter() - t0
         self.stats.round_seconds += seconds
-        clocks = {id(e.job.clock): e.job.clock for e, _ in self._live.values() if e.job.clock is not None}
+        clocks = {id(r.job.clock): r.job.clock for r in self.planner.live.values() if r.job.clock is not None}
         for clock in clocks.values():
             _add(clock, "decode", seconds)
-        for seq in [s for s in order if self._live[s][1].done]:
-            entry, state = self._live.pop(seq)
+        for seq, request in self.planner.ended():
             self._release(seq)
-            entry.complete(state.result())
-        if not self._waiting and self._queue.empty() and not self.unified:
+            _complete(request.handle, request.state.result())
+        if self._queue.empty() and not self.unified:
             self._compact()
 
-    def _count_round(self, order: list[int]) -> None:
+    def _count_round(self, states: list[SequenceState]) -> None:
         stats = self.stats
         stats.rounds += 1
-        stats.rows += len(order)
-        stats.max_rows = max(stats.max_rows, len(order))
-        callers = {id(entry.stream or entry) for entry, _ in (self._live[seq] for seq in order)}
-        if len(callers) > 1:
+        stats.rows += len(states)
+        stats.max_rows = max(stats.max_rows, len(states))
+        if self.planner.owners(states) > 1:
             stats.shared_rounds += 1
 
     def _compact(self) -> None:
-        """Move the highest live sequences into the lowest free ids until the live ids are 0..n-1.
+        """Carry out the planner's moves of the highest live sequences into the lowest free ids.
 
         With no job left to fill a gap, every gap would cost a pass over the weights per round until
         the end. A move copies the whole stream (cells keep their places: the same attention, the
         same tokens) and costs about one decode step; it saves one pass per remaining round.
         """
         d = self.decoder
-        while self._live and self._free and self._free[0] < max(self._live):
-            src, dst = max(self._live), self._free.pop(0)
+        for src, dst in self.planner.moves():
             d.clear(dst, 0)
             d.copy_sequence(src, dst)
             d.clear(src, 0)
             self.prefixes.moved(src, dst)
-            entry, state = self._live.pop(src)
-            state.seq = dst
-            self._live[dst] = (entry, state)
-            bisect.insort(self._free, src)
             self._notify("move", (src, dst))
 
     def _release(self, seq: int, forget: bool = False) -> None:
-        """Give `seq` back to the free ids, its cache cut back to the prefix (or emptied)."""
-        try:
-            if forget:
-                self.prefixes.held.pop(seq, None)
-                self.decoder.clear(seq, 0)
-            else:
-                self.prefixes.release(seq)
-        finally:
-            bisect.insort(self._free, seq)
+        """The KV side of a freed sequence: its cache cut back to the prefix (or emptied)."""
+        if forget:
+            self.prefixes.held.pop(seq, None)
+            self.decoder.clear(seq, 0)
+        else:
+            self.prefixes.release(seq)
 
     def _run_call(self, call: _Call) -> None:
         try:
@@ -497,39 +330,55 @@ class Scheduler:
 
     def _fail_all(self, exc: BaseException) -> None:
         self._closing = True
-        for entry, _ in self._live.values():
-            entry.future.cancel() if isinstance(exc, CancelledError) else entry.fail(exc)
-            if isinstance(exc, CancelledError) and entry.stream is not None:
-                entry.stream.failed(exc)
-        self._live.clear()
+        requests = self.planner.drain()
         while True:
             try:
-                self._waiting.append(self._queue.get_nowait())
+                item = self._queue.get_nowait()
             except queue.Empty:
                 break
-        for item in self._waiting:
-            if isinstance(item, _Stream):
-                item.failed(exc)
-            elif item is not _CLOSE:
-                if not item.future.cancel() and not item.future.done():
-                    item.future.set_exception(exc)
-        self._waiting.clear()
+            if isinstance(item, Request):
+                requests.append(item)
+            elif isinstance(item, _Call):
+                self._calls.append(item)
+        for request in requests:
+            if isinstance(exc, CancelledError):
+                request.handle.cancel()
+            else:
+                _fail(request.handle, exc)
+        for call in self._calls:
+            if not call.future.cancel() and not call.future.done():
+                call.future.set_exception(exc)
+        self._calls.clear()
 
     def _notify(self, event: str, detail: Any) -> None:
         if self.observer is not None:
             self.observer(event, detail)
 
 
-_OPEN: weakref.WeakSet[Scheduler] = weakref.WeakSet()
+def _stop(messages: queue.SimpleQueue, thread: threading.Thread) -> None:
+    """Stop the owner's thread between two rounds (close(), or the interpreter exiting)."""
+    messages.put(_CLOSE)
+    if thread.is_alive() and thread is not threading.current_thread():
+        thread.join()
 
 
-@atexit.register
-def _close_open_schedulers() -> None:
-    """At exit (Ctrl-C included), stop each thread between two rounds, before the contexts are freed."""
-    for scheduler in list(_OPEN):
-        scheduler.close()
+def _complete(future: Future, value: Any) -> None:
+    try:
+        future.set_result(value)
+    except InvalidStateError:  # cancelled meanwhile
+        pass
 
 
-def _add(clock: dict[str, float] | None, key: str, seconds: float) -> None:
+def _fail(future: Future, exc: BaseException) -> None:
+    try:
+        future.set_exception(exc)
+    except InvalidStateError:
+        pass
+
+
+def _add(clock: StageClock | None, key: str, seconds: float) -> None:
     if clock is not None:
-        clock[key] = clock.get(key, 0.0) + seconds
+        clock.add(key, seconds)
+
+
+__all__ = ["CapacityError", "Job", "Scheduler", "SchedulerStats"]

@@ -26,6 +26,7 @@ import numpy as np
 
 from funasr_nano.models import llama_log
 from funasr_nano.models.gguf_file import GGUF_MAGIC, read_gguf
+from funasr_nano.models.tokenizer import Tokenizer
 from funasr_nano.presets import DEFAULT_BATCH_SIZE, context_per_sequence
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,8 @@ def _check_gguf_file(path: Path) -> None:
 
 
 class LlamaDecoder:
-    """One llama.cpp model + context: the thin binding. Not thread-safe: `funasr_nano.decoding.Scheduler` owns it."""
+    """One llama.cpp model + context: the thin binding. Not thread-safe: `funasr_nano.decoding.Scheduler` owns
+    it; its `tokenizer` (the vocabulary alone) is, and is what other threads use."""
 
     def __init__(self, gguf_path: Path | str, options: DecoderOptions = DecoderOptions()) -> None:
         self.path = Path(gguf_path)
@@ -195,6 +197,8 @@ class LlamaDecoder:
             raise DecoderError(f"{self.path}: cannot create a llama.cpp context ({self._last_error()})")
 
         self._vocab = L.llama_model_get_vocab(self._model)
+        # the vocabulary only: callers' threads may use it while this context decodes on the owner's
+        self.tokenizer = Tokenizer(self._vocab, self.path)
         self._memory = L.llama_get_memory(self._ctx)
         self.n_embd = int(L.llama_model_n_embd(self._model))
         self.n_vocab = int(L.llama_vocab_n_tokens(self._vocab))
@@ -238,13 +242,7 @@ class LlamaDecoder:
 
     def tokenize(self, text: str) -> list[int]:
         """llama.cpp's tokenizer with special tokens parsed, no BOS: what funasr's HF tokenizer gives."""
-        data = text.encode("utf-8")
-        cap = len(data) + 16
-        buf = (L.llama_token * cap)()
-        n = L.llama_tokenize(self._vocab, data, len(data), buf, cap, False, True)
-        if n < 0:
-            raise DecoderError(f"{self.path}: tokenization needs {-n} tokens, more than {cap}")
-        return list(buf[:n])
+        return self.tokenizer.tokenize(text)
 
     def _special_id(self, text: str) -> int:
         ids = self.tokenize(text)
@@ -253,17 +251,10 @@ class LlamaDecoder:
         return ids[0]
 
     def token_bytes(self, token: int) -> bytes:
-        """The raw bytes of one token; control tokens (<|im_end|> ...) give b"" like skip_special_tokens."""
-        buf = ctypes.create_string_buffer(64)
-        n = L.llama_token_to_piece(self._vocab, token, buf, 64, 0, False)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = L.llama_token_to_piece(self._vocab, token, buf, -n, 0, False)
-        return buf.raw[:n]
+        return self.tokenizer.token_bytes(token)
 
     def detokenize(self, tokens: Iterable[int]) -> str:
-        """Bytes of all tokens joined, then decoded, as Hugging Face's byte-level BPE decoder does."""
-        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", "replace")
+        return self.tokenizer.detokenize(tokens)
 
     def token_embeddings(self, tokens: Sequence[int]) -> np.ndarray:
         """Rows of the GGUF's input embedding table for these tokens, as float32 (n, n_embd)."""

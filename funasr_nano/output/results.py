@@ -6,12 +6,38 @@ the output format.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field, fields
 
 from funasr_nano.models.prompt import NANO, checkpoint_languages, language_code
 from funasr_nano.output.language import text_language
 
 STAGES = ("load_audio", "vad", "features", "encoder", "prefill", "decode")
+
+
+class StageClock:
+    """Seconds per stage of one input, added from several threads at once: the prepare stage (reading,
+    VAD, features, encoder), the decoding owner (prefill, rounds) and the thread that reads the results."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seconds = dict.fromkeys(STAGES, 0.0)
+
+    def add(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            self._seconds[stage] = self._seconds.get(stage, 0.0) + seconds
+
+    def set(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            self._seconds[stage] = seconds
+
+    def __getitem__(self, stage: str) -> float:
+        with self._lock:
+            return self._seconds.get(stage, 0.0)
+
+    def snapshot(self) -> dict[str, float]:
+        with self._lock:
+            return dict(self._seconds)
 
 
 @dataclass(frozen=True)
@@ -71,7 +97,9 @@ class Timings:
     total: float = 0.0
 
     @classmethod
-    def from_clock(cls, clock: dict[str, float]) -> Timings:
+    def from_clock(cls, clock: dict[str, float] | StageClock) -> Timings:
+        if isinstance(clock, StageClock):
+            clock = clock.snapshot()
         return cls(**{f.name: clock[f.name] for f in fields(cls) if f.name in clock})
 
     def __getitem__(self, stage: str) -> float:

@@ -30,9 +30,11 @@ from funasr_nano.cli import (
     EXIT_OK,
     SetupError,
     check_folders,
-    load_engine,
+    engine_config,
     log_to_stderr,
+    open_engine,
     prompt_options,
+    transcribe_options,
 )
 from funasr_nano.options import (
     DEFAULT_PRESET,
@@ -47,7 +49,7 @@ from funasr_nano.options import (
     positive,
 )
 from funasr_nano.paths import CONSOLE_SCRIPT
-from funasr_nano.presets import DEFAULT_BATCH_SIZE, PRESETS
+from funasr_nano.presets import DEFAULT_BATCH_SIZE
 from funasr_nano.realtime import protocol
 from funasr_nano.realtime.events import (
     Error,
@@ -118,26 +120,26 @@ class _InputError(RuntimeError):
 
 
 def _run(args: argparse.Namespace) -> int:
-    prompt = prompt_options(args)
+    options = transcribe_options(args, prompt_options(args), timestamps=False)
     if args.server is None:
         check_folders(args)
     source = FileSource(args.file, args.speed) if args.file is not None else MicSource(args.device)
     display = Display(show_partials=not args.quiet and sys.stderr.isatty())
-    settings = SessionSettings(sample_rate=source.rate, prompt=prompt)
+    settings = SessionSettings(sample_rate=source.rate, prompt=options.prompt)
     engine = None
     if args.server is not None:
         api_key = args.api_key or os.environ.get("FUNASR_API_KEY") or None
         sink: LocalSink | ServerSink = ServerSink(args.server, settings, display, api_key)
     else:
-        engine = load_engine(PRESETS[args.preset], args)
-        try:
-            settings = dataclasses.replace(settings, prompt=prompt_options(args, engine.settings))
+        engine = open_engine(engine_config(args.preset, args))
+        try:  # the checkpoint loaded decides the languages
+            options = dataclasses.replace(options, prompt=prompt_options(args, engine.settings))
         except SetupError:
             engine.close()
             raise
-        config = RealtimeConfig(partial_interval_seconds=args.partial_interval, max_new_tokens=args.max_new_tokens,
-                                max_segment_seconds=args.max_segment, speculative=not args.no_speculative)
-        sink = LocalSink(engine, settings, config, display)
+        settings = dataclasses.replace(settings, prompt=options.prompt)
+        sink = LocalSink(engine, settings, RealtimeConfig(partial_interval_seconds=args.partial_interval,
+                                                          options=options), display)
     try:
         try:
             for chunk in source:

@@ -15,7 +15,7 @@ Several streams on one engine take turns: one partial is encoded at a time (`try
 None while another stream's is being encoded; the caller tries again with its next audio), so the
 partials of N streams cost at most one encoder's worth of the cores.
 
-And partials give way to finals (`PartialBudget`, one per engine). A partial's encoder run takes the
+And partials give way to finals (`PartialBudget`, one per engine: `Engine.partial_budget`). A partial's encoder run takes the
 cores the decoder needs: on a CPU where one stream's final costs most of its real time, partials
 running beside other streams' finals make those finals late, then every stream falls behind. The
 rule, over every stream of the engine:
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import threading
 import time
-import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -106,19 +105,6 @@ class PartialBudget:
             self.stats.seconds += seconds
 
 
-_BUDGETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> its streams' PartialBudget
-_BUDGETS_LOCK = threading.Lock()
-
-
-def budget_for(engine) -> PartialBudget:  # noqa: ANN001 - an Engine
-    """The one PartialBudget of `engine`, shared by every session on it."""
-    with _BUDGETS_LOCK:
-        budget = _BUDGETS.get(engine)
-        if budget is None:
-            budget = _BUDGETS[engine] = PartialBudget()
-        return budget
-
-
 class PartialTranscriber:
     """Greedy CTC text of one open segment, updated as its audio grows (`update`), reset per segment."""
 
@@ -138,7 +124,7 @@ class PartialTranscriber:
 
     def try_update(self, audio: np.ndarray) -> str | None:
         """`update`, or None at once when another stream's partial is being encoded on this engine."""
-        budget = budget_for(self.engine)
+        budget = self.engine.partial_budget
         if not budget.turn.acquire(blocking=False):
             return None
         t0 = time.perf_counter()

@@ -64,7 +64,7 @@ from funasr_nano.realtime.events import (
 )
 from funasr_nano.realtime.events import SpeechStarted as SpeechStartedEvent
 from funasr_nano.realtime.events import SpeechStopped as SpeechStoppedEvent
-from funasr_nano.realtime.partials import PartialTranscriber, budget_for
+from funasr_nano.realtime.partials import PartialTranscriber
 from funasr_nano.realtime.settings import DEFAULT_CONFIG, MODEL_RATE, RealtimeConfig, SessionSettings
 from funasr_nano.speakers.online import OnlineSpeakers, segment_embedding
 
@@ -118,7 +118,7 @@ class RealtimeSession:
         self._offset = 0  # stream samples before the current segmenter (settings changes start a new one)
         self._finishing: threading.Event | None = None
         self._partials = PartialTranscriber(engine, config.partial_window_seconds)
-        self._budget = budget_for(engine)  # every stream's finals on this engine, which partials give way to
+        self._budget = engine.partial_budget  # every stream's finals on this engine, which partials give way to
         self._partials_on = config.partials and self._partials.available  # loads the CTC head now
         self._vad_path = find_vad_model(engine.settings.model_dir)
         self._speakers: OnlineSpeakers | None = None  # the stream's speakers, once a segment is diarized
@@ -254,27 +254,24 @@ class RealtimeSession:
         self._resample = StreamResampler(settings.sample_rate)
         if settings.vad is None:
             self._segmenter: SpeechSegmenter | FsmnSegmenter | ManualTurns | None = ManualTurns(
-                self.config.max_segment_seconds)
-        elif self.config.vad == "fsmn":  # the engine's one FSMN-VAD session; its turns end as funasr's segments
+                self.config.options.max_segment_seconds)
+        elif self.config.options.vad == "fsmn":  # the engine's one FSMN-VAD session; its turns end as funasr's segments
             fsmn = self.engine.fsmn_vad()
             if fsmn is None:
                 raise VadError(f"{self.engine.settings.model_dir}: fsmn_vad.onnx not found (export it with `funasr-nano "
                                "export --vad-release-dir DIR`), so turns need commits: turn_detection null")
             endpoint = EndpointOptions.from_model_conf(
-                fsmn.settings.model_conf, max_single_segment_time=int(round(self.config.max_segment_seconds * 1000)))
+                fsmn.settings.model_conf,
+                max_single_segment_time=int(round(self.config.options.max_segment_seconds * 1000)))
             self._segmenter = FsmnSegmenter(fsmn, endpoint, MODEL_RATE)
         else:
             if self._vad_path is None:
                 raise VadError(f"{self.engine.settings.model_dir}: silero_vad.onnx not found (re-run `funasr-nano export` or 01_export_onnx.py "
                                "with silero-vad installed), so turns need commits: turn_detection null")
-            options = dataclasses.replace(settings.vad, max_segment_seconds=self.config.max_segment_seconds)
+            options = dataclasses.replace(settings.vad, max_segment_seconds=self.config.options.max_segment_seconds)
             # the engine's one Silero session, this stream's own state (a restart takes a fresh one)
             self._segmenter = SpeechSegmenter(self.engine.silero_vad().stream(), options, MODEL_RATE)
-        from funasr_nano.engine import TranscribeOptions
-
-        self._options = TranscribeOptions(prompt=settings.prompt, max_new_tokens=self.config.max_new_tokens,
-                                          max_segment_seconds=self.config.max_segment_seconds,
-                                          speculative=self.config.speculative)
+        self._options = dataclasses.replace(self.config.options, prompt=settings.prompt)
         self._vad_mode = settings.vad is not None
         self._applied = settings
         if settings.diarize:

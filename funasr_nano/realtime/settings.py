@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from funasr_nano.audio.vad import VadOptions
+from funasr_nano.config import TranscribeOptions
 from funasr_nano.models.prompt import PromptOptions
-from funasr_nano.presets import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_SEGMENT_SECONDS
 from funasr_nano.speakers.online import DEFAULT_MAX_ONLINE_SPEAKERS, DEFAULT_THRESHOLD
 
 MODEL_RATE = 16000
@@ -46,7 +46,10 @@ class RealtimeConfig:
     segment, encoded in windows of at most `partial_window_seconds` (see `funasr_nano.realtime.partials`).
     `max_lag_seconds`: how far behind real time a session may fall (audio waiting for the VAD, or a
     final waiting for the decoder) before new audio is refused with a `falling_behind` error.
-    The rest are the offline defaults, so finals equal offline transcription.
+    `options`: what each final is decoded with (the offline defaults, so finals equal offline
+    transcription), the session's prompt in place of theirs; their `max_segment_seconds` also
+    bounds a turn, and their `vad` chooses the VAD of server turn detection: FunASR's FSMN-VAD for
+    "fsmn" (the server's --vad fsmn), else Silero.
     """
 
     partial_interval_seconds: float = 0.5
@@ -56,13 +59,9 @@ class RealtimeConfig:
     # False: they run whenever their own stream has no final outstanding
     partial_budget: bool = True
     max_lag_seconds: float = 5.0
-    max_segment_seconds: float = DEFAULT_MAX_SEGMENT_SECONDS
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    speculative: bool = True
+    options: TranscribeOptions = TranscribeOptions()
     # longest hotword prompt a client may set (None: any): the server's KV cache is sized for it
     max_prompt_chars: int | None = None
-    # the VAD of server turn detection: "silero", or "fsmn" (the server's --vad fsmn: FunASR's FSMN-VAD)
-    vad: str = "silero"
     # sessions with `diarize`: the cosine to a speaker's running mean at which a final is that speaker's, and the
     # most speakers one stream gets (funasr_nano.speakers.online says why these defaults)
     speaker_threshold: float = DEFAULT_THRESHOLD

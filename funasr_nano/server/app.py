@@ -1,6 +1,6 @@
 """The FastAPI app: routes, the Engine loaded in the background, admission, streaming, metrics.
 
-`create_app(config, load_engine)` builds it; `load_engine()` runs on a thread after start-up, so
+`create_app(config, open_engine)` builds it; `open_engine()` runs on a thread after start-up, so
 /health answers 503 (and transcription requests 503 with Retry-After) until the models are in.
 `/` serves the page of `funasr_nano/server/ui` (`ServerConfig.ui`), a client of the public API only.
 
@@ -30,7 +30,9 @@ from fastapi.staticfiles import StaticFiles
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from funasr_nano.engine import Engine, TranscribeOptions
+from funasr_nano.cli import one_line
+from funasr_nano.config import TranscribeOptions
+from funasr_nano.engine import Engine
 from funasr_nano.output.results import Segment, Transcript
 from funasr_nano.realtime.events import Error
 from funasr_nano.realtime.settings import RealtimeConfig
@@ -93,14 +95,14 @@ class _State:
         self.metrics.in_progress.set_function(lambda: self.admission.in_flight)
 
 
-def create_app(config: ServerConfig, load_engine: Callable[[], Engine]) -> FastAPI:
+def create_app(config: ServerConfig, open_engine: Callable[[], Engine]) -> FastAPI:
     state = _State(config)
 
     def load() -> None:
         try:
-            engine = load_engine()
+            engine = open_engine()
         except Exception as exc:  # noqa: BLE001 - reported by /health and the log, the process stays up
-            state.load_error = " ".join(str(exc).split()) or type(exc).__name__
+            state.load_error = one_line(exc)
             log.error("loading the models failed: %s", state.load_error)
             return
         state.service = TranscriptionService(engine, config.defaults,
@@ -147,11 +149,9 @@ def create_app(config: ServerConfig, load_engine: Callable[[], Engine]) -> FastA
             return Error(exc.code, exc.message)
         return None
 
-    # live streams decode on the same engine and scheduler as the file requests (funasr_nano/realtime)
-    defaults = config.defaults
-    realtime = RealtimeConfig(max_segment_seconds=defaults.max_segment_seconds, max_new_tokens=defaults.max_new_tokens,
-                              speculative=defaults.speculative, max_prompt_chars=config.max_prompt_chars,
-                              vad="fsmn" if defaults.vad == "fsmn" else "silero")
+    # live streams decode on the same engine and scheduler as the file requests (funasr_nano/realtime), from
+    # the same defaults
+    realtime = RealtimeConfig(options=config.defaults, max_prompt_chars=config.max_prompt_chars)
     add_realtime_route(app, realtime_engine, config=realtime, max_sessions=config.max_streams,
                        authorize=realtime_authorize)
 

@@ -11,8 +11,16 @@ import argparse
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
-from funasr_nano.cli import SetupError, check_folders, load_engine, log_to_stderr
+from funasr_nano.cli import (
+    SetupError,
+    check_folders,
+    engine_config,
+    log_to_stderr,
+    open_engine,
+    transcribe_options,
+)
 from funasr_nano.options import (
     DEFAULT_PRESET,
     EXIT_SETUP,
@@ -27,6 +35,9 @@ from funasr_nano.options import (
 )
 from funasr_nano.paths import CONSOLE_SCRIPT
 from funasr_nano.presets import PRESETS
+
+if TYPE_CHECKING:
+    from funasr_nano.engine import Engine
 
 log = logging.getLogger(__name__)
 API_KEY_ENV = "FUNASR_API_KEY"
@@ -99,6 +110,7 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     args = build_parser(prog).parse_args(argv)
     log_to_stderr()
     logging.getLogger("funasr_nano").setLevel(args.log_level.upper())
+    args.batch_size = args.batch_size or PRESETS[args.preset].server_batch
     try:
         check_folders(args)
         _check_port(args.host, args.port)
@@ -107,27 +119,27 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
         return EXIT_SETUP
     import uvicorn
 
-    from funasr_nano.engine import TranscribeOptions
+    from funasr_nano.models.prompt import PromptOptions
     from funasr_nano.server.app import ServerConfig, create_app
     from funasr_nano.server.connections import protocol_class, quiet_accept_errors, raise_descriptor_limit
 
-    preset = PRESETS[args.preset]
-    args.batch_size = args.batch_size or preset.server_batch
-    args.hotwords = "x" * args.max_prompt_chars  # the KV cache is sized for the longest prompt a request may send
-    # each request prepares its segments on its own worker thread, as many ahead as the batch holds:
-    # one request's loading, VAD and encoder then overlap the others' decoding instead of pausing it
-    defaults = TranscribeOptions(max_new_tokens=args.max_new_tokens, max_segment_seconds=args.max_segment,
-                                 speculative=not args.no_speculative, vad=args.vad,
-                                 prepare_ahead=max(2, args.batch_size))
+    # what every request and live session starts from (their choices: `dataclasses.replace` of these)
+    defaults = transcribe_options(args, PromptOptions(), timestamps=False)
     config = ServerConfig(model_name=args.model_name, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                           max_upload_bytes=int(args.max_upload_mb * 2**20), max_audio_seconds=args.max_audio_seconds,
                           max_queue=args.max_queue, timeout=args.timeout, max_prompt_chars=args.max_prompt_chars,
                           max_streams=args.max_streams, upload_timeout=args.upload_timeout,
                           max_slow_uploads=args.max_slow_uploads, allowed_origins=_origins(args.allowed_origins),
                           ui=not args.no_ui, defaults=defaults)
-    # one KV cache for all sequences: a new request's prompt rows join the running decoding round
-    # (--batch-invariant keeps the split cache, where each sequence's cells lie as when alone)
-    app = create_app(config, lambda: load_engine(preset, args, kv_unified=not args.batch_invariant))
+
+    def load() -> Engine:  # on the app's loading thread: the server listens (and /health says so) meanwhile
+        # the KV cache is sized for the longest prompt a request may send; one KV cache for all sequences: a new
+        # request's prompt rows join the running decoding round (--batch-invariant keeps the split cache, where
+        # each sequence's cells lie as when alone). A first use exports the model folder here.
+        return open_engine(engine_config(args.preset, args, max_hotword_chars=args.max_prompt_chars,
+                                         kv_unified=not args.batch_invariant))
+
+    app = create_app(config, load)
     if not args.no_ui:
         log.info("transcription page: http://%s:%d/", args.host, args.port)
     max_connections = raise_descriptor_limit(args.max_connections)

@@ -19,8 +19,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from funasr_nano import requirements
-from funasr_nano.audio.load import AudioError, AudioTooLong, audio_duration
-from funasr_nano.engine import Engine, SegmentStream, TranscribeOptions
+from funasr_nano.audio.load import AudioError, AudioTooLong, audio_duration, check_some_audio
+from funasr_nano.config import TranscribeOptions
+from funasr_nano.engine import Engine, SegmentStream
 from funasr_nano.output.results import Segment, Transcript
 from funasr_nano.server.errors import ApiError, bad_request
 from funasr_nano.speakers.embeddings import SPK_MODEL_FILE, find_speaker_model
@@ -146,9 +147,10 @@ class TranscriptionService:
             transcript = stream.transcript
             if transcript is None:
                 raise CancelledError()
-            if transcript.duration == 0:
-                raise bad_request(f"{name}: no audio samples (the file holds no audio data)", param="file",
-                                  code="invalid_audio")
+            try:
+                check_some_audio(transcript.duration, name)
+            except AudioError as exc:
+                raise bad_request(str(exc), param="file", code="invalid_audio") from None
             if transcript.duration > limit + AUDIO_SLACK_SECONDS:
                 raise audio_too_long(transcript.duration, limit)
             return transcript
