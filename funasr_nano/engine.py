@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import CancelledError, Future
@@ -55,7 +56,7 @@ from funasr_nano.models.settings import ModelSettings
 from funasr_nano.output.alignment import char_times, sentence_times
 from funasr_nano.output.results import Segment, Sentence, StageClock, Timings, Transcript
 from funasr_nano.output.text import clean_text, join_texts
-from funasr_nano.prepare import PreparedPrompt, Preparer, encoder_runs_for, is_digital_silence
+from funasr_nano.prepare import CpuTurns, PreparedPrompt, Preparer, encoder_runs_for, is_digital_silence
 from funasr_nano.presets import PRESETS
 from funasr_nano.realtime.partials import PartialBudget
 from funasr_nano.speakers.diarize import Diarization, Diarizer
@@ -155,11 +156,13 @@ class Engine:
             )
         self.tokenizer = self.decoder.tokenizer  # thread-safe: callers' threads tokenize and detokenize
         prefixes = PrefixCache(self.decoder, store=PrefixStore.for_decoder(self.decoder))
+        # where llama.cpp's threads take every core, encoder runs and decoding rounds take turns
+        turns = CpuTurns(shared=(os.cpu_count() or 1) <= threads and not options.n_gpu_layers)
         self.scheduler = Scheduler(self.decoder, prefixes, planner=self.make_planner(self.decoder), observer=observer,
-                                   batch_invariant=batch_invariant)
-        runs = encoder_runs_for(threads)
+                                   batch_invariant=batch_invariant, turns=turns)
+        runs = encoder_runs_for(self.scheduler.width, threads)
         self.preparer = Preparer(self.settings, self.frontend, self.encoder, self.tokenizer, self.sessions.ctc,
-                                 workers=runs + 2, encoder_runs=runs)
+                                 workers=runs + 2, encoder_runs=runs, turns=turns)
         self.load_seconds = time.perf_counter() - t0
 
     @classmethod

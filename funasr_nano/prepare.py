@@ -7,8 +7,9 @@ ids and the CTC draft are computed on the pool's threads, never on the thread th
 decoding rounds of the sequences already admitted.
 
 Two bounds keep the stage from crowding out decoding:
-- the encoder budget: how many encoder runs may go at once (`encoder_runs`, from the cores and the
-  threads each run takes); a run waits for a slot, the reading and VAD of other inputs go on;
+- the encoder budget: how many encoder runs may go at once (`encoder_runs_for`: the decoder's
+  sequences, or more where the cores allow); a run waits for a slot, the reading and VAD of other
+  inputs go on, and memory holds at most that many encoders' activations;
 - look-ahead: an input has at most `ahead` pieces prepared and not yet taken by its reader
   (`Feed`), so memory holds a few prepared segments per input however long the file.
 
@@ -18,6 +19,7 @@ threads in turn, and an input whose reader is slow holds no thread while it wait
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -50,10 +52,16 @@ def is_digital_silence(wave: np.ndarray) -> bool:
     return wave.size == 0 or float(np.sqrt(np.mean(np.square(wave, dtype=np.float64)))) < SILENCE_RMS
 
 
-def encoder_runs_for(threads: int, cores: int | None = None) -> int:
-    """Encoder runs at once: as many as the cores hold beside the decoder's threads, at least one."""
+def encoder_runs_for(sequences: int, threads: int, cores: int | None = None) -> int:
+    """Encoder runs at once: enough to prepare a segment for every sequence the decoder holds, more where
+    the cores allow more runs of `threads` threads beside it.
+
+    Fewer is slower even on 2 cores: spread out one at a time, encoder runs overlap more decoding rounds,
+    and each round they overlap waits on llama.cpp's thread barrier for the core the encoder took;
+    run together they overlap fewer (measured: benchmarks/RESULTS.md).
+    """
     cores = cores or os.cpu_count() or 1
-    return max(1, (cores - threads) // max(1, threads))
+    return max(1, sequences, cores // max(1, threads))
 
 
 @dataclass
@@ -75,16 +83,69 @@ class PreparedPrompt:
         return Prompt(self.prefix, self.audio_rows, self.suffix_ids)
 
 
+class CpuTurns:
+    """Encoder runs and decoding rounds taking turns where llama.cpp's threads take every core.
+
+    There, an encoder run beside a round preempts one of llama.cpp's threads, and the others spin at
+    its barrier until that thread gets a core back: both go slower together than one after the other.
+    So, when `shared` (no core to spare), an encoder run waits for the round in progress to end, and
+    the next round waits until the encoder runs waiting then are done (runs start only between
+    rounds, at most the encoder budget at once). Reading and VAD never wait: only the encoder's
+    compute does. With cores to spare (`shared=False`) both go at once.
+    """
+
+    def __init__(self, shared: bool) -> None:
+        self.shared = shared
+        self._cond = threading.Condition()
+        self._waiting = 0  # encoder runs waiting for the round to end
+        self._running = 0  # encoder runs going
+        self._decoding = False
+
+    @contextlib.contextmanager
+    def encoder(self) -> Iterator[None]:
+        if not self.shared:
+            yield
+            return
+        with self._cond:
+            self._waiting += 1
+            self._cond.wait_for(lambda: not self._decoding)
+            self._waiting -= 1
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._running -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def decoding(self) -> Iterator[None]:
+        if not self.shared:
+            yield
+            return
+        with self._cond:
+            self._cond.wait_for(lambda: not self._running and not self._waiting)
+            self._decoding = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._decoding = False
+                self._cond.notify_all()
+
+
 class Preparer:
     """Features, encoder, prompt ids and draft of segments, on `workers` threads with an encoder budget."""
 
     def __init__(self, settings: ModelSettings, frontend: FrontendConfig, encoder: AudioEncoder, tokenizer: Tokenizer,
-                 ctc: Callable[[], CTCModel | None], *, workers: int, encoder_runs: int) -> None:
+                 ctc: Callable[[], CTCModel | None], *, workers: int, encoder_runs: int,
+                 turns: CpuTurns | None = None) -> None:
         self.settings = settings
         self.frontend = frontend
         self.encoder = encoder
         self.tokenizer = tokenizer
         self._ctc = ctc
+        self.turns = turns or CpuTurns(shared=False)
         self.encoder_runs = max(1, encoder_runs)
         self._encoder_slots = threading.BoundedSemaphore(self.encoder_runs)
         self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="prepare")
@@ -100,7 +161,7 @@ class Preparer:
         clock.add("features", time.perf_counter() - t0)
         if feats.shape[0] == 0:
             return None
-        with self._encoder_slots:
+        with self._encoder_slots, self.turns.encoder():
             t1 = time.perf_counter()
             encoder_out, adaptor_out = self.encoder.run(feats)
             clock.add("encoder", time.perf_counter() - t1)
@@ -232,4 +293,4 @@ class Feed(Generic[R]):
             self._schedule()
 
 
-__all__ = ["Feed", "PreparedPrompt", "Preparer", "encoder_runs_for", "is_digital_silence"]
+__all__ = ["CpuTurns", "Feed", "PreparedPrompt", "Preparer", "encoder_runs_for", "is_digital_silence"]

@@ -50,6 +50,7 @@ Behaviours the tokens depend on (all tested against decoding each job alone):
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import queue
@@ -60,7 +61,7 @@ from collections import deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import CancelledError, Future, InvalidStateError
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from funasr_nano.decoding.planner import CapacityError, Job, Request, RoundPlanner
 from funasr_nano.decoding.prefixes import PrefixCache
@@ -72,6 +73,10 @@ from funasr_nano.output.results import StageClock
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Observer = Callable[[str, Any], None]
+
+
+class Turns(Protocol):
+    def decoding(self) -> contextlib.AbstractContextManager: ...
 
 
 @dataclass
@@ -114,12 +119,13 @@ class Scheduler:
     decoded with it: a sequence that llama.cpp would compute as a micro-batch of one row gets a
     padding row (`funasr_nano.decoding.rounds`), and small rounds are never split into one-row steps.
     `observer(event, detail)` sees "admit" (sequence id), "round" (the sequence ids fed), "move"
-    ((from, to)), "cancel" (sequence id), on the owner's thread: for tests and tracing.
+    ((from, to)), "cancel" (sequence id), on the owner's thread: for tests and tracing. `turns`: each
+    step's llama.cpp work is done inside `turns.decoding()` (where encoder runs and rounds take turns).
     """
 
     def __init__(self, decoder: Any, prefixes: PrefixCache, *, planner: RoundPlanner | None = None,
                  config: SpeculativeConfig = DEFAULT_CONFIG, observer: Observer | None = None,
-                 batch_invariant: bool = False) -> None:
+                 batch_invariant: bool = False, turns: Turns | None = None) -> None:
         self.decoder = decoder
         self.prefixes = prefixes
         self.config = config
@@ -130,6 +136,7 @@ class Scheduler:
         self.fold_prompts = self.unified and not batch_invariant
         self.costs = None if batch_invariant else RoundCosts()  # small rounds split where that is cheaper
         self.observer = observer
+        self.turns = turns  # taken around each step's llama.cpp work (funasr_nano.prepare.CpuTurns)
         self.planner = planner or RoundPlanner(int(decoder.n_seq_max), int(decoder.n_ctx))
         self.width = self.planner.width
         self.stats = SchedulerStats()
@@ -198,11 +205,12 @@ class Scheduler:
                 if self._calls and not self.planner.live:
                     self._run_call(self._calls.popleft())
                     continue
-                if not self._calls:
-                    for seq, request in self.planner.admit():
-                        self._start(seq, request)
-                if self.planner.live:
-                    self._round()
+                with self.turns.decoding() if self.turns is not None else contextlib.nullcontext():
+                    if not self._calls:
+                        for seq, request in self.planner.admit():
+                            self._start(seq, request)
+                    if self.planner.live:
+                        self._round()
         except BaseException as exc:  # noqa: BLE001 - a broken context fails every job instead of hanging them
             log.error("decoding scheduler stopped: %s", exc)
             self._fail_all(exc)
