@@ -323,7 +323,9 @@ class Engine:
         clock = StageClock()
         wave = np.asarray(wave, dtype=np.float32).reshape(-1)
         span = SampleSpan(offset, offset + len(wave))
-        self._check_capacity(self._prompt_length(options.prompt, len(wave)), options, len(wave))
+        seconds = len(wave) / self.frontend.sample_rate
+        self.scheduler.planner.check_fits(self._prompt_length(options.prompt, len(wave)),
+                                          self.stop_rule(options, seconds).max_new_tokens, _segment_name(seconds))
         decoded: Future = Future()  # the piece's outcome, whichever thread ends it
         held: list[_Piece] = []
 
@@ -331,15 +333,13 @@ class Engine:
             if decoded.cancelled():
                 return
             try:
-                piece = self._prepare_piece((span, wave), options, clock, None)
+                piece = self._prepare_piece((span, wave), options, clock, None, decoded)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 _settle(decoded, exception=exc)
                 return
             held.append(piece)
             if decoded.cancelled():  # cancelled while it was prepared
                 piece.cancel()
-                return
-            piece.decoded.add_done_callback(lambda f: _copy_outcome(f, decoded))
 
         def cancel() -> None:
             decoded.cancel()
@@ -422,14 +422,15 @@ class Engine:
     # ------------------------------------------------------------------ one piece: prepare, job, text
 
     def _prepare_piece(self, item: tuple[SampleSpan, np.ndarray], options: TranscribeOptions, clock: StageClock,
-                       owner: Hashable | None) -> _Piece:
-        """On the prepare pool: one piece's prompt, its job submitted to the scheduler (silence: no job)."""
+                       owner: Hashable | None, decoded: Future | None = None) -> _Piece:
+        """On the prepare pool: one piece's prompt, its job submitted to the scheduler (silence: no job);
+        its outcome goes to `decoded` (a new future unless the caller holds one already)."""
         span, audio = item
-        decoded: Future = Future()
+        decoded = decoded if decoded is not None else Future()
         prepared = None if is_digital_silence(audio) else self.prepare(audio, options.prompt, clock)
         piece = _Piece(span, prepared, decoded)
         if prepared is None:
-            decoded.set_result(None)
+            _settle(decoded, result=None)
             return piece
         job = self._job(prepared, options, len(audio) / self.frontend.sample_rate, clock)
         piece.scheduled = self.scheduler.submit(job, owner)
@@ -445,16 +446,9 @@ class Engine:
         """
         rule = self.stop_rule(options, seconds)
         job = Job(prepared.prompt, rule, None, clock, prepared.length)
-        self._check_job(job, seconds)
+        self.scheduler.planner.check(job, _segment_name(seconds))
         job.draft = self.preparer.draft(prepared, options.speculative, clock)
         return job
-
-    def _check_capacity(self, length: int, options: TranscribeOptions, samples: int) -> None:
-        seconds = samples / self.frontend.sample_rate
-        self._check_job(Job(None, self.stop_rule(options, seconds), None, None, length), seconds)  # type: ignore[arg-type]
-
-    def _check_job(self, job: Job, seconds: float) -> None:
-        self.scheduler.planner.check(job, f"a {seconds:.1f} s segment with this prompt")
 
     def _prompt_length(self, prompt: PromptOptions, samples: int) -> int:
         """The prompt positions of a segment of `samples` samples, before its features exist."""
@@ -507,6 +501,11 @@ def _timed(items: Iterator, clock: StageClock, stage: str) -> Iterator:
         if item is None:
             return
         yield item
+
+
+def _segment_name(seconds: float) -> str:
+    """How a capacity refusal names the segment."""
+    return f"a {seconds:.1f} s segment with this prompt"
 
 
 def _copy_outcome(source: Future, target: Future) -> None:

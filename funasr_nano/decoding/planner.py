@@ -52,11 +52,6 @@ class Job:
     clock: StageClock | None = None
     length: int = 0
 
-    @property
-    def positions(self) -> int:
-        """Cells the job may fill: its prompt and its new tokens but the last (never fed back)."""
-        return self.length + self.rule.max_new_tokens - 1
-
 
 @dataclass(eq=False)
 class Request:
@@ -66,6 +61,7 @@ class Request:
     job: Job
     owner: Hashable
     handle: Any = None  # what the owner loop answers through (a Future); the planner never looks at it
+    seq: int | None = None  # its sequence, once admitted
     state: SequenceState | None = None  # set once its prompt is in its sequence
 
 
@@ -89,10 +85,15 @@ class RoundPlanner:
     def check(self, job: Job, what: str = "a job") -> None:
         """CapacityError when `job` cannot fit one sequence (reads only the fixed capacity: any thread);
         `what` names the job in the message."""
-        if job.positions > self.capacity:
+        self.check_fits(job.length, job.rule.max_new_tokens, what)
+
+    def check_fits(self, length: int, max_new_tokens: int, what: str) -> None:
+        """`check` for a prompt of `length` positions and up to `max_new_tokens` (before its job exists)."""
+        positions = length + max_new_tokens - 1  # the last token is never fed back
+        if positions > self.capacity:
             raise CapacityError(
-                f"{what} needs {job.positions} positions ({job.length} for the prompt, up to "
-                f"{job.rule.max_new_tokens} new tokens) and this engine's context holds {self.capacity} per "
+                f"{what} needs {positions} positions ({length} for the prompt, up to "
+                f"{max_new_tokens} new tokens) and this engine's context holds {self.capacity} per "
                 "sequence: ask for fewer new tokens or fewer hotwords, or open the engine with larger limits "
                 "(EngineConfig's max_new_tokens, max_segment_seconds, max_hotword_chars)")
 
@@ -107,14 +108,13 @@ class RoundPlanner:
         request = self._where.pop(request_id, None)
         if request is None:
             return None
-        if request.state is None and not self._is_live(request):
-            line = self.waiting.get(request.owner)
-            if line is not None:
-                line.remove(request)
-                if not line:
-                    del self.waiting[request.owner]
+        if request.seq is None:  # still waiting
+            line = self.waiting[request.owner]
+            line.remove(request)
+            if not line:
+                del self.waiting[request.owner]
             return None
-        seq = next(s for s, r in self.live.items() if r is request)
+        seq = request.seq
         del self.live[seq]
         self._free(seq)
         return seq
@@ -142,7 +142,7 @@ class RoundPlanner:
             del self.waiting[owner]
             if line:
                 self.waiting[owner] = line  # to the back of the line: the next owner goes first
-            seq = self.free.pop(0)
+            seq = request.seq = self.free.pop(0)
             self.live[seq] = request
             out.append((seq, request))
         return out
@@ -191,6 +191,7 @@ class RoundPlanner:
         while self.live and self.free and self.free[0] < max(self.live):
             src, dst = max(self.live), self.free.pop(0)
             request = self.live.pop(src)
+            request.seq = dst
             if request.state is not None:
                 request.state.seq = dst
             self.live[dst] = request
@@ -210,9 +211,6 @@ class RoundPlanner:
         return out
 
     # ------------------------------------------------------------------ internals
-
-    def _is_live(self, request: Request) -> bool:
-        return any(r is request for r in self.live.values())
 
     def _finish(self, seq: int) -> Request:
         request = self.live.pop(seq)
