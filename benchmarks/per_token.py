@@ -1,16 +1,20 @@
 """Decode milliseconds per token: our 03 script against FunASR's own C++ runtime, alternating runs.
 
     python benchmarks/per_token.py --cli /tmp/official-cpp/llama.cpp/build/bin/llama-funasr-cli \\
-        --enc /tmp/official-cpp/gguf/funasr-encoder-f16.gguf --llm /tmp/official-cpp/gguf/qwen3-0.6b-q8_0.gguf \\
-        --wav /tmp/official-cpp/zh_news_10s.wav --runs 5
+        --enc /tmp/official-cpp/gguf/funasr-encoder-f16.gguf --wav /tmp/official-cpp/zh_news_10s.wav --runs 5
 
 Both decode the same clip (no VAD, one window) for exactly `--tokens` tokens with `--threads` threads, as
 whole processes, one of each in turn, so that the machine's state (other load, thermal, page cache) is
 shared by the pair. The C++ side (built by `../shared/peers/build_official_cpp.sh`, its timing patch)
 prints `decode_ms_per_tok`: its greedy loop's milliseconds over its single-token `llama_decode` calls;
 ours is the JSON's `timings.decode` (the decode rounds) over the rounds run (`ours_ms_per_token`): per
-call of the same kind on both sides. Both use the q8_0 decoder converted from the same checkpoint
-(ours: `--models`, cpu-int8).
+call of the same kind on both sides.
+
+Both map the same q8_0 GGUF by default, our export (`--models`), which the C++ runtime loads as it is:
+two files of the same tensors do not decode at the same speed. Where a file's pages lie in memory
+moved the same bytes by up to 4 % on a 2-core VM (a fresh copy of one GGUF against the original), and
+such a gap lasts as long as the file stays cached, so a comparison across two files measures their
+placement as much as the programs. `--llm` gives the C++ side another file (e.g. its own conversion).
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from funasr_nano.presets import GGUF_Q8_0  # noqa: E402
+
 TIMING = re.compile(r"^\[timing\] (.*)$", re.M)
 
 
@@ -36,7 +44,7 @@ def official(args: argparse.Namespace) -> dict[str, float]:
     if proc.returncode != 0 or match is None:
         raise SystemExit(f"llama-funasr-cli failed ({proc.returncode}): {proc.stderr[-2000:]}")
     fields = dict(item.split("=", 1) for item in match.group(1).split())
-    return {"decode_ms_per_tok": float(fields["decode_ms_per_tok"]), "n_gen": float(fields["n_gen"]),
+    return {"decode_ms_per_tok": float(fields["decode_ms_per_tok"]), "n_gen": int(fields["n_gen"]),
             "prefill_ms": float(fields["prefill_ms"]), "encoder_ms": float(fields["encoder_ms"]),
             "total_ms": float(fields["total_ms"])}
 
@@ -48,9 +56,11 @@ def ours_ms_per_token(timings: dict[str, float], n_tokens: int) -> float:
 
 
 def ours(args: argparse.Namespace, env: dict[str, str]) -> dict[str, float]:
+    # exactly --tokens tokens, as the C++ loop's `-n`: forced alone, random weights run on to the
+    # repetition guard, and every later token attends over a longer context
     cmd = [sys.executable, str(ROOT / "03_inference_cpu_int8.py"), str(args.wav), "--model-dir", str(args.models),
-           "--vad", "none", "--force-tokens", str(args.tokens), "--threads", str(args.threads), "--format", "json",
-           "--no-speculative", *args.ours_args]
+           "--vad", "none", "--force-tokens", str(args.tokens), "--max-new-tokens", str(args.tokens),
+           "--threads", str(args.threads), "--format", "json", "--no-speculative", *args.ours_args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     if proc.returncode != 0:
         raise SystemExit(f"03_inference_cpu_int8.py failed ({proc.returncode}): {proc.stderr[-2000:]}")
@@ -65,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cli", type=Path, required=True, help="llama-funasr-cli (build_official_cpp.sh)")
     p.add_argument("--enc", type=Path, required=True, help="its encoder GGUF")
-    p.add_argument("--llm", type=Path, required=True, help="its q8_0 LLM GGUF")
+    p.add_argument("--llm", type=Path, default=None,
+                   help="the q8_0 LLM GGUF the C++ side loads (default: ours, the file our side maps)")
     p.add_argument("--wav", type=Path, required=True, help="16 kHz mono WAV both read")
     p.add_argument("--models", type=Path, default=Path.home() / ".cache" / "funasr-nano-bench" / "full-seed0" / "models",
                    help="our export of the same checkpoint (benchmarks/runner.py builds it)")
@@ -77,12 +88,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                    help="extra environment for our runs (e.g. OMP_WAIT_POLICY=PASSIVE); repeatable")
     args = p.parse_args(argv)
+    if args.llm is None:
+        args.llm = args.models / GGUF_Q8_0
     env = dict(os.environ)
     env.update(item.split("=", 1) for item in args.env)
     rows: dict[str, list[dict[str, float]]] = {"ours": [], "official": []}
     for i in range(args.runs):
         rows["ours"].append(ours(args, env))
         rows["official"].append(official(args))
+        generated = {name: runs[-1]["n_gen"] for name, runs in rows.items()}
+        if set(generated.values()) != {args.tokens}:
+            raise SystemExit(f"tokens generated {generated}, not {args.tokens} on both sides: not the same work")
         print(f"run {i + 1}: ours {rows['ours'][-1]['decode_ms_per_tok']:.2f} ms/token, official "
               f"{rows['official'][-1]['decode_ms_per_tok']:.2f} ms/token", file=sys.stderr, flush=True)
     print(f"| {args.tokens} tokens, {args.threads} threads, {args.runs} alternating runs | decode ms/token (median) "
