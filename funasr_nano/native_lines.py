@@ -21,11 +21,14 @@ everything.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import re
+import select
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 # libmpg123's message shapes: "Note: ...", "Warning: ...", "[src/libmpg123/parse.c:wetwork():1349] error: ...".
 MPG123_NOTES = re.compile(rb"^(?:Note: |Warning: |\[[^\]\s]*\.c:[^\]]*\] (?:error|warning|note): )")
@@ -35,13 +38,39 @@ RAY_ACTOR_ARGUMENTS = re.compile(rb"^\[[^\]]*\] core_worker\.cc:\d+: Actor with 
                                  rb"arguments in the object store and max_restarts > 0")
 
 
+def _gil_holding_libc() -> ctypes.PyDLL | None:
+    """libc through `ctypes.PyDLL`, whose calls keep the GIL (None where there is no such libc)."""
+    try:
+        libc = ctypes.PyDLL(None, use_errno=True)
+        libc.dup2.argtypes, libc.dup2.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+        for call in (libc.read, libc.write):
+            call.argtypes, call.restype = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t), ctypes.c_ssize_t
+        return libc
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
+_LIBC = _gil_holding_libc()
+
+
 class _Relay:
-    """fd 2 -> pipe -> this thread -> the previous fd 2, without the lines of the patterns in use."""
+    """fd 2 -> pipe -> this thread -> the previous fd 2, without the lines of the patterns in use.
+
+    Lines keep their order when fd 2 is pointed back. The pipe is read and its lines passed on
+    only under `lock`, so closing (which takes it) finds no chunk half passed on; it then points
+    fd 2 back and passes on what the pipe still holds through libc calls that keep the GIL, so no
+    Python thread's next line can reach the real fd 2 before its previous one left the pipe.
+    (Before, the switch left those lines to this thread, and a busy machine let a logging thread's
+    next line overtake them.) Native threads that write to fd 2 themselves are not held back.
+    """
 
     def __init__(self) -> None:
         sys.stderr.flush()
+        self.poller = select.poll()  # where there is none, there is no relay (before fd 2 is touched)
         self.target = os.dup(2)
         read_end, write_end = os.pipe()
+        os.set_blocking(read_end, False)
+        self.poller.register(read_end, select.POLLIN)
         os.dup2(write_end, 2)
         os.close(write_end)
         self.read_end = read_end
@@ -49,6 +78,9 @@ class _Relay:
         # returns, and closing drains the pipe.
         self.patterns: set[re.Pattern[bytes]] = set()
         self.users = 0
+        self.lock = threading.Lock()
+        self.pending = b""  # the start of a line that may still match a pattern
+        self.ended = False  # the pipe reached its end (no write end left)
         self.thread = threading.Thread(target=self._pump, name="native-lines", daemon=True)
         self.thread.start()
 
@@ -59,35 +91,82 @@ class _Relay:
         """A line start that may still match once the rest arrives: held back until it does."""
         return partial[:1] in (b"[", b"N", b"W")
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes, write: Callable[[int, bytes], int]) -> None:
         with contextlib.suppress(OSError):
             while data:
-                data = data[os.write(self.target, data):]
+                data = data[write(self.target, data):]
+
+    def _pass_on(self, hold_gil: bool = False) -> None:
+        """Pass on every line the pipe holds now (caller holds `lock`); `ended` once it is at its end.
+
+        `hold_gil`: through libc calls that keep the GIL, so that no Python thread can write a line
+        in between (closing).
+        """
+        read, write = (_gil_read, _gil_write) if hold_gil and _LIBC is not None else (os.read, os.write)
+        while not self.ended:
+            try:
+                chunk = read(self.read_end, 65536)
+            except BlockingIOError:
+                return
+            if not chunk:
+                self.ended = True
+                if self.pending and not self._dropped(self.pending):
+                    self._write(self.pending, write)
+                self.pending = b""
+                return
+            lines = (self.pending + chunk).split(b"\n")
+            self.pending = lines.pop()
+            kept = [line + b"\n" for line in lines if not self._dropped(line)]
+            if self.pending and not self._may_be_dropped(self.pending):  # a progress bar's "\r..." goes on at once
+                kept.append(self.pending)
+                self.pending = b""
+            if kept:
+                self._write(b"".join(kept), write)
 
     def _pump(self) -> None:
-        pending = b""
         try:
-            while chunk := os.read(self.read_end, 65536):
-                lines = (pending + chunk).split(b"\n")
-                pending = lines.pop()
-                kept = [line + b"\n" for line in lines if not self._dropped(line)]
-                if pending and not self._may_be_dropped(pending):  # a progress bar's "\r..." goes on at once
-                    kept.append(pending)
-                    pending = b""
-                if kept:
-                    self._write(b"".join(kept))
-            if pending and not self._dropped(pending):
-                self._write(pending)
+            while True:
+                self.poller.poll()
+                with self.lock:
+                    self._pass_on()
+                    if self.ended:
+                        return
         finally:
             os.close(self.read_end)
             os.close(self.target)
 
     def close(self) -> None:
         sys.stderr.flush()
-        os.dup2(self.target, 2)  # closes our write end: the pump reads what is left, then EOF
+        with self.lock:
+            # Closes our write end: later lines go straight to the real fd 2, after those still in the
+            # pipe. Python threads cannot write between the two (the GIL stays held); native ones could.
+            if _LIBC is None or _LIBC.dup2(self.target, 2) < 0:
+                os.dup2(self.target, 2)
+            self._pass_on(hold_gil=True)
         # A child process started meanwhile holds the write end too; its output still goes through
         # the (daemon) pump after this, so do not wait for it longer than the pipe takes to drain.
         self.thread.join(timeout=1.0)
+
+
+def _gil_read(fd: int, n: int) -> bytes:
+    """`os.read` without letting go of the GIL."""
+    buf = ctypes.create_string_buffer(n)
+    while (got := _LIBC.read(fd, buf, n)) < 0:
+        err = ctypes.get_errno()
+        if err == errno.EAGAIN:
+            raise BlockingIOError(err, os.strerror(err))
+        if err != errno.EINTR:
+            raise OSError(err, os.strerror(err))
+    return buf.raw[:got]
+
+
+def _gil_write(fd: int, data: bytes) -> int:
+    """`os.write` without letting go of the GIL."""
+    while (done := _LIBC.write(fd, data, len(data))) < 0:
+        err = ctypes.get_errno()
+        if err != errno.EINTR:
+            raise OSError(err, os.strerror(err))
+    return done
 
 
 _lock = threading.Lock()
